@@ -1,0 +1,14 @@
+"""mixtral_jax: Mixtral (sparse mixture of experts) in JAX/Flax NNX.
+
+    import mixtral_jax
+    from configs import tiny
+    config = mixtral_jax.ModelConfig.from_dict(tiny.get_config())
+    model = mixtral_jax.Mixtral(config, rngs=flax.nnx.Rngs(0))
+    logits = model(tokens)  # [B, T] int -> [B, T, V]
+"""
+
+from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.model import Mixtral, ModelOutput
+
+__all__ = ["ConfigError", "Mixtral", "ModelConfig", "ModelOutput"]
+__version__ = "0.1.0"

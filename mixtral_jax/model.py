@@ -1,0 +1,185 @@
+"""The Mixtral decoder: embedding, L x (attention + SMoE) blocks, final norm, LM head.
+
+The L blocks are built once with `nnx.vmap`, so every block parameter carries
+a leading `layers` axis [L, ...]. The forward pass either scans over that axis
+(`scan_layers=True`, one compiled block) or unrolls a Python loop over slices
+of it; both read the same parameters, so a checkpoint serves either setting.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax import routing
+from mixtral_jax.attention import Attention, attention_mask
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.layers import Embed, RMSNorm, param
+from mixtral_jax.moe import SparseMoE
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + moe(norm(h))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.attn_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.weight_dtype, rngs=rngs
+        )
+        self.attention = Attention(c, rngs=rngs)
+        self.moe_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.weight_dtype, rngs=rngs
+        )
+        self.moe = SparseMoE(c, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, token_mask: jax.Array
+    ):
+        h = x + self.attention(self.attn_norm(x), positions, mask)
+        out = self.moe(self.moe_norm(h), token_mask)
+        return h + out.y, out
+
+
+class LayerRouting(NamedTuple):
+    """What every layer's router did, stacked over layers [L, ...]."""
+
+    stats: routing.RouterStats  # fields [L, E] or [L]
+    weights: jax.Array  # [L, B, T, k]
+    experts: jax.Array  # [L, B, T, k]
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V]
+    routing: LayerRouting
+
+    @property
+    def load_balancing_loss(self) -> jax.Array:
+        """transformers' auxiliary loss over all layers (k at perfect balance)."""
+        s = self.routing.stats
+        return routing.load_balancing_loss(s.expert_fraction, s.router_prob)
+
+    @property
+    def z_loss(self) -> jax.Array:
+        """Router z-loss, averaged over layers."""
+        return jnp.mean(self.routing.stats.z_loss)
+
+    @property
+    def dropped_fraction(self) -> jax.Array:
+        """Fraction of token choices dropped for lack of capacity, over all layers."""
+        return jnp.mean(self.routing.stats.dropped_fraction)
+
+
+class Mixtral(nnx.Module):
+    """Mixtral causal LM. `model(tokens)` -> logits; `model.forward(tokens)` adds routing."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = Embed(
+            c.vocab_size, c.hidden_size, std=c.initializer_range,
+            param_dtype=c.weight_dtype, rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=c.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> DecoderBlock:
+            return DecoderBlock(c, rngs=rngs)
+
+        self.layers = make_blocks(rngs)
+        self.final_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.weight_dtype, rngs=rngs
+        )
+        self.lm_head = param(
+            rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.weight_dtype,
+            nnx.initializers.normal(c.initializer_range),
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens: int [B, T] -> logits [B, T, V] (in the compute dtype)."""
+        return self.forward(tokens, positions, segment_ids).logits
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> ModelOutput:
+        """Logits and each layer's routing.
+
+        tokens: int [B, T]. positions: int [B, T], default 0..T-1.
+        segment_ids: int [B, T]; tokens attend only within their segment and
+        segment 0 marks padding, which routing statistics and expert capacity
+        ignore. Default: one segment per row, no padding.
+        """
+        c = self.config
+        _check_inputs(c, tokens, positions, segment_ids)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
+        mask = attention_mask(segment_ids, T, c.sliding_window)
+
+        x = self.embed(tokens, c.compute_dtype)  # [B, T, D]
+        x, (stats, weights, experts) = self._run_layers(x, positions, mask, token_mask)
+        x = self.final_norm(x)
+        logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
+        return ModelOutput(logits, LayerRouting(stats, weights, experts))
+
+    def _run_layers(self, x, positions, mask, token_mask):
+        c = self.config
+        graphdef, params = nnx.split(self.layers)
+
+        def block(x, layer_params):
+            x, out = nnx.merge(graphdef, layer_params)(x, positions, mask, token_mask)
+            return x, (out.stats, out.weights, out.experts)
+
+        if c.remat_policy != "none":
+            block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat_policy])
+        if c.scan_layers:
+            return jax.lax.scan(block, x, params)
+        outs = []
+        for i in range(c.num_layers):
+            x, out = block(x, jax.tree.map(lambda p, i=i: p[i], params))
+            outs.append(out)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def _check_inputs(c: ModelConfig, tokens, positions, segment_ids) -> None:
+    """Shape checks always; value checks when the tokens are concrete (not traced)."""
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must have shape [batch, length], got shape {tuple(tokens.shape)}; "
+            "add a batch axis with tokens[None] for a single sequence"
+        )
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    B, T = tokens.shape
+    if T > c.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {T} exceeds config.max_position_embeddings="
+            f"{c.max_position_embeddings}; truncate the input or raise the limit in the config"
+        )
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        if arr is not None and tuple(arr.shape) != (B, T):
+            raise ValueError(f"{name} must have the shape of tokens {(B, T)}, got {arr.shape}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if lo < 0 or hi >= c.vocab_size:
+            bad = hi if hi >= c.vocab_size else lo
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {c.vocab_size}); "
+                "was the text encoded with this model's tokenizer?"
+            )

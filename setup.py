@@ -1,0 +1,33 @@
+"""Packaging for mixtral_jax: `pip install -e ".[test]"`."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mixtral_jax",
+    version="0.1.0",
+    description="Mixtral 8x7B (sparse mixture of experts) in JAX/Flax NNX, logit-equal to the PyTorch reference.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA wheel.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0; python_version == '3.11'",
+            "transformers>=5.0; python_version == '3.11'",
+            "safetensors>=0.4",
+            "ruff>=0.6",
+        ],
+    },
+)
