@@ -1,12 +1,14 @@
 """Packaging for mixtral_jax: `pip install -e ".[test]"`."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="mixtral_jax",
     version="0.1.0",
-    description="Mixtral 8x7B (sparse mixture of experts) in JAX/Flax NNX, logit-equal to the PyTorch reference.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="Mixtral (sparse mixture of experts) in JAX/Flax NNX, logit-equal to transformers.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

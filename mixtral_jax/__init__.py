@@ -1,10 +1,11 @@
 """mixtral_jax: Mixtral (sparse mixture of experts) in JAX/Flax NNX.
 
-    import mixtral_jax
-    from configs import tiny
-    config = mixtral_jax.ModelConfig.from_dict(tiny.get_config())
-    model = mixtral_jax.Mixtral(config, rngs=flax.nnx.Rngs(0))
-    logits = model(tokens)  # [B, T] int -> [B, T, V]
+Example:
+  >>> from flax import nnx
+  >>> from configs import tiny
+  >>> config = mixtral_jax.ModelConfig.from_dict(tiny.get_config())
+  >>> model = mixtral_jax.Mixtral(config, rngs=nnx.Rngs(0))
+  >>> logits = model(tokens)  # int [B, T] -> [B, T, V]
 """
 
 from mixtral_jax.config import ConfigError, ModelConfig

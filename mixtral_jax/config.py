@@ -89,9 +89,7 @@ class ModelConfig:
                 )
             values["head_dim"] = hidden // heads if isinstance(heads, int) and heads > 0 else 0
         required = [
-            n
-            for n, f in fields.items()
-            if f.default is dataclasses.MISSING and n not in values
+            n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values
         ]
         if required:
             raise ConfigError(f"model config is missing required field(s): {', '.join(required)}")
@@ -226,6 +224,4 @@ def _validate(c: ModelConfig) -> None:
         if getattr(c, name) not in DTYPES:
             raise ConfigError(f"config.{name}={getattr(c, name)!r}; choose one of {DTYPES}")
     if c.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(
-            f"config.remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}"
-        )
+        raise ConfigError(f"config.remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")

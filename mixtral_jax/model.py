@@ -40,9 +40,7 @@ class DecoderBlock(nnx.Module):
         )
         self.moe = SparseMoE(c, rngs=rngs)
 
-    def __call__(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array, token_mask: jax.Array
-    ):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, token_mask: jax.Array):
         h = x + self.attention(self.attn_norm(x), positions, mask)
         out = self.moe(self.moe_norm(h), token_mask)
         return h + out.y, out
@@ -84,8 +82,11 @@ class Mixtral(nnx.Module):
         c = config
         self.config = c
         self.embed = Embed(
-            c.vocab_size, c.hidden_size, std=c.initializer_range,
-            param_dtype=c.weight_dtype, rngs=rngs,
+            c.vocab_size,
+            c.hidden_size,
+            std=c.initializer_range,
+            param_dtype=c.weight_dtype,
+            rngs=rngs,
         )
 
         @nnx.split_rngs(splits=c.num_layers)
@@ -98,7 +99,10 @@ class Mixtral(nnx.Module):
             c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.weight_dtype, rngs=rngs
         )
         self.lm_head = param(
-            rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.weight_dtype,
+            rngs,
+            (c.hidden_size, c.vocab_size),
+            ("embed", "vocab"),
+            c.weight_dtype,
             nnx.initializers.normal(c.initializer_range),
         )
 
@@ -167,7 +171,7 @@ def _check_inputs(c: ModelConfig, tokens, positions, segment_ids) -> None:
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
     B, T = tokens.shape
-    if T > c.max_position_embeddings:
+    if c.max_position_embeddings < T:
         raise ValueError(
             f"sequence length {T} exceeds config.max_position_embeddings="
             f"{c.max_position_embeddings}; truncate the input or raise the limit in the config"

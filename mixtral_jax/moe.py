@@ -136,8 +136,11 @@ class SparseMoE(nnx.Module):
         c = self.config
         S = x.shape[1]
         capacities = sorted(
-            {routing.expert_capacity(S, c.num_experts, c.num_experts_per_tok, cf)
-             for cf in DROPLESS_LADDER} | {S}
+            {
+                routing.expert_capacity(S, c.num_experts, c.num_experts_per_tok, cf)
+                for cf in DROPLESS_LADDER
+            }
+            | {S}
         )
         if len(capacities) == 1:
             return self._dispatch(x, routes, mask, S)

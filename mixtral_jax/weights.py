@@ -118,18 +118,18 @@ def as_numpy(tensor: Any) -> np.ndarray:
 
 
 def _slice_shape(rule: Rule, index: tuple[int, ...], shapes: Mapping[Path, tuple[int, ...]]):
-    return shapes[rule.path][len(index):]
+    return shapes[rule.path][len(index) :]
 
 
 def _hub_shape(rule: Rule, slice_shape: tuple[int, ...]) -> tuple[int, ...]:
     if rule.in_dims is None:
         return slice_shape
-    return (math.prod(slice_shape[rule.in_dims:]), math.prod(slice_shape[: rule.in_dims]))
+    return (math.prod(slice_shape[rule.in_dims :]), math.prod(slice_shape[: rule.in_dims]))
 
 
 def _check_index(key: str, index: tuple[int, ...], config: ModelConfig) -> None:
     limits = (config.num_layers, config.num_experts)
-    for value, limit, what in zip(index, limits, ("layer", "expert")):
+    for value, limit, what in zip(index, limits, ("layer", "expert"), strict=False):
         if value >= limit:
             raise WeightError(
                 f"{key}: {what} {value} does not exist in a model with {limit} {what}s; "
@@ -161,8 +161,11 @@ def hub_to_slices(
             if rule.in_dims is not None:
                 array = array.T
             return [Slice(rule.path, index, array.reshape(want))]
-    for pattern, fused in ((_FUSED_GATE, "gate"), (_FUSED_GATE_UP, "gate_up"),
-                           (_FUSED_DOWN, "down")):
+    for pattern, fused in (
+        (_FUSED_GATE, "gate"),
+        (_FUSED_GATE_UP, "gate_up"),
+        (_FUSED_DOWN, "down"),
+    ):
         m = pattern.match(key)
         if m:
             return _fused_to_slices(key, fused, int(m["layer"]), as_numpy(tensor), config)
@@ -222,11 +225,14 @@ def params_from_hub(
                 seen[sub] = key
             params[s.path][s.index] = s.value.astype(dtype)
     missing = [
-        key for key, rule, index in hub_keys(config)
+        key
+        for key, rule, index in hub_keys(config)
         if not all(u in seen for u in _unit_indices(Slice(rule.path, index, None), shapes))
     ]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise WeightError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
     return params
 
@@ -236,11 +242,13 @@ def _unit_indices(s: Slice, shapes: Mapping[Path, tuple[int, ...]]):
     depth = 2 if s.path[:3] == ("layers", "moe", "experts") else (1 if s.path[0] == "layers" else 0)
     if len(s.index) == depth:
         return [(s.path, s.index)]
-    extra = shapes[s.path][len(s.index):depth]
+    extra = shapes[s.path][len(s.index) : depth]
     return [(s.path, s.index + rest) for rest in np.ndindex(*extra)]
 
 
-def params_to_hub(params: Mapping[Path, np.ndarray], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+def params_to_hub(
+    params: Mapping[Path, np.ndarray], config: ModelConfig
+) -> Iterator[tuple[str, np.ndarray]]:
     """Hub-layout (key, tensor) pairs from full parameter arrays, in Hub key order."""
     for key, rule, index in hub_keys(config):
         value = np.asarray(params[rule.path][index])

@@ -24,8 +24,11 @@ def hf_twin(config: ModelConfig, seed: int = 0, init_std: float = 0.1):
     """
     torch, transformers = torch_and_transformers()
     hf_config = transformers.MixtralConfig(
-        **{k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type",
-                                                                  "rope_theta")},
+        **{
+            k: v
+            for k, v in config.to_hf().items()
+            if k not in ("architectures", "model_type", "rope_theta")
+        },
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         attn_implementation="eager",
     )
@@ -54,7 +57,7 @@ def hf_forward(hf, tokens: np.ndarray, attention_mask: np.ndarray | None = None)
 
 
 def top_k_without_ties(router_logits: np.ndarray, k: int, margin: float = 1e-5):
-    """Top-k experts [.., k] from router logits, and a mask of tokens with no near-tie at the k-th."""
+    """Top-k experts [..., k] from router logits, and where the k-th choice is not a near-tie."""
     z = router_logits - router_logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     order = np.argsort(-probs, axis=-1, kind="stable")

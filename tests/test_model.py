@@ -31,12 +31,36 @@ def config(**changes) -> ModelConfig:
 # unrolled layer loop and rematerialisation.
 PARITY_CASES = [
     ("gqa2_e8_top2", dict(), 37),
-    ("gqa1_e4_top1", dict(num_heads=4, num_kv_heads=4, head_dim=12, num_experts=4,
-                          num_experts_per_tok=1), 29),
-    ("gqa4_e8_top1_window", dict(num_heads=8, num_kv_heads=2, head_dim=6, num_experts_per_tok=1,
-                                 sliding_window=8, scan_layers=False), 41),
-    ("gqa8_e4_top2_window", dict(num_heads=8, num_kv_heads=1, head_dim=8, num_experts=4,
-                                 sliding_window=5, num_layers=3, remat_policy="full"), 33),
+    (
+        "gqa1_e4_top1",
+        dict(num_heads=4, num_kv_heads=4, head_dim=12, num_experts=4, num_experts_per_tok=1),
+        29,
+    ),
+    (
+        "gqa4_e8_top1_window",
+        dict(
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=6,
+            num_experts_per_tok=1,
+            sliding_window=8,
+            scan_layers=False,
+        ),
+        41,
+    ),
+    (
+        "gqa8_e4_top2_window",
+        dict(
+            num_heads=8,
+            num_kv_heads=1,
+            head_dim=8,
+            num_experts=4,
+            sliding_window=5,
+            num_layers=3,
+            remat_policy="full",
+        ),
+        33,
+    ),
     ("groups_of_16", dict(group_size=16, vocab_size=300), 37),
 ]
 
@@ -96,8 +120,10 @@ def test_bfloat16_compute_stays_as_close_to_float32_as_transformers_bfloat16():
     def mean_rel(x):
         return np.abs(x - ref_logits).mean() / ref_logits.std()
 
-    print(f"bfloat16 mean rel error: ours {mean_rel(logits):.4f}, "
-          f"transformers {mean_rel(hf_bf16_logits):.4f}")
+    print(
+        f"bfloat16 mean rel error: ours {mean_rel(logits):.4f}, "
+        f"transformers {mean_rel(hf_bf16_logits):.4f}"
+    )
     assert mean_rel(logits) <= BF16_MEAN_REL_TOL
     assert mean_rel(logits) <= 1.5 * mean_rel(hf_bf16_logits)
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).mean() > 0.9
@@ -117,8 +143,11 @@ def test_scan_unrolled_and_remat_give_the_same_logits():
     cfg = config()
     tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 16)))
     reference = Mixtral(cfg, rngs=nnx.Rngs(2))(tokens)
-    for changes in (dict(scan_layers=False), dict(remat_policy="full"),
-                    dict(remat_policy="save_dots", scan_layers=False)):
+    for changes in (
+        dict(scan_layers=False),
+        dict(remat_policy="full"),
+        dict(remat_policy="save_dots", scan_layers=False),
+    ):
         other = Mixtral(cfg.replace(**changes), rngs=nnx.Rngs(2))(tokens)
         np.testing.assert_allclose(other, reference, atol=1e-5, rtol=1e-5, err_msg=str(changes))
 

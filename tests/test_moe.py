@@ -1,0 +1,146 @@
+"""The SMoE layer against a plain NumPy loop, and the exactness of dropless dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from mixtral_jax import ModelConfig, routing
+from mixtral_jax.moe import DROPLESS_LADDER, SparseMoE
+from tests.test_routing import numpy_assign, numpy_route
+
+
+def layer(**changes) -> SparseMoE:
+    cfg = ModelConfig.from_dict(tiny.get_config()).replace(initializer_range=0.3, **changes)
+    return SparseMoE(cfg, rngs=nnx.Rngs(0))
+
+
+def numpy_moe(moe: SparseMoE, x: np.ndarray, mask: np.ndarray, capacity: int):
+    """The layer written as loops over groups, choices and tokens, in float64."""
+    c = moe.config
+    B, T, D = x.shape
+    S = min(c.group_size, B * T)
+    G = -(-B * T // S)
+    flat_x = np.zeros((G * S, D))
+    flat_x[: B * T] = x.reshape(-1, D)
+    flat_mask = np.zeros(G * S, bool)
+    flat_mask[: B * T] = mask.reshape(-1)
+    gate, w1, w2, w3 = (
+        np.asarray(a, np.float64)
+        for a in (moe.gate[...], moe.experts.w1[...], moe.experts.w2[...], moe.experts.w3[...])
+    )
+
+    _, weights, experts = numpy_route((flat_x @ gate).reshape(G, S, -1), c.num_experts_per_tok)
+    slot = numpy_assign(experts, flat_mask.reshape(G, S), c.num_experts, capacity)
+    y = np.zeros((G, S, D))
+    for g, s, r in zip(*np.nonzero(slot >= 0), strict=False):
+        e, xs = experts[g, s, r], flat_x[g * S + s]
+        h = xs @ w1[e]
+        y[g, s] = y[g, s] + weights[g, s, r] * ((h / (1 + np.exp(-h))) * (xs @ w3[e])) @ w2[e]
+    choices = flat_mask.sum() * c.num_experts_per_tok
+    dropped = (choices - (slot >= 0).sum()) / choices
+    return y.reshape(-1, D)[: B * T].reshape(B, T, D), experts, dropped
+
+
+@pytest.mark.parametrize(
+    "capacity_factor,group_size,batch,length",
+    [(0.5, 16, 2, 24), (1.0, 64, 3, 20), (0.25, 7, 1, 30), (None, 16, 2, 24)],
+)
+def test_layer_equals_the_numpy_loop_including_drops(capacity_factor, group_size, batch, length):
+    moe = layer(capacity_factor=capacity_factor, group_size=group_size)
+    rng = np.random.RandomState(group_size)
+    x = rng.randn(batch, length, moe.config.hidden_size).astype(np.float32)
+    mask = rng.rand(batch, length) > 0.15
+
+    out = moe(jnp.asarray(x), jnp.asarray(mask))
+    S = min(group_size, batch * length)
+    capacity = routing.expert_capacity(S, 8, 2, capacity_factor)
+    y, experts, dropped = numpy_moe(moe, x, mask, capacity)
+
+    np.testing.assert_allclose(np.asarray(out.y)[mask], y[mask], atol=1e-5)
+    np.testing.assert_allclose(float(out.stats.dropped_fraction), dropped, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(out.experts).reshape(-1, 2)[: batch * length],
+        experts.reshape(-1, 2)[: batch * length],
+    )
+    if capacity_factor is not None and capacity_factor < 1:
+        assert dropped > 0, "this case is meant to overflow some expert"
+    if capacity_factor is None:
+        assert dropped == 0
+
+
+def test_dropped_choices_keep_the_residual_only():
+    """With capacity 1 per expert most tokens lose all experts: their output is exactly 0."""
+    moe = layer(capacity_factor=0.01, group_size=64)
+    x = jnp.asarray(np.random.RandomState(0).randn(1, 64, moe.config.hidden_size), jnp.float32)
+    out = moe(x, jnp.ones((1, 64), bool))
+    untouched = np.all(np.asarray(out.y) == 0, axis=-1)
+    assert untouched.sum() >= 64 - 8  # at most E tokens find a slot
+    assert float(out.stats.dropped_fraction) > 0.8
+
+
+def routed_input(moe: SparseMoE, scenario: str, shape=(2, 32)) -> jax.Array:
+    """Inputs whose router logits are chosen: x = logits @ pinv(gate) (D > E, so exact).
+
+    balanced: token t prefers experts t % E and (t + 1) % E, every expert gets
+    k S / E choices; random: unbiased noise; skewed: most tokens want expert 0;
+    collapsed: every token wants experts 0 and 1.
+    """
+    E = moe.config.num_experts
+    rng = np.random.RandomState(0)
+    t = np.arange(np.prod(shape))
+    logits = rng.randn(t.size, E)
+    if scenario == "balanced":
+        logits = 0.1 * logits + 5 * np.eye(E)[t % E] + 3 * np.eye(E)[(t + 1) % E]
+    elif scenario == "skewed":
+        logits[:, 0] += 2.5
+    elif scenario == "collapsed":
+        logits[:, :2] += 20
+    x = logits @ np.linalg.pinv(np.asarray(moe.gate[...], np.float64))
+    return jnp.asarray(x.reshape(*shape, -1), jnp.float32)
+
+
+SCENARIOS = ("balanced", "random", "skewed", "collapsed")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_dropless_ladder_is_exact_whichever_capacity_it_picks(scenario):
+    moe = layer(capacity_factor=None, group_size=32)
+    x = routed_input(moe, scenario)
+    mask = jnp.ones(x.shape[:2], bool)
+    out = moe(x, mask)
+
+    full = layer(capacity_factor=4.0, group_size=32)  # cf = E/k: C = S, nothing can drop
+    nnx.update(full, nnx.state(moe))
+    # Same math; only float32 summation order differs between capacities.
+    np.testing.assert_allclose(out.y, full(x, mask).y, atol=1e-5, rtol=1e-5)
+    assert float(out.stats.dropped_fraction) == 0.0
+
+
+def test_the_ladder_scenarios_reach_every_capacity():
+    """Guards the test above: its inputs must exercise the cheap and the fallback branches."""
+    moe = layer(capacity_factor=None, group_size=32)
+    S, E, k = 32, 8, 2
+    ladder = sorted({routing.expert_capacity(S, E, k, cf) for cf in DROPLESS_LADDER} | {S})
+    picked = []
+    for scenario in SCENARIOS:
+        logits = jnp.einsum("BTD,DE->BTE", routed_input(moe, scenario), moe.gate[...])
+        routes = routing.route(logits.reshape(-1, S, E), k)
+        fullest = int(routing.expert_load(routes.experts, jnp.ones((2, S), bool), E).max())
+        picked.append(int(np.searchsorted(ladder, fullest)))
+    assert picked[0] == 0, picked  # balanced: C = k S / E
+    assert picked[-1] == len(ladder) - 1, picked  # collapsed: C = S
+    assert len(set(picked)) >= 3, picked
+
+
+def test_dropless_layer_is_the_same_under_jit():
+    moe = layer(capacity_factor=None, group_size=16)
+    x = routed_input(moe, "skewed", shape=(2, 24))
+    mask = jnp.ones(x.shape[:2], bool)
+    eager = moe(x, mask)
+    jitted = nnx.jit(lambda m, x: m(x, mask))(moe, x)
+    np.testing.assert_allclose(jitted.y, eager.y, atol=1e-6)
