@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
             rms_norm_eps=1e-5,
             max_position_embeddings=128,
             sliding_window=None,
+            moe_impl="dense",
             capacity_factor=None,
             group_size=64,
             router_aux_loss_coef=0.02,

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+MOE_IMPLS = ("dense", "sorted")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,9 +43,11 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     sliding_window: int | None = None
-    # SMoE dispatch: tokens are routed in groups of `group_size` [S]; each expert
-    # takes at most C = ceil(k * S / E * capacity_factor) tokens per group.
-    # capacity_factor=None means dropless: the exact result, never a dropped token.
+    # SMoE dispatch (moe.py): "dense" GShard einsums, tokens routed in groups of
+    # `group_size` [S], each expert taking at most C = ceil(k * S / E * capacity_factor)
+    # per group; capacity_factor=None means dropless: exact, never a dropped token.
+    # "sorted": always dropless, tokens sorted by expert, work independent of balance.
+    moe_impl: str = "dense"
     capacity_factor: float | None = None
     group_size: int = 1024
     router_aux_loss_coef: float = 0.02
@@ -205,6 +208,13 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError(
             f"config.capacity_factor must be a positive number or None (dropless), "
             f"got {c.capacity_factor!r}"
+        )
+    if c.moe_impl not in MOE_IMPLS:
+        raise ConfigError(f"config.moe_impl={c.moe_impl!r}; choose one of {MOE_IMPLS}")
+    if c.moe_impl == "sorted" and c.capacity_factor is not None:
+        raise ConfigError(
+            f"config.capacity_factor={c.capacity_factor} needs config.moe_impl='dense'; "
+            "the sorted dispatch is always dropless (set capacity_factor=None)"
         )
     if c.sliding_window is not None and (
         not isinstance(c.sliding_window, int) or c.sliding_window <= 0

@@ -1,18 +1,26 @@
-"""The sparse mixture-of-experts (SMoE) layer as dense dispatch/combine einsums.
+"""The sparse mixture-of-experts (SMoE) layer: router, experts, and two ways to dispatch.
 
+Both give the reference's numbers; they differ in how the work is laid out.
+
+`moe_impl="dense"`: GShard dispatch/combine einsums (routing.py has the tensors).
     logits   = x @ gate                                 [G, S, E] float32
     routes   = top-k of softmax(logits), renormalised   [G, S, k]
     dispatch, combine = slots in each expert's buffer   [G, S, E, C]
     x_e      = einsum(dispatch, x)                      [E, G, C, D]
     y_e      = w2 (silu(x_e w1) * (x_e w3))             [E, G, C, D]
     y        = einsum(combine, y_e)                     [G, S, D]
+  With a capacity factor, C = ceil(k S / E * cf) and overflowing choices are
+  dropped. Dropless (capacity_factor=None) must be exact, yet C = S would
+  multiply the expert work by E / k; the layer instead measures the fullest
+  expert and runs, under `lax.switch`, the smallest capacity of a short ladder
+  that holds every choice. Shards over an `expert` mesh axis with all-to-alls.
 
-With a capacity factor the layer is GShard's: C = ceil(k S / E * cf) slots per
-expert and group, overflowing choices dropped. Dropless (capacity_factor=None)
-must equal the reference exactly, yet C = S would multiply the expert work by
-E / k. Instead the layer measures the fullest expert and runs, under
-`lax.switch`, the smallest capacity from a short ladder that holds every
-choice: the result is exact and the work stays near k S / E per expert.
+`moe_impl="sorted"`: always dropless. The N*k (token, choice) rows are sorted
+  by expert, so each expert's rows are contiguous; each expert multiplies its
+  own rows in tiles of `TILE` rows and one last piece (a multiple of TILE / 16
+  rows). The work is the routed work plus under TILE / 16 rows per expert,
+  whatever the balance of the router, and an expert that no token chose is
+  never read: a decoded token touches k experts, not E.
 """
 
 from __future__ import annotations
@@ -28,9 +36,16 @@ from mixtral_jax import routing
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import param
 
-# Capacity factors tried, smallest first, before falling back to C = S.
-# Only the chosen branch runs; each entry costs compile time, not run time.
-DROPLESS_LADDER = (1.0, 1.5, 2.0)
+# Capacity factors the dense dropless dispatch tries, smallest first, before
+# C = S. Only the chosen branch runs; each entry costs compile time only.
+DROPLESS_LADDER = (1.0, 1.25, 1.5, 2.0)
+# Row tile of the sorted dispatch (a power of two).
+TILE = 512
+
+
+def swiglu(x: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
+    """One expert: w2(silu(x w1) * (x w3)); x [..., D], w1/w3 [D, F], w2 [F, D]."""
+    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
 
 
 class Experts(nnx.Module):
@@ -49,12 +64,88 @@ class Experts(nnx.Module):
         self.w3 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, init)
         self.w2 = param(rngs, (E, F, D), ("expert", "mlp", "embed"), dt, init)
 
+    def weights(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return tuple(w[...].astype(dtype) for w in (self.w1, self.w2, self.w3))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]."""
-        dt = x.dtype
-        gate = jnp.einsum("EGCD,EDF->EGCF", x, self.w1[...].astype(dt))
-        up = jnp.einsum("EGCD,EDF->EGCF", x, self.w3[...].astype(dt))
-        return jnp.einsum("EGCF,EFD->EGCD", jax.nn.silu(gate) * up, self.w2[...].astype(dt))
+        w1, w2, w3 = self.weights(x.dtype)
+        gate = jnp.einsum("EGCD,EDF->EGCF", x, w1)
+        up = jnp.einsum("EGCD,EDF->EGCF", x, w3)
+        return jnp.einsum("EGCF,EFD->EGCD", jax.nn.silu(gate) * up, w2)
+
+
+def sorted_experts(
+    x: jax.Array,
+    routes: routing.Routes,
+    token_mask: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    w3: jax.Array,
+) -> jax.Array:
+    """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
+
+    Row j of the sorted order is choice order[j] (token order[j] // k); expert
+    e owns rows [start[e], start[e] + count[e]). Padding tokens sort last and
+    are never computed (their output is 0).
+    """
+    N, D = x.shape
+    k = routes.experts.shape[-1]
+    E = w1.shape[0]
+    n = N * k
+    choice_expert = jnp.where(token_mask[:, None], routes.experts, E).reshape(n)
+    order = jnp.argsort(choice_expert, stable=True)  # [n]
+    count = jnp.bincount(choice_expert, length=E + 1)[:E]  # [E]
+    start = jnp.cumsum(count) - count  # [E]
+    tile = min(TILE, max(8, next_power_of_two(n)))
+    # Every piece streams the expert's weights once, which costs about as much as
+    # ~30 rows of work: an expert's rows are full tiles plus ONE last piece, a
+    # multiple of `grain` rows (waste < grain rows per expert).
+    grain = max(8, tile // 16)
+    xs = jnp.pad(x[order // k], ((0, tile), (0, 0)))  # [n + tile, D] sorted rows + slack
+
+    def rows_of_expert(ys, r0, size, w):
+        """ys[r0:r0+size] = ffn(xs[r0:r0+size]). Rows past the expert's end get
+        garbage that the next expert (or the padding mask) overwrites."""
+        out = swiglu(jax.lax.dynamic_slice_in_dim(xs, r0, size), *w)
+        return jax.lax.dynamic_update_slice_in_dim(ys, out, r0, 0)
+
+    def one_expert(e, ys):
+        # e is the loop's traced index: one compiled body serves every expert.
+        w = tuple(jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for a in (w1, w2, w3))
+        begin = start[e]
+        full, rest = count[e] // tile, count[e] % tile
+
+        def full_tile(i, ys):
+            return jax.lax.cond(
+                i < full,
+                lambda ys: rows_of_expert(ys, begin + i * tile, tile, w),
+                lambda ys: ys,
+                ys,
+            )
+
+        # A static trip count keeps the loop reverse-differentiable; idle steps are skipped.
+        ys = jax.lax.fori_loop(0, n // tile, full_tile, ys)
+        last = [lambda ys: ys] + [
+            lambda ys, size=size: rows_of_expert(ys, begin + full * tile, size, w)
+            for size in range(grain, tile + 1, grain)
+        ]
+        return jax.lax.switch((rest + grain - 1) // grain, last, ys)
+
+    def maybe_expert(e, ys):
+        return jax.lax.cond(count[e] > 0, one_expert, lambda e, ys: ys, e, ys)
+
+    ys = jax.lax.fori_loop(0, E, maybe_expert, jnp.zeros((n + tile, D), x.dtype))
+    per_choice = jnp.zeros((n, D), x.dtype).at[order].set(ys[:n], unique_indices=True)
+    weights = (routes.weights * token_mask[:, None]).astype(jnp.float32)  # [N, k]
+    # An elementwise weighted sum: as an einsum XLA:CPU makes it N tiny matmuls.
+    y = jnp.sum(per_choice.reshape(N, k, D).astype(jnp.float32) * weights[..., None], axis=1)
+    return y.astype(x.dtype)
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class MoEOutput(NamedTuple):
@@ -65,7 +156,7 @@ class MoEOutput(NamedTuple):
 
 
 class SparseMoE(nnx.Module):
-    """Router (`gate`) plus `experts`, grouped GShard dispatch with capacity."""
+    """Router (`gate`) plus `experts`; dispatch by `config.moe_impl`."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -84,7 +175,7 @@ class SparseMoE(nnx.Module):
         c = self.config
         B, T, D = x.shape
         num_tokens = B * T
-        S = min(c.group_size, num_tokens)
+        S = min(c.group_size, num_tokens) if c.moe_impl == "dense" else num_tokens
         G = -(-num_tokens // S)
         pad = G * S - num_tokens
         xg = jnp.pad(x.reshape(num_tokens, D), ((0, pad), (0, 0))).reshape(G, S, D)
@@ -99,13 +190,17 @@ class SparseMoE(nnx.Module):
         )
         routes = routing.route(logits, c.num_experts_per_tok)
 
-        if c.capacity_factor is None:
-            y, kept = self._dropless(xg, routes, mask)
+        if c.moe_impl == "sorted":
+            flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
+            y = sorted_experts(xg[0], flat, mask[0], *self.experts.weights(x.dtype))[None]
+            kept = jnp.ones(routes.experts.shape, bool)
+        elif c.capacity_factor is None:
+            y, kept = self._dropless_dense(xg, routes, mask)
         else:
             capacity = routing.expert_capacity(
                 S, c.num_experts, c.num_experts_per_tok, c.capacity_factor
             )
-            y, kept = self._dispatch(xg, routes, mask, capacity)
+            y, kept = self._dense(xg, routes, mask, capacity)
 
         stats = routing.router_stats(logits, routes, kept, mask)
 
@@ -114,7 +209,7 @@ class SparseMoE(nnx.Module):
 
         return MoEOutput(ungroup(y), stats, ungroup(routes.weights), ungroup(routes.experts))
 
-    def _dispatch(
+    def _dense(
         self, x: jax.Array, routes: routing.Routes, mask: jax.Array, capacity: int
     ) -> tuple[jax.Array, jax.Array]:
         """x: [G, S, D] -> y [G, S, D] and kept [G, S, k] with `capacity` slots per expert."""
@@ -129,22 +224,18 @@ class SparseMoE(nnx.Module):
         )
         return y.astype(x.dtype), d.kept
 
-    def _dropless(
+    def _dropless_dense(
         self, x: jax.Array, routes: routing.Routes, mask: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         """Exact: the smallest capacity on the ladder that no expert overflows."""
         c = self.config
         S = x.shape[1]
-        capacities = sorted(
-            {
-                routing.expert_capacity(S, c.num_experts, c.num_experts_per_tok, cf)
-                for cf in DROPLESS_LADDER
-            }
-            | {S}
-        )
+        E, k = c.num_experts, c.num_experts_per_tok
+        ladder = {routing.expert_capacity(S, E, k, cf) for cf in DROPLESS_LADDER}
+        capacities = sorted(ladder | {S})
         if len(capacities) == 1:
-            return self._dispatch(x, routes, mask, S)
-        fullest = jnp.max(routing.expert_load(routes.experts, mask, c.num_experts))
+            return self._dense(x, routes, mask, S)
+        fullest = jnp.max(routing.expert_load(routes.experts, mask, E))
         branch = jnp.searchsorted(jnp.asarray(capacities), fullest)  # first C >= fullest
-        branches = [functools.partial(self._dispatch, capacity=cap) for cap in capacities]
+        branches = [functools.partial(self._dense, capacity=cap) for cap in capacities]
         return jax.lax.switch(branch, branches, x, routes, mask)

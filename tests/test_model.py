@@ -27,8 +27,8 @@ def config(**changes) -> ModelConfig:
 # (name, config changes, sequence length). Between them: GQA ratios 1, 2, 4 and 8,
 # 4 and 8 experts, top-1 and top-2, head_dims that are not hidden/heads, a
 # vocabulary that is not a multiple of 128, sliding windows shorter than the
-# sequence, groups that split the batch unevenly (padding inside the SMoE), the
-# unrolled layer loop and rematerialisation.
+# sequence, groups that split the batch unevenly (padding inside the SMoE), both
+# dispatch implementations, the unrolled layer loop and rematerialisation.
 PARITY_CASES = [
     ("gqa2_e8_top2", dict(), 37),
     (
@@ -62,6 +62,18 @@ PARITY_CASES = [
         33,
     ),
     ("groups_of_16", dict(group_size=16, vocab_size=300), 37),
+    ("sorted_dispatch", dict(moe_impl="sorted"), 37),
+    (
+        "sorted_e4_top1_window",
+        dict(
+            moe_impl="sorted",
+            num_experts=4,
+            num_experts_per_tok=1,
+            sliding_window=6,
+            scan_layers=False,
+        ),
+        23,
+    ),
 ]
 
 
@@ -89,8 +101,9 @@ def test_logits_router_and_aux_loss_match_transformers(name, changes, length):
 
 
 @pytest.mark.parity
-def test_padding_is_left_out_of_logits_and_aux_loss_like_transformers():
-    cfg = config()
+@pytest.mark.parametrize("moe_impl", ["dense", "sorted"])
+def test_padding_is_left_out_of_logits_and_aux_loss_like_transformers(moe_impl):
+    cfg = config(moe_impl=moe_impl)
     hf, model = hf_twin(cfg, seed=3)
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 24))
     lengths = np.array([24, 17, 9])

@@ -23,7 +23,7 @@ def numpy_moe(moe: SparseMoE, x: np.ndarray, mask: np.ndarray, capacity: int):
     """The layer written as loops over groups, choices and tokens, in float64."""
     c = moe.config
     B, T, D = x.shape
-    S = min(c.group_size, B * T)
+    S = min(c.group_size, B * T) if c.moe_impl == "dense" else B * T
     G = -(-B * T // S)
     flat_x = np.zeros((G * S, D))
     flat_x[: B * T] = x.reshape(-1, D)
@@ -47,17 +47,27 @@ def numpy_moe(moe: SparseMoE, x: np.ndarray, mask: np.ndarray, capacity: int):
 
 
 @pytest.mark.parametrize(
-    "capacity_factor,group_size,batch,length",
-    [(0.5, 16, 2, 24), (1.0, 64, 3, 20), (0.25, 7, 1, 30), (None, 16, 2, 24)],
+    "moe_impl,capacity_factor,group_size,batch,length",
+    [
+        ("dense", 0.5, 16, 2, 24),
+        ("dense", 1.0, 64, 3, 20),
+        ("dense", 0.25, 7, 1, 30),
+        ("dense", None, 16, 2, 24),
+        ("sorted", None, 16, 2, 24),
+        ("sorted", None, 16, 1, 1),  # one decoded token
+        ("sorted", None, 16, 3, 700),  # several full tiles per expert
+    ],
 )
-def test_layer_equals_the_numpy_loop_including_drops(capacity_factor, group_size, batch, length):
-    moe = layer(capacity_factor=capacity_factor, group_size=group_size)
+def test_layer_equals_the_numpy_loop_including_drops(
+    moe_impl, capacity_factor, group_size, batch, length
+):
+    moe = layer(moe_impl=moe_impl, capacity_factor=capacity_factor, group_size=group_size)
     rng = np.random.RandomState(group_size)
     x = rng.randn(batch, length, moe.config.hidden_size).astype(np.float32)
     mask = rng.rand(batch, length) > 0.15
 
     out = moe(jnp.asarray(x), jnp.asarray(mask))
-    S = min(group_size, batch * length)
+    S = min(group_size, batch * length) if moe_impl == "dense" else batch * length
     capacity = routing.expert_capacity(S, 8, 2, capacity_factor)
     y, experts, dropped = numpy_moe(moe, x, mask, capacity)
 
@@ -107,9 +117,10 @@ def routed_input(moe: SparseMoE, scenario: str, shape=(2, 32)) -> jax.Array:
 SCENARIOS = ("balanced", "random", "skewed", "collapsed")
 
 
+@pytest.mark.parametrize("moe_impl", ["dense", "sorted"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_dropless_ladder_is_exact_whichever_capacity_it_picks(scenario):
-    moe = layer(capacity_factor=None, group_size=32)
+def test_dropless_is_exact_however_the_router_balances(scenario, moe_impl):
+    moe = layer(moe_impl=moe_impl, capacity_factor=None, group_size=32)
     x = routed_input(moe, scenario)
     mask = jnp.ones(x.shape[:2], bool)
     out = moe(x, mask)
@@ -137,10 +148,50 @@ def test_the_ladder_scenarios_reach_every_capacity():
     assert len(set(picked)) >= 3, picked
 
 
-def test_dropless_layer_is_the_same_under_jit():
-    moe = layer(capacity_factor=None, group_size=16)
+@pytest.mark.parametrize("moe_impl", ["dense", "sorted"])
+def test_dropless_layer_is_the_same_under_jit(moe_impl):
+    moe = layer(moe_impl=moe_impl, capacity_factor=None, group_size=16)
     x = routed_input(moe, "skewed", shape=(2, 24))
     mask = jnp.ones(x.shape[:2], bool)
     eager = moe(x, mask)
     jitted = nnx.jit(lambda m, x: m(x, mask))(moe, x)
     np.testing.assert_allclose(jitted.y, eager.y, atol=1e-6)
+
+
+def test_sorted_dispatch_is_differentiable_and_matches_dense_gradients():
+    dense = layer(capacity_factor=4.0, group_size=64)  # C = S: exact
+    sorted_ = layer(moe_impl="sorted")
+    nnx.update(sorted_, nnx.state(dense))
+    x = routed_input(dense, "skewed", shape=(2, 32))
+    mask = jnp.ones(x.shape[:2], bool)
+
+    def loss(m, x):
+        return jnp.sum(jnp.sin(m(x, mask).y))
+
+    g_dense = nnx.grad(loss, argnums=(0, 1))(dense, x)
+    g_sorted = nnx.grad(loss, argnums=(0, 1))(sorted_, x)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(g_dense[0]), nnx.to_flat_state(g_sorted[0]), strict=True
+    ):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=str(path))
+    np.testing.assert_allclose(g_sorted[1], g_dense[1], atol=1e-5, rtol=1e-4)
+
+
+def test_sorted_dispatch_reads_only_the_chosen_experts():
+    """One token, top-2: weights of unchosen experts are never read (NaN there stays out)."""
+    moe = layer(moe_impl="sorted")
+    x = routed_input(moe, "random", shape=(1, 1))
+    out = moe(x, jnp.ones((1, 1), bool))
+    chosen = set(np.asarray(out.experts).ravel().tolist())
+    # Poison the unchosen experts: a NaN read anywhere would reach the output.
+    state = nnx.state(moe)
+    for name in ("w1", "w2", "w3"):
+        w = state["experts"][name][...]
+        for e in range(moe.config.num_experts):
+            if e not in chosen:
+                w = w.at[e].set(jnp.nan)
+        state["experts"][name].set_value(w)
+    nnx.update(moe, state)
+    poisoned = moe(x, jnp.ones((1, 1), bool))
+    assert np.isfinite(np.asarray(poisoned.y)).all()
+    np.testing.assert_allclose(poisoned.y, out.y, atol=1e-6)

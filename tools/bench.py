@@ -1,0 +1,235 @@
+"""Speed of mixtral_jax next to transformers, on this machine, with the same weights.
+
+    python tools/bench.py                      # prefill + SMoE layer, configs/bench_1024.py
+    python tools/bench.py --seq_len 2048 --sections prefill
+
+Every figure is a median over repeats, taken in one run so that the figures
+can be compared (machines differ from day to day; compare ratios, not times).
+"Active" FLOPs count only the work a perfect sparse model does: k experts per
+token, causal attention over (T + 1) / 2 keys on average. Each is also given
+as a fraction of the machine's matmul peak, measured first in the same run.
+This tool prints figures; no test asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mixtral_jax import Mixtral, ModelConfig, weights  # noqa: E402
+from mixtral_jax.moe import SparseMoE  # noqa: E402
+
+
+def load_config(path: str) -> ModelConfig:
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ModelConfig.from_dict(module.get_config())
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_or_none():
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None, None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch, transformers
+
+
+def matmul_peak(repeats: int) -> tuple[float, str]:
+    """The fastest float32 square matmul this machine runs (JAX or torch), FLOP/s."""
+    best, where = 0.0, ""
+    torch, _ = torch_or_none()
+    for n in (1024, 2048):
+        a = jnp.asarray(np.random.RandomState(0).randn(n, n), jnp.float32)
+        mm = jax.jit(lambda a: a @ a)
+        rate = 2 * n**3 / median_seconds(lambda: mm(a).block_until_ready(), repeats)
+        if rate > best:
+            best, where = rate, f"jax {n}^3"
+        if torch is not None:
+            t = torch.randn(n, n)
+            rate = 2 * n**3 / median_seconds(lambda: t @ t, repeats)
+            if rate > best:
+                best, where = rate, f"torch {n}^3"
+    return best, where
+
+
+def active_flops(c: ModelConfig, batch: int, length: int) -> float:
+    """Matmul FLOPs of a forward pass that a perfect sparse model does."""
+    D, H = c.hidden_size, c.head_dim
+    k, F = c.num_experts_per_tok, c.intermediate_size
+    per_token = (
+        2 * D * H * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, k, v, o projections
+        + 2 * D * c.num_experts  # router
+        + 2 * 3 * D * F * k  # k SwiGLU experts
+    )
+    attention = 2 * 2 * c.num_heads * H * (length + 1) / 2  # QK^T and PV per query
+    return batch * length * (c.num_layers * (per_token + attention) + 2 * D * c.vocab_size)
+
+
+def row(name: str, seconds: float, tokens: int, flops: float, peak: float, ref: float | None):
+    ratio = f"{ref / seconds:5.2f}x" if ref else "    -"
+    print(
+        f"  {name:<34} {seconds * 1e3:9.1f} ms {tokens / seconds:9.0f} tok/s "
+        f"{flops / seconds / 1e9:7.1f} GFLOP/s {100 * flops / seconds / peak:5.1f}% {ratio}"
+    )
+
+
+def header(title: str):
+    print(f"\n{title}")
+    print(f"  {'':<34} {'time':>12} {'tokens/s':>15} {'active':>15} {'peak':>6} {'vs HF':>6}")
+
+
+def hf_model(config: ModelConfig, init_std: float, seed: int):
+    torch, transformers = torch_or_none()
+    hf_config = transformers.MixtralConfig(
+        **{
+            k: v
+            for k, v in config.to_hf().items()
+            if k not in ("architectures", "model_type", "rope_theta")
+        },
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+    )
+    hf_config.initializer_range = init_std
+    torch.manual_seed(seed)
+    return transformers.MixtralForCausalLM(hf_config).eval()
+
+
+def bench_prefill(args, config: ModelConfig, peak: float):
+    torch, _ = torch_or_none()
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq_len))
+    n_tokens = tokens.size
+    flops = active_flops(config, args.batch, args.seq_len)
+    header(
+        f"Prefill, batch {args.batch} x {args.seq_len} tokens, {config.num_layers} layers, "
+        f"{config.hidden_size} wide, {config.num_experts} experts (top-{config.num_experts_per_tok})"
+    )
+    if torch is None:
+        print("  (torch/transformers not installed: no reference column)")
+        state = Mixtral(config, rngs=nnx.Rngs(args.seed))
+        hf_seconds, hf_logits = None, None
+    else:
+        hf = hf_model(config, args.init_std, args.seed)
+        state = weights.from_hub_state_dict(hf.state_dict(), config)
+        t = torch.as_tensor(tokens)
+        with torch.no_grad():
+            hf_seconds = median_seconds(lambda: hf(t), args.repeats)
+            hf_logits = hf(t).logits.numpy()
+        row("transformers (PyTorch, eager)", hf_seconds, n_tokens, flops, peak, hf_seconds)
+        del hf
+        gc.collect()
+    params = nnx.state(state, nnx.Param)
+    for impl in ("sorted", "dense"):
+        model = Mixtral(config.replace(moe_impl=impl), rngs=nnx.Rngs(0))
+        nnx.update(model, params)
+        graphdef, model_state = nnx.split(model)
+        forward = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t))
+        ids = jnp.asarray(tokens)
+        out = forward(model_state, ids)
+        seconds = median_seconds(
+            lambda: forward(model_state, ids).logits.block_until_ready(), args.repeats
+        )
+        row(f"mixtral_jax, moe_impl={impl}", seconds, n_tokens, flops, peak, hf_seconds)
+        if hf_logits is not None:
+            diff = float(np.abs(np.asarray(out.logits) - hf_logits).max())
+            print(f"  {'':<34} max |logits - transformers| = {diff:.1e}")
+    load = np.asarray(out.routing.stats.expert_fraction) / (
+        config.num_experts_per_tok / config.num_experts
+    )
+    print(
+        f"  routing balance (load / uniform) per layer: max {load.max():.2f}, min {load.min():.2f}"
+        " -- the dense dispatch's work grows with the max, the sorted one's does not"
+    )
+
+
+def bench_moe_layer(args, config: ModelConfig, peak: float):
+    n_tokens = args.batch * args.seq_len
+    D, F, k = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
+    flops = n_tokens * (2 * 3 * D * F * k + 2 * D * config.num_experts)
+    header(f"SMoE layer alone, {n_tokens} tokens, random inputs (balanced routing)")
+    x = jnp.asarray(np.random.RandomState(1).randn(args.batch, args.seq_len, D), config.dtype)
+    mask = jnp.ones(x.shape[:2], bool)
+    reference = SparseMoE(config.replace(moe_impl="sorted"), rngs=nnx.Rngs(0))
+    params = nnx.state(reference)
+    cases = [("sorted (dropless)", dict(moe_impl="sorted"))]
+    for group in (256, 1024):
+        for cf in (1.0, 1.25, 2.0, None):
+            name = f"dense S={group} cf={cf if cf else 'dropless'}"
+            cases.append((name, dict(moe_impl="dense", group_size=group, capacity_factor=cf)))
+    for name, changes in cases:
+        layer = SparseMoE(config.replace(**changes), rngs=nnx.Rngs(0))
+        nnx.update(layer, params)
+        graphdef, state = nnx.split(layer)
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask))
+        out = fn(state, x)
+        seconds = median_seconds(lambda: fn(state, x).y.block_until_ready(), args.repeats)
+        row(name, seconds, n_tokens, flops, peak, None)
+        dropped = float(out.stats.dropped_fraction)
+        if dropped:
+            print(f"  {'':<34} dropped {100 * dropped:.1f}% of token choices")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", default=str(Path(__file__).parents[1] / "configs/bench_1024.py")
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq_len", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--init_std",
+        type=float,
+        default=0.02,
+        help="std of the random weights (transformers' default)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sections", default="prefill,moe", help="comma-separated: prefill, moe")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    if args.seq_len > config.max_position_embeddings:
+        parser.error(
+            f"--seq_len {args.seq_len} exceeds the config's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    sections = args.sections.split(",")
+    unknown = set(sections) - {"prefill", "moe"}
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from prefill, moe")
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+    peak, where = matmul_peak(args.repeats)
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s float32 ({where})")
+    if "prefill" in sections:
+        bench_prefill(args, config, peak)
+    if "moe" in sections:
+        bench_moe_layer(args, config, peak)
+
+
+if __name__ == "__main__":
+    main()
