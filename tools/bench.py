@@ -14,7 +14,6 @@ This tool prints figures; no test asserts a time.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import os
 import statistics
@@ -42,13 +41,21 @@ def load_config(path: str) -> ModelConfig:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
+    return interleaved({"": fn}, repeats)[""]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in alternation so that drifts in the
+    machine's speed hit all of them alike."""
+    for fn in fns.values():
+        fn()  # compile / warm up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def torch_or_none():
@@ -65,17 +72,17 @@ def matmul_peak(repeats: int) -> tuple[float, str]:
     """The fastest float32 square matmul this machine runs (JAX or torch), FLOP/s."""
     best, where = 0.0, ""
     torch, _ = torch_or_none()
+    square = jax.jit(lambda a: a @ a)
     for n in (1024, 2048):
+        fns = {}
         a = jnp.asarray(np.random.RandomState(0).randn(n, n), jnp.float32)
-        mm = jax.jit(lambda a: a @ a)
-        rate = 2 * n**3 / median_seconds(lambda: mm(a).block_until_ready(), repeats)
-        if rate > best:
-            best, where = rate, f"jax {n}^3"
+        fns[f"jax {n}^3"] = lambda a=a: square(a).block_until_ready()
         if torch is not None:
             t = torch.randn(n, n)
-            rate = 2 * n**3 / median_seconds(lambda: t @ t, repeats)
-            if rate > best:
-                best, where = rate, f"torch {n}^3"
+            fns[f"torch {n}^3"] = lambda t=t: t @ t
+        for name, seconds in interleaved(fns, repeats).items():
+            if 2 * n**3 / seconds > best:
+                best, where = 2 * n**3 / seconds, name
     return best, where
 
 
@@ -123,47 +130,51 @@ def hf_model(config: ModelConfig, init_std: float, seed: int):
 def bench_prefill(args, config: ModelConfig, peak: float):
     torch, _ = torch_or_none()
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq_len))
-    n_tokens = tokens.size
     flops = active_flops(config, args.batch, args.seq_len)
     header(
         f"Prefill, batch {args.batch} x {args.seq_len} tokens, {config.num_layers} layers, "
-        f"{config.hidden_size} wide, {config.num_experts} experts (top-{config.num_experts_per_tok})"
+        f"{config.hidden_size} wide, {config.num_experts} experts "
+        f"(top-{config.num_experts_per_tok}), float32"
     )
+    fns, logits = {}, {}
     if torch is None:
         print("  (torch/transformers not installed: no reference column)")
-        state = Mixtral(config, rngs=nnx.Rngs(args.seed))
-        hf_seconds, hf_logits = None, None
+        params = nnx.state(Mixtral(config, rngs=nnx.Rngs(args.seed)), nnx.Param)
     else:
         hf = hf_model(config, args.init_std, args.seed)
-        state = weights.from_hub_state_dict(hf.state_dict(), config)
-        t = torch.as_tensor(tokens)
-        with torch.no_grad():
-            hf_seconds = median_seconds(lambda: hf(t), args.repeats)
-            hf_logits = hf(t).logits.numpy()
-        row("transformers (PyTorch, eager)", hf_seconds, n_tokens, flops, peak, hf_seconds)
-        del hf
-        gc.collect()
-    params = nnx.state(state, nnx.Param)
+        params = nnx.state(weights.from_hub_state_dict(hf.state_dict(), config), nnx.Param)
+        ids = torch.as_tensor(tokens)
+
+        def hf_forward():
+            with torch.no_grad():
+                return hf(ids).logits
+
+        fns["transformers (PyTorch, eager)"] = hf_forward
+        logits["transformers (PyTorch, eager)"] = hf_forward().numpy()
+    ours = {}
     for impl in ("sorted", "dense"):
         model = Mixtral(config.replace(moe_impl=impl), rngs=nnx.Rngs(0))
         nnx.update(model, params)
-        graphdef, model_state = nnx.split(model)
-        forward = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t))
-        ids = jnp.asarray(tokens)
-        out = forward(model_state, ids)
-        seconds = median_seconds(
-            lambda: forward(model_state, ids).logits.block_until_ready(), args.repeats
-        )
-        row(f"mixtral_jax, moe_impl={impl}", seconds, n_tokens, flops, peak, hf_seconds)
-        if hf_logits is not None:
-            diff = float(np.abs(np.asarray(out.logits) - hf_logits).max())
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s).forward(t))
+        name = f"mixtral_jax, moe_impl={impl}"
+        ids_jax = jnp.asarray(tokens)
+        ours[name] = forward(state, ids_jax)
+        logits[name] = np.asarray(ours[name].logits)
+        fns[name] = lambda f=forward, s=state, i=ids_jax: f(s, i).logits.block_until_ready()
+    seconds = interleaved(fns, args.repeats)
+    reference = seconds.get("transformers (PyTorch, eager)")
+    for name, t in seconds.items():
+        row(name, t, tokens.size, flops, peak, reference)
+        if reference and name in ours:
+            diff = float(np.abs(logits[name] - logits["transformers (PyTorch, eager)"]).max())
             print(f"  {'':<34} max |logits - transformers| = {diff:.1e}")
-    load = np.asarray(out.routing.stats.expert_fraction) / (
-        config.num_experts_per_tok / config.num_experts
-    )
+    out = next(iter(ours.values()))
+    uniform = config.num_experts_per_tok / config.num_experts
+    load = np.asarray(out.routing.stats.expert_fraction) / uniform
     print(
-        f"  routing balance (load / uniform) per layer: max {load.max():.2f}, min {load.min():.2f}"
-        " -- the dense dispatch's work grows with the max, the sorted one's does not"
+        f"  routing balance (expert load / uniform): max {load.max():.2f}, min {load.min():.2f}; "
+        "the dense dispatch's work grows with the max, the sorted one's does not"
     )
 
 
@@ -181,15 +192,17 @@ def bench_moe_layer(args, config: ModelConfig, peak: float):
         for cf in (1.0, 1.25, 2.0, None):
             name = f"dense S={group} cf={cf if cf else 'dropless'}"
             cases.append((name, dict(moe_impl="dense", group_size=group, capacity_factor=cf)))
+    fns, outs = {}, {}
     for name, changes in cases:
         layer = SparseMoE(config.replace(**changes), rngs=nnx.Rngs(0))
         nnx.update(layer, params)
         graphdef, state = nnx.split(layer)
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask))
-        out = fn(state, x)
-        seconds = median_seconds(lambda: fn(state, x).y.block_until_ready(), args.repeats)
+        fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, mask))
+        outs[name] = fn(state, x)
+        fns[name] = lambda fn=fn, s=state: fn(s, x).y.block_until_ready()
+    for name, seconds in interleaved(fns, args.repeats).items():
         row(name, seconds, n_tokens, flops, peak, None)
-        dropped = float(out.stats.dropped_fraction)
+        dropped = float(outs[name].stats.dropped_fraction)
         if dropped:
             print(f"  {'':<34} dropped {100 * dropped:.1f}% of token choices")
 
