@@ -18,25 +18,48 @@ from mixtral_jax.layers import apply_rope, param
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_mask(
-    segment_ids: jax.Array | None, length: int, sliding_window: int | None
-) -> jax.Array:
-    """Boolean mask [B or 1, 1, 1, T, S]: query t may attend to key s.
+# Queries are processed in blocks of this many rows; a block reads only the keys
+# up to its last query (and from its window's start), so the causal half of the
+# score matrix is mostly never computed. At most MAX_BLOCKS blocks per call.
+BLOCK = 256
+MAX_BLOCKS = 8
 
-    Causal by index (key s <= query t); within `sliding_window` when set
-    (t - s < W, the reference's window); within the same segment when
-    `segment_ids` [B, T] are given (packed documents never see each other).
+
+def attention_mask(
+    segment_ids: jax.Array | None,
+    sliding_window: int | None,
+    queries: tuple[int, int],
+    keys: tuple[int, int],
+) -> jax.Array:
+    """Boolean mask [B or 1, 1, 1, Tq, Sk]: query t may attend to key s.
+
+    queries/keys are [start, stop) index ranges of the sequence. Causal by index
+    (key s <= query t); within `sliding_window` when set (t - s < W, the
+    reference's window); within the same segment when `segment_ids` [B, T] are
+    given (packed documents never see each other, padding sees only padding).
     """
-    t = jnp.arange(length)[:, None]
-    s = jnp.arange(length)[None, :]
+    t = jnp.arange(*queries)[:, None]
+    s = jnp.arange(*keys)[None, :]
     mask = s <= t
     if sliding_window is not None:
         mask &= t - s < sliding_window
-    mask = mask[None, None, None]  # [1, 1, 1, T, S]
+    mask = mask[None, None, None]  # [1, 1, 1, Tq, Sk]
     if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+        q_seg = segment_ids[:, queries[0] : queries[1], None]
+        same = q_seg == segment_ids[:, None, keys[0] : keys[1]]  # [B, Tq, Sk]
         mask = mask & same[:, None, None]
     return mask
+
+
+def query_blocks(length: int, sliding_window: int | None) -> list[tuple[tuple, tuple]]:
+    """(query range, key range) pairs that cover the causal (windowed) mask."""
+    block = max(BLOCK, -(-length // MAX_BLOCKS))
+    blocks = []
+    for q0 in range(0, length, block):
+        q1 = min(q0 + block, length)
+        k0 = 0 if sliding_window is None else max(0, q0 - sliding_window + 1)
+        blocks.append(((q0, q1), (k0, q1)))
+    return blocks
 
 
 class Attention(nnx.Module):
@@ -53,8 +76,10 @@ class Attention(nnx.Module):
         self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dt, init)
         self.o_proj = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), dt, init)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, T, D], positions: [B, T], mask: from `attention_mask` -> [B, T, D]."""
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+    ) -> jax.Array:
+        """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D]."""
         c = self.config
         dtype = x.dtype
         B, T, _ = x.shape
@@ -65,12 +90,18 @@ class Attention(nnx.Module):
         v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dtype))
         q = apply_rope(q, positions, c.rope_theta)
         k = apply_rope(k, positions, c.rope_theta)
-
         q = q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, dtype)
-        scores = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32
-        )  # [B, K, G, T, S], float32
-        scores = jnp.where(mask, scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)
+
+        outs = []
+        for (q0, q1), (k0, k1) in query_blocks(T, c.sliding_window):
+            scores = jnp.einsum(
+                "BTKGH,BSKH->BKGTS",
+                q[:, q0:q1],
+                k[:, k0:k1],
+                preferred_element_type=jnp.float32,
+            )  # [B, K, G, Tq, Sk], float32
+            mask = attention_mask(segment_ids, c.sliding_window, (q0, q1), (k0, k1))
+            probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
+            outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs, v[:, k0:k1]))
+        out = jnp.concatenate(outs, axis=1).reshape(B, T, K * G, H)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax import routing
-from mixtral_jax.attention import Attention, attention_mask
+from mixtral_jax.attention import Attention
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import Embed, RMSNorm, param
 from mixtral_jax.moe import SparseMoE
@@ -40,8 +40,14 @@ class DecoderBlock(nnx.Module):
         )
         self.moe = SparseMoE(c, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, token_mask: jax.Array):
-        h = x + self.attention(self.attn_norm(x), positions, mask)
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        token_mask: jax.Array,
+    ):
+        h = x + self.attention(self.attn_norm(x), positions, segment_ids)
         out = self.moe(self.moe_norm(h), token_mask)
         return h + out.y, out
 
@@ -134,20 +140,19 @@ class Mixtral(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
-        mask = attention_mask(segment_ids, T, c.sliding_window)
 
         x = self.embed(tokens, c.compute_dtype)  # [B, T, D]
-        x, (stats, weights, experts) = self._run_layers(x, positions, mask, token_mask)
+        x, (stats, weights, experts) = self._run_layers(x, positions, segment_ids, token_mask)
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
         return ModelOutput(logits, LayerRouting(stats, weights, experts))
 
-    def _run_layers(self, x, positions, mask, token_mask):
+    def _run_layers(self, x, positions, segment_ids, token_mask):
         c = self.config
         graphdef, params = nnx.split(self.layers)
 
         def block(x, layer_params):
-            x, out = nnx.merge(graphdef, layer_params)(x, positions, mask, token_mask)
+            x, out = nnx.merge(graphdef, layer_params)(x, positions, segment_ids, token_mask)
             return x, (out.stats, out.weights, out.experts)
 
         if c.remat_policy != "none":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax.attention import attention_mask
+from mixtral_jax.attention import attention_mask, query_blocks
 from mixtral_jax.layers import RMSNorm, apply_rope
 
 
@@ -50,7 +50,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 @pytest.mark.parametrize("window", [None, 1, 3])
 def test_causal_and_sliding_window_mask(window):
-    mask = np.asarray(attention_mask(None, 6, window))[0, 0, 0]
+    mask = np.asarray(attention_mask(None, window, (0, 6), (0, 6)))[0, 0, 0]
     t, s = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
     expected = (s <= t) & ((t - s < window) if window else True)
     np.testing.assert_array_equal(mask, expected)
@@ -59,6 +59,19 @@ def test_causal_and_sliding_window_mask(window):
 
 def test_segments_do_not_see_each_other():
     segments = jnp.array([[1, 1, 2, 2, 2, 0]])
-    mask = np.asarray(attention_mask(segments, 6, None))[0, 0, 0]
+    mask = np.asarray(attention_mask(segments, None, (0, 6), (0, 6)))[0, 0, 0]
     assert mask[3, 2] and not mask[2, 1] and not mask[4, 0]
     assert not mask[5, :5].any()  # padding attends to nothing real
+
+
+@pytest.mark.parametrize("length,window", [(5, None), (1000, None), (1000, 300), (5000, 64)])
+def test_query_blocks_cover_every_allowed_pair(length, window):
+    """Every (query, key) the mask allows lies in exactly one block's ranges."""
+    blocks = query_blocks(length, window)
+    assert len(blocks) <= 8
+    covered_queries = sorted(q for (q0, q1), _ in blocks for q in range(q0, q1))
+    assert covered_queries == list(range(length))
+    for (q0, q1), (k0, k1) in blocks:
+        assert k1 == q1  # no key after the block's last query
+        first_allowed = 0 if window is None else max(0, q0 - window + 1)
+        assert k0 <= first_allowed
