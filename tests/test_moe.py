@@ -71,7 +71,7 @@ def test_layer_equals_the_numpy_loop_including_drops(
     capacity = routing.expert_capacity(S, 8, 2, capacity_factor)
     y, experts, dropped = numpy_moe(moe, x, mask, capacity)
 
-    np.testing.assert_allclose(np.asarray(out.y)[mask], y[mask], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.y)[mask], y[mask], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(float(out.stats.dropped_fraction), dropped, atol=1e-6)
     np.testing.assert_array_equal(
         np.asarray(out.experts).reshape(-1, 2)[: batch * length],
