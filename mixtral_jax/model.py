@@ -46,9 +46,11 @@ class DecoderBlock(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None,
         token_mask: jax.Array,
+        layer: jax.Array | None = None,
     ):
+        """`layer` indexes expert weights still stacked over layers (sorted dispatch)."""
         h = x + self.attention(self.attn_norm(x), positions, segment_ids)
-        out = self.moe(self.moe_norm(h), token_mask)
+        out = self.moe(self.moe_norm(h), token_mask, layer=layer)
         return h + out.y, out
 
 
@@ -149,19 +151,26 @@ class Mixtral(nnx.Module):
 
     def _run_layers(self, x, positions, segment_ids, token_mask):
         c = self.config
-        graphdef, params = nnx.split(self.layers)
+        # The sorted dispatch reads each expert's weights at [layer, expert] itself:
+        # slicing a whole layer out first would copy every expert's weights (XLA:CPU
+        # copies a dynamic slice that feeds a matmul), once more than needed.
+        keep_stacked = nnx.PathContains("experts") if c.moe_impl == "sorted" else nnx.Not(...)
+        graphdef, experts, params = nnx.split(self.layers, keep_stacked, ...)
 
-        def block(x, layer_params):
-            x, out = nnx.merge(graphdef, layer_params)(x, positions, segment_ids, token_mask)
+        def block(x, scanned):
+            layer_params, layer = scanned
+            module = nnx.merge(graphdef, experts, layer_params)
+            x, out = module(x, positions, segment_ids, token_mask, layer=layer)
             return x, (out.stats, out.weights, out.experts)
 
         if c.remat_policy != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat_policy])
+        layers = jnp.arange(c.num_layers)
         if c.scan_layers:
-            return jax.lax.scan(block, x, params)
+            return jax.lax.scan(block, x, (params, layers))
         outs = []
         for i in range(c.num_layers):
-            x, out = block(x, jax.tree.map(lambda p, i=i: p[i], params))
+            x, out = block(x, (jax.tree.map(lambda p, i=i: p[i], params), layers[i]))
             outs.append(out)
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 

@@ -64,12 +64,12 @@ class Experts(nnx.Module):
         self.w3 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, init)
         self.w2 = param(rngs, (E, F, D), ("expert", "mlp", "embed"), dt, init)
 
-    def weights(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return tuple(w[...].astype(dtype) for w in (self.w1, self.w2, self.w3))
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.w1[...], self.w2[...], self.w3[...]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]."""
-        w1, w2, w3 = self.weights(x.dtype)
+        w1, w2, w3 = (w.astype(x.dtype) for w in self.weights())
         gate = jnp.einsum("EGCD,EDF->EGCF", x, w1)
         up = jnp.einsum("EGCD,EDF->EGCF", x, w3)
         return jnp.einsum("EGCF,EFD->EGCD", jax.nn.silu(gate) * up, w2)
@@ -82,8 +82,12 @@ def sorted_experts(
     w1: jax.Array,
     w2: jax.Array,
     w3: jax.Array,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
+
+    w1/w3: [E, D, F], w2: [E, F, D]; or all with a leading layers axis [L, ...]
+    and `layer` saying which, so that only the experts used are ever sliced out.
 
     Row j of the sorted order is choice order[j] (token order[j] // k); expert
     e owns rows [start[e], start[e] + count[e]). Padding tokens sort last and
@@ -91,7 +95,7 @@ def sorted_experts(
     """
     N, D = x.shape
     k = routes.experts.shape[-1]
-    E = w1.shape[0]
+    E = w1.shape[-3]
     n = N * k
     choice_expert = jnp.where(token_mask[:, None], routes.experts, E).reshape(n)
     order = jnp.argsort(choice_expert, stable=True)  # [n]
@@ -112,7 +116,13 @@ def sorted_experts(
 
     def one_expert(e, ys):
         # e is the loop's traced index: one compiled body serves every expert.
-        w = tuple(jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for a in (w1, w2, w3))
+        index = (e,) if layer is None else (layer, e)
+        w = tuple(
+            jax.lax.dynamic_slice(a, (*index, 0, 0), (*(1,) * len(index), *a.shape[-2:]))
+            .reshape(a.shape[-2:])
+            .astype(x.dtype)
+            for a in (w1, w2, w3)
+        )
         begin = start[e]
         full, rest = count[e] // tile, count[e] % tile
 
@@ -170,8 +180,14 @@ class SparseMoE(nnx.Module):
         )
         self.experts = Experts(c, rngs=rngs)
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array) -> MoEOutput:
-        """x: [B, T, D]; token_mask: [B, T] bool, False on padding."""
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array, layer: jax.Array | None = None
+    ) -> MoEOutput:
+        """x: [B, T, D]; token_mask: [B, T] bool, False on padding.
+
+        `layer`: with the sorted dispatch, the experts' weights may still carry the
+        model's leading layers axis; `layer` selects the layer (see model.py).
+        """
         c = self.config
         B, T, D = x.shape
         num_tokens = B * T
@@ -192,7 +208,7 @@ class SparseMoE(nnx.Module):
 
         if c.moe_impl == "sorted":
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
-            y = sorted_experts(xg[0], flat, mask[0], *self.experts.weights(x.dtype))[None]
+            y = sorted_experts(xg[0], flat, mask[0], *self.experts.weights(), layer=layer)[None]
             kept = jnp.ones(routes.experts.shape, bool)
         elif c.capacity_factor is None:
             y, kept = self._dropless_dense(xg, routes, mask)
