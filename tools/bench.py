@@ -204,7 +204,7 @@ def bench_moe_layer(args, config: ModelConfig, peak: float):
         row(name, seconds, n_tokens, flops, peak, None)
         dropped = float(outs[name].stats.dropped_fraction)
         if dropped:
-            print(f"  {'':<34} dropped {100 * dropped:.1f}% of token choices")
+            print(f"  {'':<34} dropped {100 * dropped:.2f}% of token choices")
 
 
 def main(argv=None):
