@@ -14,8 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
     install_requires=[
-        "jax>=0.7",
-        "flax>=0.12",
+        "jax>=0.6.2",
+        "flax>=0.10.7",  # the last Flax for Python 3.10; 3.11+ get the newest
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "sentencepiece>=0.2",

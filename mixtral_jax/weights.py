@@ -92,15 +92,33 @@ class Slice:
     value: np.ndarray
 
 
+def _path(keys) -> Path:
+    return tuple(str(k.key) for k in keys if isinstance(k, jax.tree_util.DictKey))
+
+
+def flat_params(tree: nnx.Module | nnx.State) -> dict[Path, jax.Array]:
+    """{("layers", "moe", "gate"): array, ...} of a model's parameters (or of a State,
+    such as gradients). Written on pytree paths, so it reads any recent Flax."""
+    state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {_path(keys): leaf for keys, leaf in leaves}
+
+
+def set_params(model: nnx.Module, params: Mapping[Path, Any]) -> None:
+    """Replaces a model's parameters in place by path; paths not given are kept."""
+    state = nnx.state(model, nnx.Param)
+    state = jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: params.get(_path(keys), leaf), state
+    )
+    nnx.update(model, state)
+
+
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
     """Shapes of every parameter, by path, without allocating the model."""
     from mixtral_jax.model import Mixtral  # local: model imports nothing from here
 
     abstract = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-    return {
-        tuple(str(k) for k in path): tuple(v.shape)
-        for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
+    return {path: tuple(v.shape) for path, v in flat_params(abstract).items()}
 
 
 def as_numpy(tensor: Any) -> np.ndarray:
@@ -261,11 +279,7 @@ def load_hub_weights(model: nnx.Module, tensors: Iterable[tuple[str, Any]]) -> N
     """Replaces a model's parameters with the checkpoint's (cast to the config's param dtype)."""
     config: ModelConfig = model.config
     params = params_from_hub(tensors, config)
-    state = nnx.state(model, nnx.Param)
-    for path, variable in nnx.to_flat_state(state):
-        key = tuple(str(k) for k in path)
-        variable.set_value(jax.numpy.asarray(params[key], dtype=config.weight_dtype))
-    nnx.update(model, state)
+    set_params(model, {p: jax.numpy.asarray(v, config.weight_dtype) for p, v in params.items()})
 
 
 def from_hub_state_dict(state_dict: Mapping[str, Any], config: ModelConfig) -> nnx.Module:
