@@ -23,15 +23,7 @@ def hf_twin(config: ModelConfig, seed: int = 0, init_std: float = 0.1):
     transposed tensor shows in the output.
     """
     torch, transformers = torch_and_transformers()
-    hf_config = transformers.MixtralConfig(
-        **{
-            k: v
-            for k, v in config.to_hf().items()
-            if k not in ("architectures", "model_type", "rope_theta")
-        },
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        attn_implementation="eager",
-    )
+    hf_config = transformers.MixtralConfig(**config.to_hf(), attn_implementation="eager")
     hf_config.initializer_range = init_std
     torch.manual_seed(seed)
     hf = transformers.MixtralForCausalLM(hf_config).eval()

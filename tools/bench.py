@@ -114,14 +114,7 @@ def header(title: str):
 
 def hf_model(config: ModelConfig, init_std: float, seed: int):
     torch, transformers = torch_or_none()
-    hf_config = transformers.MixtralConfig(
-        **{
-            k: v
-            for k, v in config.to_hf().items()
-            if k not in ("architectures", "model_type", "rope_theta")
-        },
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-    )
+    hf_config = transformers.MixtralConfig(**config.to_hf())
     hf_config.initializer_range = init_std
     torch.manual_seed(seed)
     return transformers.MixtralForCausalLM(hf_config).eval()
