@@ -154,12 +154,13 @@ class Mixtral(nnx.Module):
         # The sorted dispatch reads each expert's weights at [layer, expert] itself:
         # slicing a whole layer out first would copy every expert's weights (XLA:CPU
         # copies a dynamic slice that feeds a matmul), once more than needed.
-        keep_stacked = nnx.PathContains("experts") if c.moe_impl == "sorted" else nnx.Not(...)
-        graphdef, experts, params = nnx.split(self.layers, keep_stacked, ...)
+        nothing = nnx.Not(...)
+        keep_stacked = nnx.PathContains("experts") if c.moe_impl == "sorted" else nothing
+        graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
 
         def block(x, scanned):
             layer_params, layer = scanned
-            module = nnx.merge(graphdef, experts, layer_params)
+            module = nnx.merge(graphdef, stacked, layer_params)
             x, out = module(x, positions, segment_ids, token_mask, layer=layer)
             return x, (out.stats, out.weights, out.experts)
 
