@@ -28,7 +28,7 @@ import dataclasses
 import json
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,26 @@ class SafetensorsFile:
             self.path, dtype=np.uint8, mode="r", offset=self.start + begin, shape=(end - begin,)
         )
         return data.view(dtype).reshape(entry["shape"])
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes a .safetensors file (the format read by `SafetensorsFile`)."""
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for key, value in tensors.items():
+        header[key] = {
+            "dtype": names[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + value.nbytes],
+        }
+        offset += value.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for value in tensors.values():
+            f.write(np.ascontiguousarray(value).tobytes())
 
 
 def torch_load(path: Path) -> dict[str, Any]:

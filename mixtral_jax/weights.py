@@ -264,15 +264,20 @@ def _unit_indices(s: Slice, shapes: Mapping[Path, tuple[int, ...]]):
     return [(s.path, s.index + rest) for rest in np.ndindex(*extra)]
 
 
+def slice_to_hub(rule: Rule, value: np.ndarray) -> np.ndarray:
+    """One parameter slice in the Hub's layout (the inverse of `hub_to_slices`)."""
+    value = np.asarray(value)
+    if rule.in_dims is not None:
+        value = value.reshape(_hub_shape(rule, value.shape)[::-1]).T
+    return np.ascontiguousarray(value)
+
+
 def params_to_hub(
     params: Mapping[Path, np.ndarray], config: ModelConfig
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Hub-layout (key, tensor) pairs from full parameter arrays, in Hub key order."""
     for key, rule, index in hub_keys(config):
-        value = np.asarray(params[rule.path][index])
-        if rule.in_dims is not None:
-            value = value.reshape(_hub_shape(rule, value.shape)[::-1]).T
-        yield key, np.ascontiguousarray(value)
+        yield key, slice_to_hub(rule, params[rule.path][index])
 
 
 def load_hub_weights(model: nnx.Module, tensors: Iterable[tuple[str, Any]]) -> None:

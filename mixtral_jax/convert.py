@@ -1,0 +1,227 @@
+"""PyTorch checkpoints -> mixtral_jax checkpoints (and back), streaming and atomic.
+
+The CLI is `tools/convert.py`; these functions do the work. A conversion writes
+into a temporary directory beside the output and renames it into place only
+when complete and (optionally) verified, so a crash, an error or Ctrl-C never
+leaves something that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mixtral_jax import checkpoint, sources, weights
+from mixtral_jax.config import ModelConfig
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+class ConvertError(ValueError):
+    """Bad arguments for a conversion (existing output, unknown dtype ...)."""
+
+
+class Progress:
+    """A one-line progress report on stderr: bytes done of total, rate, tensors."""
+
+    def __init__(self, total_bytes: int, label: str, stream=sys.stderr):
+        self.total, self.label, self.stream = total_bytes, label, stream
+        self.done = self.tensors = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        self.tensors += 1
+        if time.perf_counter() - self.last > 0.5:
+            self._show()
+
+    def finish(self) -> None:
+        self.done = self.total  # file headers are not tensors: the last bytes read
+        self._show()
+        self.stream.write("\n")
+
+    def _show(self) -> None:
+        now = self.last = time.perf_counter()
+        pct = 100 * self.done / max(self.total, 1)
+        rate = self.done / max(now - self.start, 1e-9) / 1e9
+        self.stream.write(
+            f"\r{self.label}: {pct:5.1f}% {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, "
+            f"{rate:.2f} GB/s, {self.tensors} tensors"
+        )
+        self.stream.flush()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@contextlib.contextmanager
+def staged_output(output: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory that becomes `output` only if the block succeeds."""
+    if output.exists() and not force:
+        raise ConvertError(f"{output} already exists; pass --force to replace it")
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+
+
+def convert(
+    source_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    verify: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Converts a Hugging Face / Mistral / mistral-inference checkpoint. Returns a summary."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    source = sources.open_source(source_dir)
+    config = source.config.replace(param_dtype=dtype, dtype=dtype)
+    output = Path(output_dir)
+    stream = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115
+    with staged_output(output, force) as staging:
+        progress = Progress(source.num_bytes, f"converting {source.layout}", stream)
+        count = _write(source, config, staging, dtype, progress)
+        progress.finish()
+        checkpoint.write_config(staging, config, dtype)
+        tokenizer = Path(source_dir) / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copy(tokenizer, staging / "tokenizer.model")
+        summary = {
+            "layout": source.layout,
+            "parameters": count,
+            "bytes": count * np.dtype(_np_dtype(dtype)).itemsize,
+            "seconds": progress.seconds,
+            "gb_per_s": source.num_bytes / max(progress.seconds, 1e-9) / 1e9,
+        }
+        if verify:
+            summary["verified_tensors"] = verify_against_source(staging, source, dtype)
+    if not quiet:
+        print(
+            f"wrote {output}: {summary['parameters'] / 1e9:.3f} B parameters, "
+            f"{summary['bytes'] / 1e9:.2f} GB {dtype}, {summary['seconds']:.1f} s, "
+            f"{summary['gb_per_s']:.2f} GB/s read"
+            + (f"; verified {summary['verified_tensors']} tensors bit for bit" if verify else "")
+        )
+    return summary
+
+
+def _np_dtype(dtype: str):
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _write(
+    source: sources.Source, config: ModelConfig, directory: Path, dtype: str, progress: Progress
+) -> int:
+    shapes = weights.param_shapes(config)
+    writer = checkpoint.LayerWriter(directory, config, _np_dtype(dtype))
+    seen: dict = {}
+    count = 0
+    for key, tensor in source.tensors():
+        for s in weights.hub_to_slices(key, tensor, config, shapes):
+            for unit in weights._unit_indices(s, shapes):
+                if unit in seen:
+                    raise weights.WeightError(
+                        f"{key}: the same weights were already given by {seen[unit]}"
+                    )
+                seen[unit] = key
+            writer.add(s.path, s.index, s.value)
+            count += s.value.size
+        progress.update(tensor.nbytes)
+    missing = [
+        k
+        for k, rule, index in weights.hub_keys(config)
+        if not all(
+            u in seen for u in weights._unit_indices(weights.Slice(rule.path, index, None), shapes)
+        )
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise weights.WeightError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    writer.finish()
+    return count
+
+
+def verify_against_source(directory: Path, source: sources.Source, dtype: str) -> int:
+    """Re-reads the written checkpoint and compares every tensor with the source, exactly
+    (after casting the source to `dtype`). Returns the number of tensors compared."""
+    config = source.config.replace(param_dtype=dtype, dtype=dtype)
+    shapes = weights.param_shapes(config)
+    cached_layer, cached = None, None
+    other = checkpoint.read_other(directory)
+    compared = 0
+    for key, tensor in source.tensors():
+        for s in weights.hub_to_slices(key, tensor, config, shapes):
+            if s.path[0] == "layers":
+                layer = s.index[0]
+                if layer != cached_layer:
+                    cached = checkpoint.read_layer(directory, layer)
+                    cached_layer = layer
+                stored = cached[s.path][s.index[1:]]
+            else:
+                stored = other[s.path]
+            expected = np.ascontiguousarray(np.asarray(s.value).astype(_np_dtype(dtype)))
+            stored = np.ascontiguousarray(stored)
+            if stored.shape != expected.shape or stored.tobytes() != expected.tobytes():
+                raise checkpoint.CheckpointError(
+                    f"verification failed: {key} differs in the written checkpoint"
+                )
+            compared += 1
+    return compared
+
+
+def export_hf(
+    checkpoint_dir: str | Path, output_dir: str | Path, force: bool = False, quiet: bool = False
+) -> None:
+    """Writes Hub-layout safetensors shards (one per layer) and config.json."""
+    import json
+
+    config, dtype = checkpoint.read_config(checkpoint_dir)
+    output = Path(output_dir)
+    rules = {}
+    for key, rule, index in weights.hub_keys(config):
+        rules.setdefault(index[0] if rule.path[0] == "layers" else None, []).append(
+            (key, rule, index)
+        )
+    n = config.num_layers + 1
+    with staged_output(output, force) as staging:
+        weight_map = {}
+        for i, (layer, params) in enumerate(checkpoint.read_layers(checkpoint_dir)):
+            tensors = {}
+            for key, rule, index in rules[layer]:
+                value = params[rule.path]
+                tensors[key] = weights.slice_to_hub(
+                    rule, value[index[1:]] if layer is not None else value
+                )
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            sources.write_safetensors(staging / name, tensors)
+            weight_map.update(dict.fromkeys(tensors, name))
+        index = {"metadata": {"format": "pt"}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config = config.to_hf() | {"torch_dtype": dtype, "dtype": dtype}
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+        tokenizer = Path(checkpoint_dir) / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copy(tokenizer, staging / "tokenizer.model")
+    if not quiet:
+        print(f"wrote {output} ({n} safetensors shards)")

@@ -1,0 +1,177 @@
+"""tools/convert.py end to end: every layout to a checkpoint with the reference's logits,
+back to the Hub bit for bit, and every bad input refused with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mixtral_jax import checkpoint, convert
+from mixtral_jax.sources import SafetensorsFile, SourceError
+from mixtral_jax.weights import WeightError, flat_params
+from tests.reference import hf_forward, hf_twin
+from tests.test_sources import CONFIG, LAYOUTS, hub_tensors, random_hub, write_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out")))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_converted_checkpoint_gives_the_reference_logits(tmp_path, layout):
+    hf, _ = hf_twin(CONFIG, seed=4)
+    src = write_layout(tmp_path, layout, hub_tensors(hf))
+    summary = convert.convert(src, tmp_path / "out", dtype="float32", verify=True, quiet=True)
+    assert summary["verified_tensors"] > 0
+
+    model = checkpoint.load(tmp_path / "out")
+    tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 21))
+    ref_logits, _, _ = hf_forward(hf, tokens)
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref_logits).max() <= 1e-4
+
+
+def test_hub_to_checkpoint_to_hub_is_bit_exact_in_bfloat16(tmp_path):
+    hub = {k: v.astype(ml_dtypes.bfloat16) for k, v in random_hub().items()}
+    src = write_layout(tmp_path, "hf-safetensors", hub)
+    (src / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    convert.convert(src, tmp_path / "out", dtype="bfloat16", quiet=True)
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    convert.export_hf(tmp_path / "out", tmp_path / "hf", quiet=True)
+
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hub)
+    back = {}
+    for name in set(index["weight_map"].values()):
+        f = SafetensorsFile(tmp_path / "hf" / name)
+        back.update({k: f.get(k) for k in f.entries})
+    for key, value in hub.items():
+        assert back[key].dtype == value.dtype
+        np.testing.assert_array_equal(back[key].view(np.uint16), value.view(np.uint16), key)
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+@pytest.mark.parity
+def test_exported_weights_load_in_transformers(tmp_path):
+    hf, model = hf_twin(CONFIG, seed=9)
+    checkpoint.save(tmp_path / "ck", flat_params(model), CONFIG, dtype="float32")
+    convert.export_hf(tmp_path / "ck", tmp_path / "hf", quiet=True)
+    import transformers
+
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager"
+    ).eval()
+    original = hf.state_dict()
+    for key, value in reloaded.state_dict().items():
+        assert (value == original[key]).all(), key
+    tokens = np.random.RandomState(2).randint(0, CONFIG.vocab_size, (1, 17))
+    a, _, _ = hf_forward(hf, tokens)
+    b, _, _ = hf_forward(reloaded, tokens)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_existing_output_needs_force(tmp_path):
+    src = write_layout(tmp_path, "hf-safetensors", random_hub())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(convert.ConvertError, match="already exists; pass --force"):
+        convert.convert(src, tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    convert.convert(src, tmp_path / "out", force=True, quiet=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    checkpoint.read_config(tmp_path / "out")
+
+
+def _break(kind: str, d: Path) -> None:
+    if kind == "missing tensor":
+        f = SafetensorsFile(d / "model.safetensors")
+        tensors = {k: f.get(k) for k in f.entries if "experts.5.w3" not in k or "layers.1" not in k}
+        from mixtral_jax.sources import write_safetensors
+
+        write_safetensors(d / "model.safetensors", {k: np.array(v) for k, v in tensors.items()})
+    elif kind == "wrong shape":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["intermediate_size"] += 8
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif kind == "truncated":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:-64])
+    elif kind == "unexpected tensor":
+        f = SafetensorsFile(d / "model.safetensors")
+        tensors = {k: np.array(f.get(k)) for k in f.entries}
+        tensors["model.layers.0.mlp.shared_expert.weight"] = np.zeros(4, np.float32)
+        from mixtral_jax.sources import write_safetensors
+
+        write_safetensors(d / "model.safetensors", tensors)
+
+
+@pytest.mark.parametrize(
+    "kind,error,message",
+    [
+        (
+            "missing tensor",
+            WeightError,
+            r"missing 1 tensor\(s\): model\.layers\.1\.block_sparse_moe\.experts\.5\.w3\.weight",
+        ),
+        ("wrong shape", WeightError, r"does not match the config"),
+        ("truncated", SourceError, r"model\.safetensors: tensor .* lies past the end"),
+        ("unexpected tensor", WeightError, r"unexpected tensor 'model\.layers\.0\.mlp\.shared"),
+    ],
+)
+def test_bad_sources_fail_and_leave_nothing_behind(tmp_path, kind, error, message):
+    src = write_layout(tmp_path, "hf-safetensors", random_hub())
+    _break(kind, src)
+    with pytest.raises(error, match=message):
+        convert.convert(src, tmp_path / "out", quiet=True)
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_reports_errors_with_a_nonzero_exit_and_no_output(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), str(empty), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "unknown checkpoint layout" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_converts_and_summarises(tmp_path):
+    src = write_layout(tmp_path, "mistral-inference", random_hub())
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert.py"),
+            str(src),
+            str(tmp_path / "out"),
+            "--dtype",
+            "float32",
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert " parameters, " in result.stdout and "verified" in result.stdout
+    assert "converting mistral-inference: 100.0%" in result.stderr
+    config, dtype = checkpoint.read_config(tmp_path / "out")
+    assert dtype == "float32" and config.num_layers == CONFIG.num_layers
+
+
+def test_not_a_checkpoint_is_named():
+    with pytest.raises(checkpoint.CheckpointError, match="not a mixtral_jax checkpoint"):
+        checkpoint.load(ROOT / "configs")
