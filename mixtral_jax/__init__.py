@@ -8,8 +8,9 @@ Example:
   >>> logits = model(tokens)  # int [B, T] -> [B, T, V]
 """
 
+from mixtral_jax.checkpoint import load, load_tokenizer
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.model import Mixtral, ModelOutput
 
-__all__ = ["ConfigError", "Mixtral", "ModelConfig", "ModelOutput"]
+__all__ = ["ConfigError", "Mixtral", "ModelConfig", "ModelOutput", "load", "load_tokenizer"]
 __version__ = "0.1.0"

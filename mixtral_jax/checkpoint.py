@@ -192,14 +192,17 @@ def read_layers(directory: str | Path) -> Iterator[tuple[int | None, dict[ParamP
 def load(
     directory: str | Path,
     dtype: Any = None,
-    shardings: Mapping[ParamPath, jax.sharding.Sharding] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
 ) -> nnx.Module:
     """The model stored in `directory`, parameters cast to `dtype` (default: as stored).
 
-    `shardings` (by parameter path, e.g. from the mesh rules) places each array;
-    each layer is restored straight into its sharding and written into the
-    stacked parameter on the devices, so no host ever holds the whole model.
+    With a `mesh`, every parameter is placed by the logical-axis `rules`
+    (default `sharding.DEFAULT_RULES`): each layer is restored straight into its
+    sharding and written into the stacked parameter on the devices, so no host
+    ever holds the whole model.
     """
+    from mixtral_jax import sharding as sharding_rules
     from mixtral_jax.model import Mixtral
 
     directory = Path(directory)
@@ -208,6 +211,12 @@ def load(
     config = config.replace(param_dtype=dtype.name)
     shapes = param_shapes(config)
     checkpointer = ocp.StandardCheckpointer()
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    shardings = None
+    if mesh is not None:
+        shardings = sharding_rules.param_shardings(
+            model, mesh, rules or sharding_rules.DEFAULT_RULES
+        )
 
     def sharding(path: ParamPath, drop_layers: bool):
         if shardings is None:
@@ -250,7 +259,18 @@ def load(
         for p in layer_paths:
             stacked[p] = put(stacked[p], values[p], layer)
     params.update(stacked)
-
-    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
     set_params(model, params)
     return model
+
+
+def load_tokenizer(directory: str | Path):
+    """The sentencepiece tokenizer stored with a checkpoint (`tokenizer.model`)."""
+    import sentencepiece
+
+    path = Path(directory) / "tokenizer.model"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no tokenizer.model; copy the one from the original download "
+            "next to the checkpoint (tools/convert.py does when the source has one)"
+        )
+    return sentencepiece.SentencePieceProcessor(model_file=str(path))

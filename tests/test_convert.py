@@ -175,3 +175,56 @@ def test_cli_converts_and_summarises(tmp_path):
 def test_not_a_checkpoint_is_named():
     with pytest.raises(checkpoint.CheckpointError, match="not a mixtral_jax checkpoint"):
         checkpoint.load(ROOT / "configs")
+
+
+MESH_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import mixtral_jax
+assert len(jax.devices()) == 8
+auto = (jax.sharding.AxisType.Auto,) * 3
+mesh = jax.make_mesh((2, 2, 2), ("fsdp", "tensor", "expert"), axis_types=auto)
+model = mixtral_jax.load(sys.argv[1], mesh=mesh)
+w1 = model.layers.moe.experts.w1[...]
+tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 200)
+print(json.dumps({
+    "w1_spec": [str(a) for a in w1.sharding.spec],
+    "w1_shard_shape": list(w1.addressable_shards[0].data.shape),
+    "logits": np.asarray(model(tokens)).tolist(),
+}))
+"""
+
+
+def test_load_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
+    """8 virtual CPU devices (a subprocess: the flag must precede jax's import)."""
+    import os
+
+    from flax import nnx
+
+    from mixtral_jax import Mixtral
+
+    model = Mixtral(CONFIG, rngs=nnx.Rngs(5))
+    checkpoint.save(tmp_path / "ck", flat_params(model), CONFIG)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # w1 [L, E, D, F] = ("layers", "expert", "embed", "mlp") -> (None, expert, fsdp, tensor)
+    assert out["w1_spec"] == ["None", "expert", "fsdp", "tensor"]
+    L, E, D, F = CONFIG.num_layers, CONFIG.num_experts, CONFIG.hidden_size, CONFIG.intermediate_size
+    assert out["w1_shard_shape"] == [L, E // 2, D // 2, F // 2]
+    tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 200)
+    np.testing.assert_allclose(np.array(out["logits"]), model(tokens), atol=1e-5)
+
+
+def test_tokenizer_is_loaded_when_present(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="has no tokenizer.model"):
+        checkpoint.load_tokenizer(tmp_path)
