@@ -89,6 +89,22 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
     return ModelConfig.from_dict(meta["config"]), meta["dtype"]
 
 
+def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = np.empty(value.shape, dtype)
+    _copy_into(out, (), value)
+    return out
+
+
+def _copy_into(buffer: np.ndarray, index: tuple[int, ...], value: np.ndarray) -> None:
+    """buffer[index] = value. Same-dtype copies go through integer views: numpy's
+    strided (transposing) copy of bfloat16 is many times slower than of uint16."""
+    if value.dtype == buffer.dtype:
+        bits = np.dtype(f"u{buffer.dtype.itemsize}")
+        buffer.view(bits)[index] = value.view(bits)
+    else:
+        buffer[index] = value.astype(buffer.dtype)
+
+
 class LayerWriter:
     """Receives parameter slices in any order; writes each layer once it is complete.
 
@@ -107,9 +123,9 @@ class LayerWriter:
         self.written: set[int] = set()
 
     def add(self, path: ParamPath, index: tuple[int, ...], value: np.ndarray) -> None:
-        value = np.asarray(value).astype(self.dtype)
+        value = np.asarray(value)
         if path[0] != "layers":
-            self.other[path] = value
+            self.other[path] = _cast(value, self.dtype)
             return
         layer, rest = index[0], index[1:]
         if layer in self.written:
@@ -122,7 +138,7 @@ class LayerWriter:
             self.filled.setdefault(layer, {})[path] = np.zeros(
                 self.shapes[path][1 : 1 + self._expert_dims(path)], bool
             )
-        params[path][rest] = value
+        _copy_into(params[path], rest, value)
         self.filled[layer][path][rest] = True
         if self._complete(layer):
             _save_tree(layer_dir(self.directory, layer), params)

@@ -114,7 +114,7 @@ def convert(
             summary["verified_tensors"] = verify_against_source(staging, source, dtype)
     if not quiet:
         print(
-            f"wrote {output}: {summary['parameters'] / 1e9:.3f} B parameters, "
+            f"wrote {output}: {summary['parameters']:,} parameters, "
             f"{summary['bytes'] / 1e9:.2f} GB {dtype}, {summary['seconds']:.1f} s, "
             f"{summary['gb_per_s']:.2f} GB/s read"
             + (f"; verified {summary['verified_tensors']} tensors bit for bit" if verify else "")
