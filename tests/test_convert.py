@@ -228,3 +228,45 @@ def test_load_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
 def test_tokenizer_is_loaded_when_present(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="has no tokenizer.model"):
         checkpoint.load_tokenizer(tmp_path)
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path):
+    import signal
+    import time
+
+    src = tmp_path / "synthetic"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "synthetic_checkpoint.py"),
+            str(src),
+            "--layers",
+            "40",
+            "--hidden",
+            "256",
+            "--vocab",
+            "512",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), str(src), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    staging = []
+    for _ in range(300):  # wait until the conversion has started writing
+        staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+        if staging and (staging[0] / "params").exists():
+            break
+        time.sleep(0.05)
+    assert staging, "conversion never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: nothing was written" in err
+    assert leftovers(tmp_path) == []
