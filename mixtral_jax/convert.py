@@ -73,11 +73,22 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         raise
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
+
+
+def _remove(directory: Path, patience_s: float = 30.0) -> None:
+    """Deletes `directory`, again until it stays gone: an interrupted Orbax save may
+    still be finishing a write from its background thread."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(directory, ignore_errors=True)
+        time.sleep(0.2)
+        if not directory.exists() or time.monotonic() > deadline:
+            return
 
 
 def convert(
