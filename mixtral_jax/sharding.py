@@ -53,6 +53,8 @@ def param_shardings(
     shapes = {p: v.shape for p, v in _shapes(model).items()}
     out = {}
     for path, names in logical_axes(model).items():
+        if len(names) == len(shapes[path]) - 1 and path[0] == "layers":
+            names = ("layers", *names)  # Flax 0.10's vmap records the stack axis elsewhere
         spec, used = [], set()
         for name, size in zip(names, shapes[path], strict=True):
             axis = table.get(name) if name else None
