@@ -1,17 +1,18 @@
-"""Orbax checkpoints of the model, written a layer at a time and loaded into any mesh.
+"""Orbax checkpoints of the model, written a piece at a time and loaded into any mesh.
 
 A checkpoint directory holds:
 
-    mixtral_config.json     the ModelConfig, the parameter dtype and a format tag
-    params/other/           Orbax checkpoint: embed, final_norm, lm_head
-    params/layer_00000/     Orbax checkpoint: one decoder layer (attention, norms, moe)
+    mixtral_config.json             the ModelConfig, the parameter dtype, a format tag
+    params/other/                   Orbax checkpoint: embed, final_norm, lm_head
+    params/layer_00000/rest/        Orbax checkpoint: attention, norms, router of layer 0
+    params/layer_00000/expert_000/  Orbax checkpoint: w1, w2, w3 of expert 0 of layer 0
     ...
-    tokenizer.model         when the source had one
+    tokenizer.model                 when the source had one
 
-One Orbax checkpoint per layer is what keeps conversion within one layer of
-memory: the model's parameters are stacked over layers [L, ...], but no stacked
-array is ever built on the host. Loading stacks the layers on the devices, one
-layer at a time, each restored straight into its sharding.
+Small Orbax checkpoints are what keep conversion within about one expert of
+memory: the model's parameters are stacked [L, E, ...], but no stacked array is
+ever built on the host. Loading writes each piece, restored straight into its
+sharding, into the stacked parameters on the devices.
 """
 
 from __future__ import annotations
@@ -105,11 +106,22 @@ def _copy_into(buffer: np.ndarray, index: tuple[int, ...], value: np.ndarray) ->
         buffer[index] = value.astype(buffer.dtype)
 
 
-class LayerWriter:
-    """Receives parameter slices in any order; writes each layer once it is complete.
+def is_expert(path: ParamPath) -> bool:
+    return path[:3] == ("layers", "moe", "experts")
 
-    Memory: the layers in progress (one, for sources stored layer by layer, as
-    every published checkpoint is) plus embed/final_norm/lm_head, written last.
+
+def piece_dir(directory: Path, layer: int, expert: int | None) -> Path:
+    """Where a layer's piece lives: one per expert (w1, w2, w3) and one for the rest."""
+    return layer_dir(directory, layer) / ("rest" if expert is None else f"expert_{expert:03d}")
+
+
+class LayerWriter:
+    """Receives parameter slices in any order; writes each piece once it is complete.
+
+    A layer is stored as E + 1 pieces, one per expert and one for attention,
+    norms and router. Hub checkpoints list each expert's w1/w2/w3 together, so
+    memory holds about one expert at a time, not the layer (Mistral's original
+    release stacks all experts in one tensor: there it is one layer).
     """
 
     def __init__(self, directory: Path, config: ModelConfig, dtype: Any):
@@ -117,48 +129,49 @@ class LayerWriter:
         self.config = config
         self.dtype = np.dtype(dtype)
         self.shapes = param_shapes(config)
-        self.pending: dict[int, dict[ParamPath, np.ndarray]] = {}
-        self.filled: dict[int, dict[ParamPath, np.ndarray]] = {}  # [experts] mask per param
+        expert_paths = {p for p in self.shapes if is_expert(p)}
+        self.expected = {
+            None: expert_paths,  # an expert piece
+            "rest": {p for p in self.shapes if p[0] == "layers" and p not in expert_paths},
+        }
+        self.pending: dict[tuple[int, int | None], dict[ParamPath, np.ndarray]] = {}
         self.other: dict[ParamPath, np.ndarray] = {}
-        self.written: set[int] = set()
+        self.written: set[tuple[int, int | None]] = set()
 
     def add(self, path: ParamPath, index: tuple[int, ...], value: np.ndarray) -> None:
         value = np.asarray(value)
         if path[0] != "layers":
             self.other[path] = _cast(value, self.dtype)
-            return
-        layer, rest = index[0], index[1:]
-        if layer in self.written:
+        elif is_expert(path) and len(index) == 1:  # all experts of a layer at once
+            for expert, part in enumerate(value):
+                self.add(path, (index[0], expert), part)
+        else:
+            self._add_to_piece(index[0], index[1] if is_expert(path) else None, path, value)
+
+    def _add_to_piece(self, layer: int, expert: int | None, path: ParamPath, value) -> None:
+        key = (layer, expert)
+        if key in self.written:
             raise CheckpointError(
-                f"layer {layer}: {'.'.join(path)} given again after the layer was written"
+                f"layer {layer}: {'.'.join(path)} given again after it was written"
             )
-        params = self.pending.setdefault(layer, {})
-        if path not in params:
-            params[path] = np.zeros(self.shapes[path][1:], self.dtype)
-            self.filled.setdefault(layer, {})[path] = np.zeros(
-                self.shapes[path][1 : 1 + self._expert_dims(path)], bool
-            )
-        _copy_into(params[path], rest, value)
-        self.filled[layer][path][rest] = True
-        if self._complete(layer):
-            _save_tree(layer_dir(self.directory, layer), params)
-            del self.pending[layer], self.filled[layer]
-            self.written.add(layer)
-
-    def _expert_dims(self, path: ParamPath) -> int:
-        return 1 if path[:3] == ("layers", "moe", "experts") else 0
-
-    def _complete(self, layer: int) -> bool:
-        layer_paths = [p for p in self.shapes if p[0] == "layers"]
-        return all(p in self.pending[layer] and self.filled[layer][p].all() for p in layer_paths)
+        piece = self.pending.setdefault(key, {})
+        piece[path] = _cast(value, self.dtype)
+        if set(piece) == self.expected[None if expert is not None else "rest"]:
+            _save_tree(piece_dir(self.directory, layer, expert), piece)
+            del self.pending[key]
+            self.written.add(key)
 
     def finish(self) -> None:
-        missing_layers = sorted(set(range(self.config.num_layers)) - self.written)
+        experts = [None, *range(self.config.num_experts)]
+        missing = [
+            (layer, e)
+            for layer in range(self.config.num_layers)
+            for e in experts
+            if (layer, e) not in self.written
+        ]
         missing_other = [p for p in self.shapes if p[0] != "layers" and p not in self.other]
-        if missing_layers or missing_other:
-            raise CheckpointError(
-                f"incomplete source: layers {missing_layers} and {missing_other} never filled"
-            )
+        if missing or missing_other:
+            raise CheckpointError(f"incomplete source: never filled {missing[:5]} {missing_other}")
         _save_tree(self.directory / "params" / "other", self.other)
 
 
@@ -182,11 +195,22 @@ def save(
 
 
 def read_layer(directory: str | Path, layer: int) -> dict[ParamPath, np.ndarray]:
-    """One layer's parameters {("layers", ...): array [...]} on the host."""
-    path = layer_dir(Path(directory), layer)
-    if not path.is_dir():
-        raise CheckpointError(f"{directory}: layer {layer} is missing ({path})")
-    return _flatten(ocp.StandardCheckpointer().restore(path.absolute()))
+    """One layer's parameters {("layers", ...): array [...]} on the host, experts stacked."""
+    directory = Path(directory)
+    config, _ = read_config(directory)
+    checkpointer = ocp.StandardCheckpointer()
+
+    def restore(expert):
+        path = piece_dir(directory, layer, expert)
+        if not path.is_dir():
+            raise CheckpointError(f"{directory}: layer {layer} is incomplete ({path} is missing)")
+        return _flatten(checkpointer.restore(path.absolute()))
+
+    params = restore(None)
+    experts = [restore(e) for e in range(config.num_experts)]
+    for path in experts[0]:
+        params[path] = np.stack([e[path] for e in experts])
+    return params
 
 
 def read_other(directory: str | Path) -> dict[ParamPath, np.ndarray]:
@@ -234,46 +258,44 @@ def load(
             model, mesh, rules or sharding_rules.DEFAULT_RULES
         )
 
-    def sharding(path: ParamPath, drop_layers: bool):
+    def sharding(path: ParamPath, drop: int = 0):
+        """The parameter's sharding, without its first `drop` axes (layers, expert)."""
         if shardings is None:
             return None
         s = shardings[path]
-        if drop_layers and isinstance(s, jax.sharding.NamedSharding):
-            return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
-        return s
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[drop:]))
 
-    def abstract(paths, drop_layers):
+    def abstract(paths, drop):
         return _nest(
             {
-                p: jax.ShapeDtypeStruct(
-                    shapes[p][1:] if drop_layers else shapes[p],
-                    dtype,
-                    sharding=sharding(p, drop_layers),
-                )
+                p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=sharding(p, drop))
                 for p in paths
             }
         )
 
-    layer_paths = [p for p in shapes if p[0] == "layers"]
-    other_paths = [p for p in shapes if p[0] != "layers"]
-    params = _flatten(
-        checkpointer.restore(
-            (directory / "params" / "other").absolute(), abstract(other_paths, False)
-        )
-    )
-
-    def zeros(p):
-        return jnp.zeros(shapes[p], dtype, device=sharding(p, False))
-
-    put = jax.jit(lambda stacked, value, i: stacked.at[i].set(value), donate_argnums=0)
-    stacked = {p: zeros(p) for p in layer_paths}
-    for layer in range(config.num_layers):
-        path = layer_dir(directory, layer)
+    def restore(path: Path, target):
         if not path.is_dir():
-            raise CheckpointError(f"{directory}: layer {layer} is missing ({path})")
-        values = _flatten(checkpointer.restore(path.absolute(), abstract(layer_paths, True)))
-        for p in layer_paths:
+            raise CheckpointError(f"{directory}: {path} is missing; the checkpoint is incomplete")
+        return _flatten(checkpointer.restore(path.absolute(), target))
+
+    expert_paths = [p for p in shapes if is_expert(p)]
+    rest_paths = [p for p in shapes if p[0] == "layers" and not is_expert(p)]
+    other_paths = [p for p in shapes if p[0] != "layers"]
+    params = restore(directory / "params" / "other", abstract(other_paths, 0))
+
+    # Written in place on the devices (donated), piece by piece.
+    put = jax.jit(lambda stacked, value, i: stacked.at[i].set(value), donate_argnums=0)
+    stacked = {
+        p: jnp.zeros(shapes[p], dtype, device=sharding(p)) for p in expert_paths + rest_paths
+    }
+    for layer in range(config.num_layers):
+        values = restore(piece_dir(directory, layer, None), abstract(rest_paths, 1))
+        for p in rest_paths:
             stacked[p] = put(stacked[p], values[p], layer)
+        for expert in range(config.num_experts):
+            values = restore(piece_dir(directory, layer, expert), abstract(expert_paths, 2))
+            for p in expert_paths:
+                stacked[p] = put(stacked[p], values[p], (layer, expert))
     params.update(stacked)
     set_params(model, params)
     return model
