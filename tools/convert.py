@@ -7,7 +7,7 @@ SOURCE_DIR is a Hugging Face download (config.json + model*.safetensors or
 pytorch_model*.bin), Mistral's original release (params.json +
 consolidated.NN.pt) or a mistral-inference directory (params.json +
 consolidated.safetensors); the layout is detected. Tensors are read lazily and
-written a layer at a time; the output appears only when complete.
+written an expert at a time; the output appears only when complete.
 """
 
 from __future__ import annotations
