@@ -144,31 +144,15 @@ def _write(
 ) -> int:
     shapes = weights.param_shapes(config)
     writer = checkpoint.LayerWriter(directory, config, _np_dtype(dtype))
-    seen: dict = {}
+    coverage = weights.Coverage(config, shapes)
     count = 0
     for key, tensor in source.tensors():
         for s in weights.hub_to_slices(key, tensor, config, shapes):
-            for unit in weights._unit_indices(s, shapes):
-                if unit in seen:
-                    raise weights.WeightError(
-                        f"{key}: the same weights were already given by {seen[unit]}"
-                    )
-                seen[unit] = key
+            coverage.add(key, s)
             writer.add(s.path, s.index, s.value)
             count += s.value.size
         progress.update(tensor.nbytes)
-    missing = [
-        k
-        for k, rule, index in weights.hub_keys(config)
-        if not all(
-            u in seen for u in weights._unit_indices(weights.Slice(rule.path, index, None), shapes)
-        )
-    ]
-    if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise weights.WeightError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    coverage.check()
     writer.finish()
     return count
 

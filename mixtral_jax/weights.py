@@ -224,6 +224,40 @@ def hub_keys(config: ModelConfig) -> Iterator[tuple[str, Rule, tuple[int, ...]]]
                 yield rule.hub_key.format(layer=layer, expert=expert), rule, index
 
 
+class Coverage:
+    """Which parameter units (param, layer[, expert]) the tensors seen so far filled.
+
+    Every unit must come exactly once: `add` refuses a duplicate and `check`
+    names the Hub keys of whatever is still missing.
+    """
+
+    def __init__(self, config: ModelConfig, shapes: Mapping[Path, tuple[int, ...]]):
+        self.config, self.shapes = config, shapes
+        self.seen: dict[tuple[Path, tuple[int, ...]], str] = {}
+
+    def add(self, key: str, s: Slice) -> None:
+        for unit in _unit_indices(s, self.shapes):
+            if unit in self.seen:
+                raise WeightError(
+                    f"{key}: the same weights were already given by {self.seen[unit]}"
+                )
+            self.seen[unit] = key
+
+    def check(self) -> None:
+        missing = [
+            key
+            for key, rule, index in hub_keys(self.config)
+            if not all(
+                u in self.seen for u in _unit_indices(Slice(rule.path, index, None), self.shapes)
+            )
+        ]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise WeightError(
+                f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}{more}"
+            )
+
+
 def params_from_hub(
     tensors: Iterable[tuple[str, Any]], config: ModelConfig, dtype: Any = np.float32
 ) -> dict[Path, np.ndarray]:
@@ -234,24 +268,12 @@ def params_from_hub(
     """
     shapes = param_shapes(config)
     params = {path: np.zeros(shape, dtype) for path, shape in shapes.items()}
-    seen: dict[tuple[Path, tuple[int, ...]], str] = {}
+    coverage = Coverage(config, shapes)
     for key, tensor in tensors:
         for s in hub_to_slices(key, tensor, config, shapes):
-            for sub in _unit_indices(s, shapes):
-                if sub in seen:
-                    raise WeightError(f"{key}: the same weights were already given by {seen[sub]}")
-                seen[sub] = key
+            coverage.add(key, s)
             params[s.path][s.index] = s.value.astype(dtype)
-    missing = [
-        key
-        for key, rule, index in hub_keys(config)
-        if not all(u in seen for u in _unit_indices(Slice(rule.path, index, None), shapes))
-    ]
-    if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise WeightError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    coverage.check()
     return params
 
 
