@@ -68,7 +68,9 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
     if output.exists() and not force:
         raise ConvertError(f"{output} already exists; pass --force to replace it")
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in output.parent.glob(f".{output.name}.partial-*"):
+        if not _alive(stale.name.rsplit("-", 1)[-1]):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
@@ -78,6 +80,16 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(directory: Path, patience_s: float = 30.0) -> None:

@@ -79,6 +79,15 @@ def test_exported_weights_load_in_transformers(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_killed_conversion_s_leftovers_are_cleared_by_the_next(tmp_path):
+    src = write_layout(tmp_path, "hf-safetensors", random_hub())
+    stale = tmp_path / ".out.partial-999999999"  # no such process
+    (stale / "params").mkdir(parents=True)
+    convert.convert(src, tmp_path / "out", quiet=True)
+    assert not stale.exists()
+    assert leftovers(tmp_path) == ["out"]
+
+
 def test_existing_output_needs_force(tmp_path):
     src = write_layout(tmp_path, "hf-safetensors", random_hub())
     (tmp_path / "out").mkdir()
