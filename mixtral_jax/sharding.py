@@ -8,6 +8,7 @@ mesh axis is absent, or does not divide the dimension, stays unsharded.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -16,8 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.weights import Path, _path
 
-# Flax 0.10 hands out VariableState in states, newer Flax the Variables themselves.
-_VARIABLE_TYPES = tuple(t for t in (nnx.Variable, getattr(nnx, "VariableState", None)) if t)
+# Flax 0.10 hands out VariableState in states, newer Flax the Variables themselves
+# (and warns that VariableState is only an alias).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _VARIABLE_TYPES = tuple(t for t in (nnx.Variable, getattr(nnx, "VariableState", None)) if t)
 
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("layers", None),
