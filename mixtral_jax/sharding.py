@@ -74,3 +74,52 @@ def _shapes(model):
     from mixtral_jax.weights import flat_params
 
     return flat_params(model)
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, devices=None
+) -> Mesh:
+    """A (data, fsdp, tensor, expert) mesh; one size may be -1, meaning "the rest".
+
+    Axes are `AxisType.Auto`: the logical rules and sharding constraints assume
+    the compiler propagates shardings (Explicit axes refuse ambiguous matmuls).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+    rest = [name for name, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh axes {rest} are all -1; at most one axis can take the rest")
+    for name, size in sizes.items():
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"mesh axis '{name}' has size {size!r}; use a positive int or -1")
+    fixed = 1
+    for size in sizes.values():
+        if size != -1:
+            fixed *= size
+    if len(devices) % fixed:
+        named = ", ".join(f"{n}={s}" for n, s in sizes.items() if s != -1)
+        raise ValueError(
+            f"mesh axes {named} need a multiple of {fixed} devices; there are {len(devices)}"
+        )
+    if rest:
+        sizes[rest[0]] = len(devices) // fixed
+    elif fixed != len(devices):
+        raise ValueError(
+            f"mesh axes multiply to {fixed} but there are {len(devices)} devices; "
+            "set one axis to -1 to take the rest"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> dict[Path, NamedSharding]:
+    """Moves every parameter of `model` to its sharding; returns the shardings by path."""
+    from mixtral_jax.weights import set_params
+
+    shardings = param_shardings(model, mesh, rules)
+    set_params(model, {p: jax.device_put(v, shardings[p]) for p, v in _shapes(model).items()})
+    return shardings
