@@ -30,7 +30,7 @@ from flax import nnx
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.weights import Path as ParamPath
-from mixtral_jax.weights import param_shapes, set_params
+from mixtral_jax.weights import is_expert, param_shapes, set_params
 
 CONFIG_FILE = "mixtral_config.json"
 FORMAT = "mixtral_jax/1"
@@ -91,23 +91,22 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
 
 
 def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A contiguous copy in `dtype`. Same-dtype copies go through integer views: numpy's
+    strided (transposing) copy of bfloat16 is many times slower than of uint16."""
+    if value.dtype != dtype:
+        return value.astype(dtype, order="C")
     out = np.empty(value.shape, dtype)
-    _copy_into(out, (), value)
+    bits = np.dtype(f"u{dtype.itemsize}")
+    out.view(bits)[...] = value.view(bits)
     return out
 
 
-def _copy_into(buffer: np.ndarray, index: tuple[int, ...], value: np.ndarray) -> None:
-    """buffer[index] = value. Same-dtype copies go through integer views: numpy's
-    strided (transposing) copy of bfloat16 is many times slower than of uint16."""
-    if value.dtype == buffer.dtype:
-        bits = np.dtype(f"u{buffer.dtype.itemsize}")
-        buffer.view(bits)[index] = value.view(bits)
-    else:
-        buffer[index] = value.astype(buffer.dtype)
-
-
-def is_expert(path: ParamPath) -> bool:
-    return path[:3] == ("layers", "moe", "experts")
+def piece_paths(shapes) -> tuple[list[ParamPath], list[ParamPath], list[ParamPath]]:
+    """Parameter paths by piece: per expert, the rest of a layer, outside the layers."""
+    experts = [p for p in shapes if is_expert(p)]
+    rest = [p for p in shapes if p[0] == "layers" and not is_expert(p)]
+    other = [p for p in shapes if p[0] != "layers"]
+    return experts, rest, other
 
 
 def piece_dir(directory: Path, layer: int, expert: int | None) -> Path:
@@ -129,11 +128,8 @@ class LayerWriter:
         self.config = config
         self.dtype = np.dtype(dtype)
         self.shapes = param_shapes(config)
-        expert_paths = {p for p in self.shapes if is_expert(p)}
-        self.expected = {
-            None: expert_paths,  # an expert piece
-            "rest": {p for p in self.shapes if p[0] == "layers" and p not in expert_paths},
-        }
+        experts, rest, _ = piece_paths(self.shapes)
+        self.expert_paths, self.rest_paths = set(experts), set(rest)
         self.pending: dict[tuple[int, int | None], dict[ParamPath, np.ndarray]] = {}
         self.other: dict[ParamPath, np.ndarray] = {}
         self.written: set[tuple[int, int | None]] = set()
@@ -156,7 +152,7 @@ class LayerWriter:
             )
         piece = self.pending.setdefault(key, {})
         piece[path] = _cast(value, self.dtype)
-        if set(piece) == self.expected[None if expert is not None else "rest"]:
+        if set(piece) == (self.rest_paths if expert is None else self.expert_paths):
             _save_tree(piece_dir(self.directory, layer, expert), piece)
             del self.pending[key]
             self.written.add(key)
@@ -194,10 +190,14 @@ def save(
     write_config(directory, config, dtype.name)
 
 
-def read_layer(directory: str | Path, layer: int) -> dict[ParamPath, np.ndarray]:
-    """One layer's parameters {("layers", ...): array [...]} on the host, experts stacked."""
+def read_layer(
+    directory: str | Path, layer: int, config: ModelConfig | None = None
+) -> dict[ParamPath, np.ndarray]:
+    """One layer's parameters {("layers", ...): array [...]} on the host, experts stacked.
+
+    `config`: the checkpoint's, when the caller has read it already."""
     directory = Path(directory)
-    config, _ = read_config(directory)
+    config = config or read_config(directory)[0]
     checkpointer = ocp.StandardCheckpointer()
 
     def restore(expert):
@@ -225,7 +225,7 @@ def read_layers(directory: str | Path) -> Iterator[tuple[int | None, dict[ParamP
     """(layer, params) for every layer, then (None, embed/norm/head), one at a time."""
     config, _ = read_config(directory)
     for layer in range(config.num_layers):
-        yield layer, read_layer(directory, layer)
+        yield layer, read_layer(directory, layer, config)
     yield None, read_other(directory)
 
 
@@ -278,9 +278,7 @@ def load(
             raise CheckpointError(f"{directory}: {path} is missing; the checkpoint is incomplete")
         return _flatten(checkpointer.restore(path.absolute(), target))
 
-    expert_paths = [p for p in shapes if is_expert(p)]
-    rest_paths = [p for p in shapes if p[0] == "layers" and not is_expert(p)]
-    other_paths = [p for p in shapes if p[0] != "layers"]
+    expert_paths, rest_paths, other_paths = piece_paths(shapes)
     params = restore(directory / "params" / "other", abstract(other_paths, 0))
 
     # Written in place on the devices (donated), piece by piece.

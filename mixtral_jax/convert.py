@@ -120,21 +120,19 @@ def convert(
     stream = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115
     with staged_output(output, force) as staging:
         progress = Progress(source.num_bytes, f"converting {source.layout}", stream)
-        count = _write(source, config, staging, dtype, progress)
+        count = _write(source, config, staging, progress)
         progress.finish()
         checkpoint.write_config(staging, config, dtype)
-        tokenizer = Path(source_dir) / "tokenizer.model"
-        if tokenizer.is_file():
-            shutil.copy(tokenizer, staging / "tokenizer.model")
+        _copy_tokenizer(Path(source_dir), staging)
         summary = {
             "layout": source.layout,
             "parameters": count,
-            "bytes": count * np.dtype(_np_dtype(dtype)).itemsize,
+            "bytes": count * config.weight_dtype.itemsize,
             "seconds": progress.seconds,
             "gb_per_s": source.num_bytes / max(progress.seconds, 1e-9) / 1e9,
         }
         if verify:
-            summary["verified_tensors"] = verify_against_source(staging, source, dtype)
+            summary["verified_tensors"] = verify_against_source(staging, source, config)
     if not quiet:
         print(
             f"wrote {output}: {summary['parameters']:,} parameters, "
@@ -145,17 +143,15 @@ def convert(
     return summary
 
 
-def _np_dtype(dtype: str):
-    import ml_dtypes
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    if (source / "tokenizer.model").is_file():
+        shutil.copy(source / "tokenizer.model", destination / "tokenizer.model")
 
-    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
 
-
-def _write(
-    source: sources.Source, config: ModelConfig, directory: Path, dtype: str, progress: Progress
-) -> int:
+def _write(source: sources.Source, config: ModelConfig, directory: Path, progress: Progress) -> int:
+    """Streams the source into `directory` in `config.param_dtype`; returns the parameter count."""
     shapes = weights.param_shapes(config)
-    writer = checkpoint.LayerWriter(directory, config, _np_dtype(dtype))
+    writer = checkpoint.LayerWriter(directory, config, config.weight_dtype)
     coverage = weights.Coverage(config, shapes)
     count = 0
     for key, tensor in source.tensors():
@@ -169,10 +165,9 @@ def _write(
     return count
 
 
-def verify_against_source(directory: Path, source: sources.Source, dtype: str) -> int:
+def verify_against_source(directory: Path, source: sources.Source, config: ModelConfig) -> int:
     """Re-reads the written checkpoint and compares every tensor with the source, exactly
-    (after casting the source to `dtype`). Returns the number of tensors compared."""
-    config = source.config.replace(param_dtype=dtype, dtype=dtype)
+    (after casting the source to `config.param_dtype`). Returns the tensors compared."""
     shapes = weights.param_shapes(config)
     cached_layer, cached = None, None
     other = checkpoint.read_other(directory)
@@ -182,12 +177,12 @@ def verify_against_source(directory: Path, source: sources.Source, dtype: str) -
             if s.path[0] == "layers":
                 layer = s.index[0]
                 if layer != cached_layer:
-                    cached = checkpoint.read_layer(directory, layer)
+                    cached = checkpoint.read_layer(directory, layer, config)
                     cached_layer = layer
                 stored = cached[s.path][s.index[1:]]
             else:
                 stored = other[s.path]
-            expected = np.ascontiguousarray(np.asarray(s.value).astype(_np_dtype(dtype)))
+            expected = np.ascontiguousarray(np.asarray(s.value).astype(config.weight_dtype))
             stored = np.ascontiguousarray(stored)
             if stored.shape != expected.shape or stored.tobytes() != expected.tobytes():
                 raise checkpoint.CheckpointError(
@@ -216,10 +211,8 @@ def export_hf(
         for i, (layer, params) in enumerate(checkpoint.read_layers(checkpoint_dir)):
             tensors = {}
             for key, rule, index in rules[layer]:
-                value = params[rule.path]
-                tensors[key] = weights.slice_to_hub(
-                    rule, value[index[1:]] if layer is not None else value
-                )
+                # index is (layer[, expert]) or () outside the layers: drop the layer.
+                tensors[key] = weights.slice_to_hub(rule, params[rule.path][index[1:]])
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             sources.write_safetensors(staging / name, tensors)
             weight_map.update(dict.fromkeys(tensors, name))
@@ -227,8 +220,6 @@ def export_hf(
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf_config = config.to_hf() | {"torch_dtype": dtype, "dtype": dtype}
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-        tokenizer = Path(checkpoint_dir) / "tokenizer.model"
-        if tokenizer.is_file():
-            shutil.copy(tokenizer, staging / "tokenizer.model")
+        _copy_tokenizer(Path(checkpoint_dir), staging)
     if not quiet:
         print(f"wrote {output} ({n} safetensors shards)")

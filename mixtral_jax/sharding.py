@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.weights import Path, _path
+from mixtral_jax.weights import Path, _path, flat_params, set_params
 
 # Flax 0.10 hands out VariableState in states, newer Flax the Variables themselves
 # (and warns that VariableState is only an alias).
@@ -45,7 +45,10 @@ def logical_axes(model: nnx.Module) -> dict[Path, tuple[str | None, ...]]:
     for keys, variable in leaves:
         meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
         names = meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names")
-        axes[_path(keys)] = tuple(names)
+        path = _path(keys)
+        if path[0] == "layers" and len(names) == len(jax.tree.leaves(variable)[0].shape) - 1:
+            names = ("layers", *names)  # Flax 0.10's vmap records the stack axis elsewhere
+        axes[path] = tuple(names)
     return axes
 
 
@@ -54,11 +57,9 @@ def param_shardings(
 ) -> dict[Path, NamedSharding]:
     """A NamedSharding for every parameter from the rules; unusable mappings stay None."""
     table: Mapping[str, str | None] = dict(rules)
-    shapes = {p: v.shape for p, v in _shapes(model).items()}
+    shapes = {p: v.shape for p, v in flat_params(model).items()}
     out = {}
     for path, names in logical_axes(model).items():
-        if len(names) == len(shapes[path]) - 1 and path[0] == "layers":
-            names = ("layers", *names)  # Flax 0.10's vmap records the stack axis elsewhere
         spec, used = [], set()
         for name, size in zip(names, shapes[path], strict=True):
             axis = table.get(name) if name else None
@@ -68,12 +69,6 @@ def param_shardings(
             spec.append(axis)
         out[path] = NamedSharding(mesh, PartitionSpec(*spec))
     return out
-
-
-def _shapes(model):
-    from mixtral_jax.weights import flat_params
-
-    return flat_params(model)
 
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -118,8 +113,6 @@ def make_mesh(
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> dict[Path, NamedSharding]:
     """Moves every parameter of `model` to its sharding; returns the shardings by path."""
-    from mixtral_jax.weights import set_params
-
     shardings = param_shardings(model, mesh, rules)
-    set_params(model, {p: jax.device_put(v, shardings[p]) for p, v in _shapes(model).items()})
+    set_params(model, {p: jax.device_put(v, shardings[p]) for p, v in flat_params(model).items()})
     return shardings

@@ -277,9 +277,14 @@ def params_from_hub(
     return params
 
 
+def is_expert(path: Path) -> bool:
+    """Parameters stacked [L, E, ...]: one slice per (layer, expert)."""
+    return path[:3] == ("layers", "moe", "experts")
+
+
 def _unit_indices(s: Slice, shapes: Mapping[Path, tuple[int, ...]]):
     """The (path, layer[, expert]) units a slice covers: fused tensors cover all experts."""
-    depth = 2 if s.path[:3] == ("layers", "moe", "experts") else (1 if s.path[0] == "layers" else 0)
+    depth = 2 if is_expert(s.path) else (1 if s.path[0] == "layers" else 0)
     if len(s.index) == depth:
         return [(s.path, s.index)]
     extra = shapes[s.path][len(s.index) : depth]
