@@ -12,6 +12,7 @@ from flax import nnx
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import apply_rope, param
+from mixtral_jax.sharding import constrain
 
 # A large finite negative instead of -inf: a fully masked row (a padding
 # query) then softmaxes to a harmless uniform row instead of NaN.
@@ -88,8 +89,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dtype))
         v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dtype))
-        q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta)
+        q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", None))
+        k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", None))
+        v = constrain(v, ("batch", "length", "kv_heads", None))
         q = q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, dtype)
 
         outs = []
@@ -104,4 +106,5 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
             outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs, v[:, k0:k1]))
         out = jnp.concatenate(outs, axis=1).reshape(B, T, K * G, H)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))
+        return constrain(out, ("batch", "length", "embed"))

@@ -19,6 +19,7 @@ from mixtral_jax.attention import Attention
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import Embed, RMSNorm, param
 from mixtral_jax.moe import SparseMoE
+from mixtral_jax.sharding import constrain
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -143,10 +144,11 @@ class Mixtral(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
 
-        x = self.embed(tokens, c.compute_dtype)  # [B, T, D]
+        x = constrain(self.embed(tokens, c.compute_dtype), ("batch", "length", "embed"))
         x, (stats, weights, experts) = self._run_layers(x, positions, segment_ids, token_mask)
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
+        logits = constrain(logits, ("batch", "length", "vocab"))
         return ModelOutput(logits, LayerRouting(stats, weights, experts))
 
     def _run_layers(self, x, positions, segment_ids, token_mask):

@@ -35,6 +35,7 @@ from flax import nnx
 from mixtral_jax import routing
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import param
+from mixtral_jax.sharding import constrain
 
 # Capacity factors the dense dropless dispatch tries, smallest first, before
 # C = S. Only the chosen branch runs; each entry costs compile time only.
@@ -70,9 +71,12 @@ class Experts(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]."""
         w1, w2, w3 = (w.astype(x.dtype) for w in self.weights())
-        gate = jnp.einsum("EGCD,EDF->EGCF", x, w1)
-        up = jnp.einsum("EGCD,EDF->EGCF", x, w3)
-        return jnp.einsum("EGCF,EFD->EGCD", jax.nn.silu(gate) * up, w2)
+        x = constrain(x, ("expert", "group", "capacity", "embed"))
+        hidden = ("expert", "group", "capacity", "mlp")
+        gate = constrain(jnp.einsum("EGCD,EDF->EGCF", x, w1), hidden)
+        up = constrain(jnp.einsum("EGCD,EDF->EGCF", x, w3), hidden)
+        y = jnp.einsum("EGCF,EFD->EGCD", jax.nn.silu(gate) * up, w2)
+        return constrain(y, ("expert", "group", "capacity", "embed"))
 
 
 def sorted_experts(
@@ -171,10 +175,12 @@ class SparseMoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
+        # The router's expert axis is never split: top-k needs every expert's
+        # score where the token is.
         self.gate = param(
             rngs,
             (c.hidden_size, c.num_experts),
-            ("embed", "expert"),
+            ("embed", None),
             c.weight_dtype,
             nnx.initializers.normal(c.initializer_range),
         )
@@ -195,6 +201,7 @@ class SparseMoE(nnx.Module):
         G = -(-num_tokens // S)
         pad = G * S - num_tokens
         xg = jnp.pad(x.reshape(num_tokens, D), ((0, pad), (0, 0))).reshape(G, S, D)
+        xg = constrain(xg, ("group", None, "embed"))
         mask = jnp.pad(token_mask.reshape(num_tokens), (0, pad)).reshape(G, S)
 
         # Top-k choices flip under reduced precision: the router is float32, HIGHEST.
@@ -204,6 +211,7 @@ class SparseMoE(nnx.Module):
             self.gate[...].astype(jnp.float32),
             precision=jax.lax.Precision.HIGHEST,
         )
+        logits = constrain(logits, ("group", None, None))
         routes = routing.route(logits, c.num_experts_per_tok)
 
         if c.moe_impl == "sorted":
@@ -230,15 +238,19 @@ class SparseMoE(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """x: [G, S, D] -> y [G, S, D] and kept [G, S, k] with `capacity` slots per expert."""
         d = routing.dispatch_and_combine(routes, mask, self.config.num_experts, capacity)
+        # Expert parallelism: groups are sharded over every batch axis, `expert`
+        # included, and dispatched where they are; the experts compute on [E, G, C, D]
+        # sharded by expert. Each change of layout is one all-to-all.
+        by_group = (None, "group", "capacity", "embed")
         x_e = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(x.dtype), x)  # [E, G, C, D]
-        y_e = self.experts(x_e)  # [E, G, C, D]
+        y_e = constrain(self.experts(constrain(x_e, by_group)), by_group)  # [E, G, C, D]
         y = jnp.einsum(
             "EGCD,GSEC->GSD",
             y_e,
             d.combine.astype(x.dtype),
             preferred_element_type=jnp.float32,
         )
-        return y.astype(x.dtype), d.kept
+        return constrain(y.astype(x.dtype), ("group", None, "embed")), d.kept
 
     def _dropless_dense(
         self, x: jax.Array, routes: routing.Routes, mask: jax.Array
