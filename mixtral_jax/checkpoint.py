@@ -90,9 +90,12 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
     return ModelConfig.from_dict(meta["config"]), meta["dtype"]
 
 
-def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _cast(value: np.ndarray | jax.Array, dtype: np.dtype) -> np.ndarray | jax.Array:
     """A contiguous copy in `dtype`. Same-dtype copies go through integer views: numpy's
-    strided (transposing) copy of bfloat16 is many times slower than of uint16."""
+    strided (transposing) copy of bfloat16 is many times slower than of uint16.
+    Device arrays stay on their devices (each host saves its own shards)."""
+    if isinstance(value, jax.Array):
+        return value.astype(dtype)
     if value.dtype != dtype:
         return value.astype(dtype, order="C")
     out = np.empty(value.shape, dtype)
@@ -135,12 +138,13 @@ class LayerWriter:
         self.written: set[tuple[int, int | None]] = set()
 
     def add(self, path: ParamPath, index: tuple[int, ...], value: np.ndarray) -> None:
-        value = np.asarray(value)
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value)
         if path[0] != "layers":
             self.other[path] = _cast(value, self.dtype)
         elif is_expert(path) and len(index) == 1:  # all experts of a layer at once
-            for expert, part in enumerate(value):
-                self.add(path, (index[0], expert), part)
+            for expert in range(value.shape[0]):
+                self.add(path, (index[0], expert), value[expert])
         else:
             self._add_to_piece(index[0], index[1] if is_expert(path) else None, path, value)
 
@@ -174,20 +178,45 @@ class LayerWriter:
 def save(
     directory: str | Path, params: Mapping[ParamPath, Any], config: ModelConfig, dtype: Any = None
 ) -> None:
-    """Writes full parameter arrays (e.g. `weights.flat_params(model)`) as a checkpoint."""
+    """Writes full parameter arrays (e.g. `weights.flat_params(model)`) as a checkpoint.
+
+    Sharded device arrays are written where they lie: with several processes,
+    every process calls `save` and each writes its own shards.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(dtype or config.param_dtype)
     writer = LayerWriter(directory, config, dtype)
     for path, value in params.items():
-        value = np.asarray(value)
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value)
         if path[0] == "layers":
             for layer in range(config.num_layers):
                 writer.add(path, (layer,), value[layer])
         else:
             writer.add(path, (), value)
     writer.finish()
-    write_config(directory, config, dtype.name)
+    if jax.process_index() == 0:
+        write_config(directory, config, dtype.name)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"mixtral_jax.checkpoint.save:{directory}")
+
+
+def _restore(path: Path, targets: Mapping[ParamPath, jax.ShapeDtypeStruct], directory: Path):
+    """One piece, each array restored straight into its target's sharding.
+
+    Targets always carry a sharding: without one, Orbax would place arrays as they
+    were saved, which fails on any other set of devices."""
+    if not path.is_dir():
+        raise CheckpointError(f"{directory}: {path} is missing; the checkpoint is incomplete")
+    return _flatten(ocp.StandardCheckpointer().restore(path.absolute(), _nest(targets)))
+
+
+def _host_targets(shapes, paths, drop: int, dtype) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return {p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=host) for p in paths}
 
 
 def read_layer(
@@ -197,28 +226,31 @@ def read_layer(
 
     `config`: the checkpoint's, when the caller has read it already."""
     directory = Path(directory)
-    config = config or read_config(directory)[0]
-    checkpointer = ocp.StandardCheckpointer()
+    stored_config, dtype = read_config(directory)
+    config = config or stored_config
+    shapes = param_shapes(config)
+    expert_paths, rest_paths, _ = piece_paths(shapes)
 
-    def restore(expert):
-        path = piece_dir(directory, layer, expert)
-        if not path.is_dir():
-            raise CheckpointError(f"{directory}: layer {layer} is incomplete ({path} is missing)")
-        return _flatten(checkpointer.restore(path.absolute()))
+    def restore(expert, paths, drop):
+        targets = _host_targets(shapes, paths, drop, dtype)
+        values = _restore(piece_dir(directory, layer, expert), targets, directory)
+        return {p: np.asarray(v) for p, v in values.items()}
 
-    params = restore(None)
-    experts = [restore(e) for e in range(config.num_experts)]
-    for path in experts[0]:
+    params = restore(None, rest_paths, 1)
+    experts = [restore(e, expert_paths, 2) for e in range(config.num_experts)]
+    for path in expert_paths:
         params[path] = np.stack([e[path] for e in experts])
     return params
 
 
 def read_other(directory: str | Path) -> dict[ParamPath, np.ndarray]:
     """embed, final_norm and lm_head on the host."""
-    path = Path(directory) / "params" / "other"
-    if not path.is_dir():
-        raise CheckpointError(f"{directory}: {path} is missing")
-    return _flatten(ocp.StandardCheckpointer().restore(path.absolute()))
+    directory = Path(directory)
+    config, dtype = read_config(directory)
+    shapes = param_shapes(config)
+    targets = _host_targets(shapes, piece_paths(shapes)[2], 0, dtype)
+    values = _restore(directory / "params" / "other", targets, directory)
+    return {p: np.asarray(v) for p, v in values.items()}
 
 
 def read_layers(directory: str | Path) -> Iterator[tuple[int | None, dict[ParamPath, np.ndarray]]]:
@@ -237,10 +269,11 @@ def load(
 ) -> nnx.Module:
     """The model stored in `directory`, parameters cast to `dtype` (default: as stored).
 
-    With a `mesh`, every parameter is placed by the logical-axis `rules`
-    (default `sharding.DEFAULT_RULES`): each layer is restored straight into its
+    Without a `mesh` the parameters go to the default device. With one, every
+    parameter is placed by the logical-axis `rules` (default
+    `sharding.DEFAULT_RULES`): each layer is restored straight into its
     sharding and written into the stacked parameter on the devices, so no host
-    ever holds the whole model.
+    ever holds the whole model. Works whatever devices the checkpoint was saved from.
     """
     from mixtral_jax import sharding as sharding_rules
     from mixtral_jax.model import Mixtral
@@ -250,36 +283,24 @@ def load(
     dtype = jnp.dtype(dtype or stored)
     config = config.replace(param_dtype=dtype.name)
     shapes = param_shapes(config)
-    checkpointer = ocp.StandardCheckpointer()
     model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-    shardings = None
-    if mesh is not None:
-        shardings = sharding_rules.param_shardings(
-            model, mesh, rules or sharding_rules.DEFAULT_RULES
-        )
+    if mesh is None:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+    shardings = sharding_rules.param_shardings(model, mesh, rules or sharding_rules.DEFAULT_RULES)
 
     def sharding(path: ParamPath, drop: int = 0):
         """The parameter's sharding, without its first `drop` axes (layers, expert)."""
-        if shardings is None:
-            return None
         s = shardings[path]
         return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[drop:]))
 
-    def abstract(paths, drop):
-        return _nest(
-            {
-                p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=sharding(p, drop))
-                for p in paths
-            }
-        )
-
-    def restore(path: Path, target):
-        if not path.is_dir():
-            raise CheckpointError(f"{directory}: {path} is missing; the checkpoint is incomplete")
-        return _flatten(checkpointer.restore(path.absolute(), target))
+    def targets(paths, drop):
+        return {
+            p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=sharding(p, drop))
+            for p in paths
+        }
 
     expert_paths, rest_paths, other_paths = piece_paths(shapes)
-    params = restore(directory / "params" / "other", abstract(other_paths, 0))
+    params = _restore(directory / "params" / "other", targets(other_paths, 0), directory)
 
     # Written in place on the devices (donated), piece by piece.
     put = jax.jit(lambda stacked, value, i: stacked.at[i].set(value), donate_argnums=0)
@@ -287,11 +308,12 @@ def load(
         p: jnp.zeros(shapes[p], dtype, device=sharding(p)) for p in expert_paths + rest_paths
     }
     for layer in range(config.num_layers):
-        values = restore(piece_dir(directory, layer, None), abstract(rest_paths, 1))
+        values = _restore(piece_dir(directory, layer, None), targets(rest_paths, 1), directory)
         for p in rest_paths:
             stacked[p] = put(stacked[p], values[p], layer)
         for expert in range(config.num_experts):
-            values = restore(piece_dir(directory, layer, expert), abstract(expert_paths, 2))
+            path = piece_dir(directory, layer, expert)
+            values = _restore(path, targets(expert_paths, 2), directory)
             for p in expert_paths:
                 stacked[p] = put(stacked[p], values[p], (layer, expert))
     params.update(stacked)
