@@ -1,0 +1,109 @@
+"""Runs the tiny model on 8 virtual CPU devices; `test_sharding.py` starts it in a
+subprocess, as the device-count flag must be set before JAX starts.
+
+    python -m tests.mesh_worker '[[8, 1, 1, 1], ...]'  ->  one JSON line of results
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from mixtral_jax import Mixtral, ModelConfig, sharding, steps  # noqa: E402
+from mixtral_jax.weights import flat_params  # noqa: E402
+
+
+def tiny_config() -> ModelConfig:
+    """Dimensions that 8 devices divide; 8 token groups of 16, so `expert` can split them.
+
+    Dropless, as at inference; the train steps use capacity factor 2, as in training
+    (and it compiles one dispatch instead of the dropless ladder's five)."""
+    return ModelConfig.from_dict(tiny.get_config()).replace(
+        hidden_size=64,
+        intermediate_size=64,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=8,
+        vocab_size=256,
+        group_size=16,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
+
+
+def batch() -> dict:
+    tokens = np.random.RandomState(0).randint(0, 256, (8, 17))
+    return {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+
+
+def main(meshes: list[list[int]]) -> dict:
+    assert len(jax.devices()) == 8
+    config, data = tiny_config(), batch()
+    train_config = config.replace(capacity_factor=2.0)
+    ref_logits = np.asarray(Mixtral(config, rngs=nnx.Rngs(0))(data["tokens"]))
+    reference = Mixtral(train_config, rngs=nnx.Rngs(0))
+    ref_loss, ref_grads = nnx.value_and_grad(lambda m: steps.loss_fn(m, data)[0])(reference)
+    ref_grads = {p: np.asarray(g) for p, g in flat_params(ref_grads).items()}
+    ref_params = {p: np.asarray(v) for p, v in flat_params(reference).items()}
+    results = {}
+    for shape in meshes:
+        mesh = sharding.make_mesh(*shape)
+        model = Mixtral(config, rngs=nnx.Rngs(0))
+        forward = steps.jit_forward(model, mesh)
+        compiled = forward.fn.lower(forward.params, data["tokens"], None, None).compile()
+        logits = compiled(forward.params, data["tokens"], None, None)
+        # SGD with rate 1: the step's change of every parameter is minus its gradient.
+        train_model = Mixtral(train_config, rngs=nnx.Rngs(0))
+        train_step = steps.jit_train_step(train_model, optax.sgd(1.0), mesh)
+        state = train_step.init(train_model)
+        state, metrics = train_step(state, data)
+        new = flat_params(state.params)
+        grads = {p: ref_params[p] - np.asarray(v) for p, v in new.items()}
+        expected = sharding.param_shardings(model, mesh)
+        results[json.dumps(shape)] = {
+            "logits": float(np.abs(np.asarray(logits) - ref_logits).max()),
+            "loss": abs(float(metrics["loss"]) - float(ref_loss)),
+            "grads": max(float(np.abs(g - ref_grads[p]).max()) for p, g in grads.items()),
+            "shardings_follow_rules": all(v.sharding == expected[p] for p, v in new.items()),
+            "specs": {".".join(p): str(s.spec) for p, s in expected.items()},
+            "all_to_all": compiled.as_text().count("all-to-all("),
+        }
+    return results
+
+
+def optimizer_state_shardings() -> dict:
+    """AdamW's moments on an FSDP mesh: sharded like their parameters."""
+    model = Mixtral(tiny_config().replace(capacity_factor=2.0), rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh(fsdp=8)
+    train_step = steps.jit_train_step(model, optax.adamw(1e-3), mesh)
+    state, _ = train_step(train_step.init(model), batch())
+    params = flat_params(state.params)
+    adam = state.opt_state[0]
+    moments = {
+        **{("mu", *p): v for p, v in flat_params(adam.mu).items()},
+        **{("nu", *p): v for p, v in flat_params(adam.nu).items()},
+    }
+    return {
+        "moments_like_params": all(
+            v.sharding == params[p[1:]].sharding for p, v in moments.items()
+        ),
+        "num_moments": len(moments),
+        "w1_mu_spec": str(flat_params(adam.mu)[("layers", "moe", "experts", "w1")].sharding.spec),
+    }
+
+
+if __name__ == "__main__":
+    out = main(json.loads(sys.argv[1]))
+    out["adam"] = optimizer_state_shardings()
+    print(json.dumps(out))
