@@ -103,7 +103,23 @@ def optimizer_state_shardings() -> dict:
     }
 
 
+def other_rules() -> float:
+    """Different rules, same modules: experts split over their MLP dimension by tensor and
+    expert together (no expert parallelism), heads not split at all."""
+    rules = dict(sharding.DEFAULT_RULES)
+    rules.update(mlp=("tensor", "expert"), expert=None, heads=None, kv_heads=None)
+    mesh = sharding.make_mesh(data=2, tensor=2, expert=2, fsdp=1)
+    config, data = tiny_config(), batch()
+    model = Mixtral(config, rngs=nnx.Rngs(0))
+    forward = steps.jit_forward(model, mesh, rules=tuple(rules.items()))
+    w1 = flat_params(forward.params)[("layers", "moe", "experts", "w1")]
+    assert w1.sharding.spec == jax.sharding.PartitionSpec(None, None, None, ("tensor", "expert"))
+    logits = forward(forward.params, data["tokens"])
+    return float(np.abs(np.asarray(logits) - np.asarray(model(data["tokens"]))).max())
+
+
 if __name__ == "__main__":
     out = main(json.loads(sys.argv[1]))
     out["adam"] = optimizer_state_shardings()
+    out["other_rules"] = other_rules()
     print(json.dumps(out))

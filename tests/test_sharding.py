@@ -74,6 +74,10 @@ def test_expert_parallelism_moves_tokens_with_all_to_all(mesh_results):
     assert counts[(8, 1, 1, 1)] == 0, counts
 
 
+def test_the_same_modules_run_under_other_rules(mesh_results):
+    assert mesh_results["other_rules"] <= 1e-5
+
+
 def test_fsdp_shards_optimizer_state_like_parameters(mesh_results):
     adam = mesh_results["adam"]
     assert adam["moments_like_params"] and adam["num_moments"] == 26
