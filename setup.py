@@ -17,7 +17,10 @@ setup(
         "jax>=0.6.2",
         "flax>=0.10.7",  # the last Flax for Python 3.10; 3.11+ get the newest
         "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.11; python_version>='3.11'",
+        # Python 3.10 stops at jax 0.6.2; Orbax 0.11.30+ calls jax.sharding.set_mesh as a
+        # context manager (newer JAX) when several processes save a replicated array.
+        "orbax-checkpoint>=0.11,<0.11.30; python_version<'3.11'",
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
         "numpy>=1.26",

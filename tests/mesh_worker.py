@@ -76,7 +76,7 @@ def main(meshes: list[list[int]]) -> dict:
             "loss": abs(float(metrics["loss"]) - float(ref_loss)),
             "grads": max(float(np.abs(g - ref_grads[p]).max()) for p, g in grads.items()),
             "shardings_follow_rules": all(v.sharding == expected[p] for p, v in new.items()),
-            "specs": {".".join(p): str(s.spec) for p, s in expected.items()},
+            "specs": {".".join(p): str(tuple(s.spec)) for p, s in expected.items()},
             "all_to_all": compiled.as_text().count("all-to-all("),
         }
     return results
@@ -99,7 +99,9 @@ def optimizer_state_shardings() -> dict:
             v.sharding == params[p[1:]].sharding for p, v in moments.items()
         ),
         "num_moments": len(moments),
-        "w1_mu_spec": str(flat_params(adam.mu)[("layers", "moe", "experts", "w1")].sharding.spec),
+        "w1_mu_spec": str(
+            tuple(flat_params(adam.mu)[("layers", "moe", "experts", "w1")].sharding.spec)
+        ),
     }
 
 

@@ -63,7 +63,9 @@ def main(directory: str) -> dict | None:
         "logits": float(np.abs(logits - ref_logits).max()),
         "restored_logits": float(np.abs(logits_again - ref_logits).max()),
         "same_params": same_params,
-        "w1_spec": str(flat_params(restored)[("layers", "moe", "experts", "w1")].sharding.spec),
+        "w1_spec": str(
+            tuple(flat_params(restored)[("layers", "moe", "experts", "w1")].sharding.spec)
+        ),
     }
 
 

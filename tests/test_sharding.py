@@ -51,17 +51,17 @@ def test_parameters_are_split_as_the_rules_say(mesh_results):
     specs = {m: mesh_results[json.dumps(list(m))]["specs"] for m in MESHES}
     # w1 [L, E, D, F] = (layers, expert, embed, mlp)
     w1 = "layers.moe.experts.w1"
-    assert specs[(1, 1, 1, 8)][w1] == "P(None, 'expert', None, None)"
-    assert specs[(1, 8, 1, 1)][w1] == "P(None, None, 'fsdp', None)"
-    assert specs[(1, 1, 8, 1)][w1] == "P(None, None, None, 'tensor')"
-    assert specs[(2, 1, 2, 2)][w1] == "P(None, 'expert', None, 'tensor')"
+    assert specs[(1, 1, 1, 8)][w1] == "(None, 'expert', None, None)"
+    assert specs[(1, 8, 1, 1)][w1] == "(None, None, 'fsdp', None)"
+    assert specs[(1, 1, 8, 1)][w1] == "(None, None, None, 'tensor')"
+    assert specs[(2, 1, 2, 2)][w1] == "(None, 'expert', None, 'tensor')"
     # Tensor parallelism splits heads; the router is never split by expert.
-    assert specs[(1, 1, 8, 1)]["layers.attention.q_proj"] == "P(None, None, 'tensor', None)"
-    assert specs[(1, 1, 8, 1)]["layers.attention.o_proj"] == "P(None, 'tensor', None, None)"
-    assert specs[(1, 1, 1, 8)]["layers.moe.gate"] == "P(None, None, None)"
+    assert specs[(1, 1, 8, 1)]["layers.attention.q_proj"] == "(None, None, 'tensor', None)"
+    assert specs[(1, 1, 8, 1)]["layers.attention.o_proj"] == "(None, 'tensor', None, None)"
+    assert specs[(1, 1, 1, 8)]["layers.moe.gate"] == "(None, None, None)"
     # Data parallelism replicates everything.
     assert all(
-        set(s[2:-1].replace(",", " ").split()) == {"None"} for s in specs[(8, 1, 1, 1)].values()
+        set(s[1:-1].replace(",", " ").split()) == {"None"} for s in specs[(8, 1, 1, 1)].values()
     )
 
 
@@ -81,7 +81,7 @@ def test_the_same_modules_run_under_other_rules(mesh_results):
 def test_fsdp_shards_optimizer_state_like_parameters(mesh_results):
     adam = mesh_results["adam"]
     assert adam["moments_like_params"] and adam["num_moments"] == 26
-    assert adam["w1_mu_spec"] == "P(None, None, 'fsdp', None)"
+    assert adam["w1_mu_spec"] == "(None, None, 'fsdp', None)"
 
 
 def test_rules_skip_axes_that_do_not_divide_or_are_taken():
@@ -178,7 +178,7 @@ def test_two_processes_forward_save_and_restore(tmp_path):
     assert result["rows"] == [0, 4]  # process 0 loaded only its half of the batch
     assert result["logits"] <= 1e-5 and result["restored_logits"] <= 1e-5, result
     assert result["same_params"]
-    assert result["w1_spec"] == "P(None, 'expert', 'fsdp', None)"
+    assert result["w1_spec"] == "(None, 'expert', 'fsdp', None)"
     # What two processes wrote, one process reads: the parameters of the same seed.
     restored = flat_params(checkpoint.load(directory))
     expected = flat_params(Mixtral(tiny_config(), rngs=nnx.Rngs(0)))
