@@ -2,9 +2,18 @@
 
 N query heads share K key/value heads in groups of G = N / K: query head
 n = k * G + g reads KV head k, as the reference's `repeat_kv` does.
+
+With a KV cache (`LayerCache`), a call of T > 1 tokens is a prefill: it
+attends within itself, as without a cache, and writes its keys and values into
+the cache slots it is given. A call of one token per row is a decode step: it
+writes its key and value, then attends over the cache, where each slot's key
+position (-1: empty) decides what it may see. With a sliding window the cache
+is a rolling buffer of W slots (position p lives in slot p mod W).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +72,28 @@ def query_blocks(length: int, sliding_window: int | None) -> list[tuple[tuple, t
     return blocks
 
 
+class LayerCache(NamedTuple):
+    """One layer's view of the KV cache for one call."""
+
+    k: jax.Array  # [B, S, K, H]
+    v: jax.Array  # [B, S, K, H]
+    slots: jax.Array  # [B, T] int32: where this call's tokens go; S = not stored
+    key_positions: jax.Array  # [B, S] int32: the position of each slot's key after
+    # this call's writes, -1 where empty
+
+
+def cached_attention_mask(
+    query_positions: jax.Array, key_positions: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """[B, 1, 1, T, S]: a query at position t sees a stored key at s <= t (t - s < W)."""
+    t = query_positions[:, :, None]  # [B, T, 1]
+    s = key_positions[:, None, :]  # [B, 1, S]
+    mask = (s >= 0) & (s <= t)
+    if sliding_window is not None:
+        mask &= t - s < sliding_window
+    return mask[:, None, None]
+
+
 class Attention(nnx.Module):
     """Multi-head attention with N query heads and K key/value heads."""
 
@@ -78,9 +109,14 @@ class Attention(nnx.Module):
         self.o_proj = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), dt, init)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
-    ) -> jax.Array:
-        """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D]."""
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
+        and the updated cache keys and values [B, S, K, H] when a cache is given."""
         c = self.config
         dtype = x.dtype
         B, T, _ = x.shape
@@ -94,6 +130,22 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", None))
         q = q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, dtype)
 
+        kv = None
+        if cache is not None:
+            rows = jnp.arange(B)[:, None]
+            k_cache = cache.k.at[rows, cache.slots].set(k.astype(cache.k.dtype), mode="drop")
+            v_cache = cache.v.at[rows, cache.slots].set(v.astype(cache.v.dtype), mode="drop")
+            kv = (k_cache, v_cache)
+            if T == 1:  # decode: attend over the cache
+                k, v = k_cache.astype(dtype), v_cache.astype(dtype)
+                mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
+                scores = jnp.einsum(
+                    "BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32
+                )  # [B, K, G, 1, S], float32
+                probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
+                out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)
+                return self._project(out), kv
+
         outs = []
         for (q0, q1), (k0, k1) in query_blocks(T, c.sliding_window):
             scores = jnp.einsum(
@@ -106,5 +158,9 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
             outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs, v[:, k0:k1]))
         out = jnp.concatenate(outs, axis=1).reshape(B, T, K * G, H)
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))
+        return self._project(out), kv
+
+    def _project(self, out: jax.Array) -> jax.Array:
+        """[B, T, N, H] -> [B, T, D]."""
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(out.dtype))
         return constrain(out, ("batch", "length", "embed"))

@@ -322,8 +322,9 @@ def load(
 
 
 def load_tokenizer(directory: str | Path):
-    """The sentencepiece tokenizer stored with a checkpoint (`tokenizer.model`)."""
-    import sentencepiece
+    """The tokenizer stored with a checkpoint (`tokenizer.model`), as a
+    `mixtral_jax.tokenizer.Tokenizer`."""
+    from mixtral_jax.tokenizer import Tokenizer
 
     path = Path(directory) / "tokenizer.model"
     if not path.is_file():
@@ -331,4 +332,4 @@ def load_tokenizer(directory: str | Path):
             f"{directory} has no tokenizer.model; copy the one from the original download "
             "next to the checkpoint (tools/convert.py does when the source has one)"
         )
-    return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    return Tokenizer.from_file(path)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax import routing
-from mixtral_jax.attention import Attention
+from mixtral_jax.attention import Attention, LayerCache
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import Embed, RMSNorm, param
 from mixtral_jax.moe import SparseMoE
@@ -48,11 +48,21 @@ class DecoderBlock(nnx.Module):
         segment_ids: jax.Array | None,
         token_mask: jax.Array,
         layer: jax.Array | None = None,
+        cache: LayerCache | None = None,
     ):
-        """`layer` indexes expert weights still stacked over layers (sorted dispatch)."""
-        h = x + self.attention(self.attn_norm(x), positions, segment_ids)
-        out = self.moe(self.moe_norm(h), token_mask, layer=layer)
-        return h + out.y, out
+        """`layer` indexes expert weights still stacked over layers (sorted dispatch).
+
+        With a cache (inference) the SMoE layer never drops a token, and a decode
+        step of one token per row uses the sorted dispatch, which reads only the
+        chosen experts' weights."""
+        attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache)
+        h = x + attn
+        inference = cache is not None
+        decode = inference and x.shape[1] == 1
+        out = self.moe(
+            self.moe_norm(h), token_mask, layer=layer, dropless=inference, sorted_=decode
+        )
+        return h + out.y, out, kv
 
 
 class LayerRouting(NamedTuple):
@@ -63,9 +73,51 @@ class LayerRouting(NamedTuple):
     experts: jax.Array  # [L, B, T, k]
 
 
+class KVCache(NamedTuple):
+    """Every layer's keys and values [L, B, S, K, H] and each slot's key position
+    [B, S] (-1: empty). S is the maximum length, or the sliding window if smaller
+    (a rolling buffer). Build it with `init_cache`."""
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(
+    config: ModelConfig, batch_size: int, max_length: int, dtype: jnp.dtype | None = None
+) -> KVCache:
+    """An empty cache for `batch_size` sequences of up to `max_length` tokens."""
+    c = config
+    S = max_length if c.sliding_window is None else min(max_length, c.sliding_window)
+    shape = (c.num_layers, batch_size, S, c.num_kv_heads, c.head_dim)
+    dtype = dtype or c.compute_dtype
+    empty = jnp.full((batch_size, S), -1, jnp.int32)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), empty)
+
+
+def cache_slots(
+    cache: KVCache, positions: jax.Array, token_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Where a call's tokens go in the cache [B, T] (S: not stored) and the slots'
+    key positions afterwards [B, S]. Padding is not stored; of a prompt longer
+    than a rolling buffer, only the last S tokens are."""
+    S = cache.length
+    last = jnp.max(jnp.where(token_mask, positions, -1), axis=1, keepdims=True)  # [B, 1]
+    keep = token_mask & (positions > last - S)
+    slots = jnp.where(keep, positions % S, S)
+    rows = jnp.arange(positions.shape[0])[:, None]
+    key_positions = cache.positions.at[rows, slots].set(positions, mode="drop")
+    return slots, key_positions
+
+
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V]
     routing: LayerRouting
+    cache: KVCache | None = None  # updated, when one was given
 
     @property
     def load_balancing_loss(self) -> jax.Array:
@@ -129,13 +181,17 @@ class Mixtral(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
-        """Logits and each layer's routing.
+        """Logits and each layer's routing (and the updated cache).
 
         tokens: int [B, T]. positions: int [B, T], default 0..T-1.
         segment_ids: int [B, T]; tokens attend only within their segment and
         segment 0 marks padding, which routing statistics and expert capacity
         ignore. Default: one segment per row, no padding.
+        cache: with T > 1, a prefill into an empty cache (`init_cache`); with
+        T = 1, a decode step that attends over the cache. Positions must stay
+        below the cache length unless the cache is a sliding window's buffer.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -145,37 +201,50 @@ class Mixtral(nnx.Module):
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
 
         x = constrain(self.embed(tokens, c.compute_dtype), ("batch", "length", "embed"))
-        x, (stats, weights, experts) = self._run_layers(x, positions, segment_ids, token_mask)
+        kv, slots, key_positions = None, None, None
+        if cache is not None:
+            slots, key_positions = cache_slots(cache, positions, token_mask)
+            kv = (cache.k, cache.v)
+        x, (stats, weights, experts), kv = self._run_layers(
+            x, positions, segment_ids, token_mask, kv, slots, key_positions
+        )
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
         logits = constrain(logits, ("batch", "length", "vocab"))
-        return ModelOutput(logits, LayerRouting(stats, weights, experts))
+        new_cache = None if cache is None else KVCache(*kv, key_positions)
+        return ModelOutput(logits, LayerRouting(stats, weights, experts), new_cache)
 
-    def _run_layers(self, x, positions, segment_ids, token_mask):
+    def _run_layers(self, x, positions, segment_ids, token_mask, kv, slots, key_positions):
         c = self.config
         # The sorted dispatch reads each expert's weights at [layer, expert] itself:
         # slicing a whole layer out first would copy every expert's weights (XLA:CPU
         # copies a dynamic slice that feeds a matmul), once more than needed.
+        decode = kv is not None and x.shape[1] == 1
         nothing = nnx.Not(...)
-        keep_stacked = nnx.PathContains("experts") if c.moe_impl == "sorted" else nothing
+        sorted_ = c.moe_impl == "sorted" or decode
+        keep_stacked = nnx.PathContains("experts") if sorted_ else nothing
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
 
         def block(x, scanned):
-            layer_params, layer = scanned
+            layer_params, layer, layer_kv = scanned
             module = nnx.merge(graphdef, stacked, layer_params)
-            x, out = module(x, positions, segment_ids, token_mask, layer=layer)
-            return x, (out.stats, out.weights, out.experts)
+            cache = None if layer_kv is None else LayerCache(*layer_kv, slots, key_positions)
+            x, out, new_kv = module(x, positions, segment_ids, token_mask, layer=layer, cache=cache)
+            return x, ((out.stats, out.weights, out.experts), new_kv)
 
         if c.remat_policy != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat_policy])
         layers = jnp.arange(c.num_layers)
         if c.scan_layers:
-            return jax.lax.scan(block, x, (params, layers))
+            x, (routes, kv) = jax.lax.scan(block, x, (params, layers, kv))
+            return x, routes, kv
         outs = []
         for i in range(c.num_layers):
-            x, out = block(x, (jax.tree.map(lambda p, i=i: p[i], params), layers[i]))
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x, out = block(x, (jax.tree.map(lambda p, i=i: p[i], params), layers[i], layer_kv))
             outs.append(out)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        routes, kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, routes, kv
 
 
 def _check_inputs(c: ModelConfig, tokens, positions, segment_ids) -> None:

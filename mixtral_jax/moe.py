@@ -187,17 +187,27 @@ class SparseMoE(nnx.Module):
         self.experts = Experts(c, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, token_mask: jax.Array, layer: jax.Array | None = None
+        self,
+        x: jax.Array,
+        token_mask: jax.Array,
+        layer: jax.Array | None = None,
+        *,
+        dropless: bool = False,
+        sorted_: bool = False,
     ) -> MoEOutput:
         """x: [B, T, D]; token_mask: [B, T] bool, False on padding.
 
         `layer`: with the sorted dispatch, the experts' weights may still carry the
         model's leading layers axis; `layer` selects the layer (see model.py).
+        `dropless`: ignore the config's capacity factor (inference). `sorted_`: use
+        the sorted dispatch whatever the config says (decode steps).
         """
         c = self.config
         B, T, D = x.shape
         num_tokens = B * T
-        S = min(c.group_size, num_tokens) if c.moe_impl == "dense" else num_tokens
+        impl = "sorted" if sorted_ else c.moe_impl
+        capacity_factor = None if dropless else c.capacity_factor
+        S = min(c.group_size, num_tokens) if impl == "dense" else num_tokens
         G = -(-num_tokens // S)
         pad = G * S - num_tokens
         xg = jnp.pad(x.reshape(num_tokens, D), ((0, pad), (0, 0))).reshape(G, S, D)
@@ -214,15 +224,15 @@ class SparseMoE(nnx.Module):
         logits = constrain(logits, ("group", None, None))
         routes = routing.route(logits, c.num_experts_per_tok)
 
-        if c.moe_impl == "sorted":
+        if impl == "sorted":
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
             y = sorted_experts(xg[0], flat, mask[0], *self.experts.weights(), layer=layer)[None]
             kept = jnp.ones(routes.experts.shape, bool)
-        elif c.capacity_factor is None:
+        elif capacity_factor is None:
             y, kept = self._dropless_dense(xg, routes, mask)
         else:
             capacity = routing.expert_capacity(
-                S, c.num_experts, c.num_experts_per_tok, c.capacity_factor
+                S, c.num_experts, c.num_experts_per_tok, capacity_factor
             )
             y, kept = self._dense(xg, routes, mask, capacity)
 

@@ -1,0 +1,274 @@
+"""Text generation: batched prefill, jitted decode steps over a KV cache, sampling.
+
+    python -m mixtral_jax.generate --checkpoint DIR --prompt "def fibonacci(n):"
+
+Prompts of different lengths share one batch: they are right-padded, the
+padding is its own segment (never attended to, never routed, never cached),
+and every row decodes at its own position, so each prompt gets exactly the
+tokens it would get alone. The prefill is one jitted call, each decode step
+another, with fixed shapes: nothing recompiles from step to step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.model import KVCache, Mixtral, init_cache
+from mixtral_jax.sampling import Sampling, sample
+from mixtral_jax.tokenizer import Tokenizer
+
+# on_token(row, token id, text piece): called for every generated token.
+TokenCallback = Callable[[int, int, str], None]
+
+
+class Timing(NamedTuple):
+    first_token_s: float  # prefill, and its compilation on a first call
+    decode_steps: int  # timed steps: all but the first, which may compile
+    decode_s: float
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else float("nan")
+
+
+class Generation(NamedTuple):
+    texts: list[str]  # the generated text of each prompt (without the prompt)
+    tokens: list[list[int]]  # the generated ids of each prompt, EOS excluded
+    prompt_tokens: list[list[int]]
+    timing: Timing
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _prefill(graphdef, params, tokens, lengths, cache: KVCache, key, sampling: Sampling):
+    """tokens [B, T] right-padded to T; lengths [B] -> first new tokens [B], cache."""
+    model = nnx.merge(graphdef, params)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    out = model.forward(tokens, positions, segment_ids, cache=cache)
+    last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    return sample(last, key, sampling), out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _decode(graphdef, params, tokens, positions, cache: KVCache, key, sampling: Sampling):
+    """tokens, positions [B] -> next tokens [B], cache."""
+    model = nnx.merge(graphdef, params)
+    out = model.forward(tokens[:, None], positions[:, None], cache=cache)
+    return sample(out.logits[:, 0], key, sampling), out.cache
+
+
+def generate_tokens(
+    model: Mixtral,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[int]], Timing]:
+    """Generated ids for each prompt (lists of ids), and how long it took.
+
+    A row stops at `eos_id` (not included), when `should_stop(row, ids)` says so,
+    or after `max_new_tokens`; the batch stops when every row has.
+    """
+    c = model.config
+    sampling = sampling or Sampling()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token; got an empty prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    T = int(lengths.max())
+    if T + max_new_tokens > c.max_position_embeddings:
+        raise ValueError(
+            f"the longest prompt ({T} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={c.max_position_embeddings}; shorten the prompt "
+            "or ask for fewer tokens"
+        )
+    bad = [t for p in prompts for t in p if not 0 <= t < c.vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {c.vocab_size})")
+    B = len(prompts)
+    tokens = np.zeros((B, T), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+
+    graphdef, params = nnx.split(model)
+    cache = init_cache(c, B, T + max_new_tokens)
+    keys = iter(jax.random.split(jax.random.key(seed), max_new_tokens))
+    start = time.perf_counter()
+    next_tokens, cache = _prefill(
+        graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), cache, next(keys), sampling
+    )
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    positions = lengths.copy()
+    marks = []  # when each step's tokens reached the host
+    for step in range(max_new_tokens):
+        ids = np.asarray(next_tokens)
+        marks.append(time.perf_counter())
+        for row in np.flatnonzero(~done):
+            token = int(ids[row])
+            if token == eos_id:
+                done[row] = True
+                continue
+            out[row].append(token)
+            if on_token is not None:
+                on_token(int(row), token)
+            if should_stop is not None and should_stop(int(row), out[row]):
+                done[row] = True
+        if done.all() or step == max_new_tokens - 1:
+            break
+        next_tokens, cache = _decode(
+            graphdef, params, next_tokens, jnp.asarray(positions), cache, next(keys), sampling
+        )
+        positions += 1
+    timed = marks[1:]  # the first decode step compiles on a first call
+    decode_s = timed[-1] - timed[0] if len(timed) > 1 else 0.0
+    return out, Timing(marks[0] - start, max(len(timed) - 1, 0), decode_s)
+
+
+def generate(
+    model: Mixtral,
+    tokenizer: Tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    on_token: TokenCallback | None = None,
+) -> Generation:
+    """Generates from each prompt (a string or a list of strings).
+
+    chat=True wraps each prompt as one user message in the instruct format.
+    Generation of a row ends at EOS, at any of the `stop` strings (cut from the
+    text), or after `max_new_tokens`. `on_token(row, id, text piece)` streams;
+    a row's pieces concatenate to its text (before the stop-string cut) and never
+    split a UTF-8 character that the model completes.
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if any(not isinstance(p, str) or not p for p in prompts) or not prompts:
+        raise ValueError("prompts must be non-empty strings")
+    prompt_ids = [
+        tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p)
+        for p in prompts
+    ]
+    streams = [tokenizer.stream() for _ in prompts]
+    texts = [""] * len(prompts)
+
+    def on_id(row: int, token: int) -> None:
+        piece = streams[row].add(token)
+        texts[row] += piece
+        if on_token is not None:
+            on_token(row, token, piece)
+
+    def should_stop(row: int, ids: list[int]) -> bool:
+        return any(s in texts[row] for s in stop)
+
+    ids, timing = generate_tokens(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        eos_id=tokenizer.eos_id,
+        should_stop=should_stop if stop else None,
+        on_token=on_id,
+    )
+    final = []
+    for row, text in enumerate(texts):
+        rest = streams[row].flush()  # an incomplete character at the very end
+        if rest and on_token is not None:
+            on_token(row, ids[row][-1], rest)
+        text += rest
+        cut = min((text.find(s) for s in stop if s in text), default=len(text))
+        final.append(text[:cut])
+    return Generation(final, ids, prompt_ids, timing)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixtral_jax.generate",
+        description="Generate text with a converted Mixtral checkpoint, streaming to stdout.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a directory written by tools/convert.py"
+    )
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as [INST] ... [/INST]")
+    parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16")
+    args = parser.parse_args(argv)
+
+    from mixtral_jax import checkpoint
+
+    try:
+        Sampling(args.temperature, args.top_k, args.top_p)
+        model = checkpoint.load(args.checkpoint, dtype=args.dtype)
+        tokenizer = checkpoint.load_tokenizer(args.checkpoint)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    single = len(args.prompt) == 1
+    if single:
+        print(args.prompt[0], end="", flush=True)
+
+    def on_token(row: int, token: int, piece: str) -> None:
+        if single:
+            print(piece, end="", flush=True)
+
+    try:
+        result = generate(
+            model,
+            tokenizer,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            chat=args.chat,
+            on_token=on_token,
+        )
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    if not single:
+        for prompt, text in zip(args.prompt, result.texts, strict=True):
+            print(f"{prompt}{text}\n---")
+    t = result.timing
+    print(
+        f"\n[{sum(len(ids) for ids in result.tokens)} tokens; first after {t.first_token_s:.2f} s "
+        f"(compilation included); decode {t.steps_per_s * len(args.prompt):.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+CORPUS = """The quick brown fox jumps over the lazy dog. Über den Wolken muss die Freiheit
+wohl grenzenlos sein. Les élèves étudient à l'école. 東京は日本の首都です。 Emoji: 🙂🚀.
+def fibonacci(n):
+    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
+"""
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> str:
+    """A small sentencepiece BPE model like Mistral's (byte fallback, <unk>=0, <s>=1,
+    </s>=2), trained here on a few lines of text."""
+    import sentencepiece
+
+    directory = tmp_path_factory.mktemp("sp")
+    corpus = directory / "corpus.txt"
+    corpus.write_text(CORPUS * 20, encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "tok"),
+        model_type="bpe",
+        vocab_size=320,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # as Mistral's: whitespace is kept
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return str(directory / "tok.model")
