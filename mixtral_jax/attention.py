@@ -133,8 +133,10 @@ class Attention(nnx.Module):
         kv = None
         if cache is not None:
             rows = jnp.arange(B)[:, None]
+            cached = ("batch", "length", "kv_heads", None)
             k_cache = cache.k.at[rows, cache.slots].set(k.astype(cache.k.dtype), mode="drop")
             v_cache = cache.v.at[rows, cache.slots].set(v.astype(cache.v.dtype), mode="drop")
+            k_cache, v_cache = constrain(k_cache, cached), constrain(v_cache, cached)
             kv = (k_cache, v_cache)
             if T == 1:  # decode: attend over the cache
                 k, v = k_cache.astype(dtype), v_cache.astype(dtype)

@@ -12,6 +12,7 @@ another, with fixed shapes: nothing recompiles from step to step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import sharding
 from mixtral_jax.model import KVCache, Mixtral, init_cache
 from mixtral_jax.sampling import Sampling, sample
 from mixtral_jax.tokenizer import Tokenizer
@@ -48,23 +50,33 @@ class Generation(NamedTuple):
     timing: Timing
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _prefill(graphdef, params, tokens, lengths, cache: KVCache, key, sampling: Sampling):
+def _rules(mesh_rules):
+    """The activation sharding rules to trace under, when generating on a mesh."""
+    return sharding.use_rules(*mesh_rules) if mesh_rules else contextlib.nullcontext()
+
+
+_STATIC = ("graphdef", "sampling", "mesh_rules")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def _prefill(graphdef, params, tokens, lengths, cache: KVCache, key, sampling, mesh_rules):
     """tokens [B, T] right-padded to T; lengths [B] -> first new tokens [B], cache."""
     model = nnx.merge(graphdef, params)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    out = model.forward(tokens, positions, segment_ids, cache=cache)
+    with _rules(mesh_rules):
+        out = model.forward(tokens, positions, segment_ids, cache=cache)
     last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     return sample(last, key, sampling), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _decode(graphdef, params, tokens, positions, cache: KVCache, key, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def _decode(graphdef, params, tokens, positions, cache: KVCache, key, sampling, mesh_rules):
     """tokens, positions [B] -> next tokens [B], cache."""
     model = nnx.merge(graphdef, params)
-    out = model.forward(tokens[:, None], positions[:, None], cache=cache)
+    with _rules(mesh_rules):
+        out = model.forward(tokens[:, None], positions[:, None], cache=cache)
     return sample(out.logits[:, 0], key, sampling), out.cache
 
 
@@ -78,11 +90,15 @@ def generate_tokens(
     eos_id: int | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> tuple[list[list[int]], Timing]:
     """Generated ids for each prompt (lists of ids), and how long it took.
 
     A row stops at `eos_id` (not included), when `should_stop(row, ids)` says so,
-    or after `max_new_tokens`; the batch stops when every row has.
+    or after `max_new_tokens`; the batch stops when every row has. With a `mesh`
+    (the model loaded or sharded onto it), activations and the KV cache are
+    sharded by `rules` too.
     """
     c = model.config
     sampling = sampling or Sampling()
@@ -110,8 +126,16 @@ def generate_tokens(
     cache = init_cache(c, B, T + max_new_tokens)
     keys = iter(jax.random.split(jax.random.key(seed), max_new_tokens))
     start = time.perf_counter()
+    mesh_rules = (mesh, tuple(rules)) if mesh is not None else None
     next_tokens, cache = _prefill(
-        graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), cache, next(keys), sampling
+        graphdef,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        cache,
+        next(keys),
+        sampling,
+        mesh_rules,
     )
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
@@ -133,7 +157,14 @@ def generate_tokens(
         if done.all() or step == max_new_tokens - 1:
             break
         next_tokens, cache = _decode(
-            graphdef, params, next_tokens, jnp.asarray(positions), cache, next(keys), sampling
+            graphdef,
+            params,
+            next_tokens,
+            jnp.asarray(positions),
+            cache,
+            next(keys),
+            sampling,
+            mesh_rules,
         )
         positions += 1
     timed = marks[1:]  # the first decode step compiles on a first call
@@ -154,6 +185,7 @@ def generate(
     stop: Sequence[str] = (),
     chat: bool = False,
     on_token: TokenCallback | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
     """Generates from each prompt (a string or a list of strings).
 
@@ -193,6 +225,7 @@ def generate(
         eos_id=tokenizer.eos_id,
         should_stop=should_stop if stop else None,
         on_token=on_id,
+        mesh=mesh,
     )
     final = []
     for row, text in enumerate(texts):

@@ -120,8 +120,24 @@ def other_rules() -> float:
     return float(np.abs(np.asarray(logits) - np.asarray(model(data["tokens"]))).max())
 
 
+def sharded_generation() -> dict:
+    """Greedy generation on a tensor=4 x data=2 mesh (KV cache split by KV head) equals
+    the single-device tokens."""
+    from mixtral_jax.generate import generate_tokens
+
+    config = tiny_config()
+    prompts = [[1, 17, 42, 99, 5], [1, 150], [1, 33, 34], [1, 7, 7, 7, 7, 7]]
+    expected, _ = generate_tokens(Mixtral(config, rngs=nnx.Rngs(0)), prompts, max_new_tokens=8)
+    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+    model = Mixtral(config, rngs=nnx.Rngs(0))
+    sharding.shard_model(model, mesh)
+    got, _ = generate_tokens(model, prompts, max_new_tokens=8, mesh=mesh)
+    return {"same_tokens": got == expected, "tokens": len(got[0])}
+
+
 if __name__ == "__main__":
     out = main(json.loads(sys.argv[1]))
     out["adam"] = optimizer_state_shardings()
     out["other_rules"] = other_rules()
+    out["generation"] = sharded_generation()
     print(json.dumps(out))

@@ -78,6 +78,10 @@ def test_the_same_modules_run_under_other_rules(mesh_results):
     assert mesh_results["other_rules"] <= 1e-5
 
 
+def test_generation_on_a_mesh_gives_the_single_device_tokens(mesh_results):
+    assert mesh_results["generation"] == {"same_tokens": True, "tokens": 8}
+
+
 def test_fsdp_shards_optimizer_state_like_parameters(mesh_results):
     adam = mesh_results["adam"]
     assert adam["moments_like_params"] and adam["num_moments"] == 26

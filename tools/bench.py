@@ -2,6 +2,7 @@
 
     python tools/bench.py                      # prefill + SMoE layer, configs/bench_1024.py
     python tools/bench.py --seq_len 2048 --sections prefill
+    python tools/bench.py --sections decode    # generation: batch 1 and 16
 
 Every figure is a median over repeats, taken in one run so that the figures
 can be compared (machines differ from day to day; compare ratios, not times).
@@ -30,6 +31,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixtral_jax import Mixtral, ModelConfig, weights  # noqa: E402
+from mixtral_jax.generate import generate_tokens  # noqa: E402
 from mixtral_jax.moe import SparseMoE  # noqa: E402
 
 
@@ -200,6 +202,72 @@ def bench_moe_layer(args, config: ModelConfig, peak: float):
             print(f"  {'':<34} dropped {100 * dropped:.2f}% of token choices")
 
 
+def read_bandwidth(repeats: int) -> float:
+    """Bytes/s of a jitted reduction over a 1 GiB float32 array: what decode can hope for."""
+    a = jnp.ones((256, 1024, 1024), jnp.float32)
+    total = jax.jit(lambda a: jnp.sum(a, axis=(0, 1)))
+    return a.nbytes / median_seconds(lambda: total(a).block_until_ready(), repeats)
+
+
+def active_weight_bytes(c: ModelConfig) -> int:
+    """Bytes of the weights one decoded token reads: attention, router, k experts, head."""
+    D, H, F = c.hidden_size, c.head_dim, c.intermediate_size
+    attention = D * H * (2 * c.num_heads + 2 * c.num_kv_heads)
+    per_layer = attention + D * c.num_experts + 3 * D * F * c.num_experts_per_tok + 2 * D
+    return (c.num_layers * per_layer + D * c.vocab_size + D) * jnp.dtype(c.weight_dtype).itemsize
+
+
+def bench_decode(args, config: ModelConfig, peak: float):
+    torch, _ = torch_or_none()
+    prompt, new = args.prompt_len, args.new_tokens
+    bandwidth = read_bandwidth(args.repeats)
+    active = active_weight_bytes(config)
+    print(
+        f"\nDecode: prompt {prompt} tokens, {new} new tokens, greedy; read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s; a batch-1 token reads {active / 1e6:.0f} MB of weights "
+        f"(bound: {bandwidth / active:.1f} tokens/s)"
+    )
+    print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
+    if torch is not None:
+        hf = hf_model(config, args.init_std, args.seed)
+        model = weights.from_hub_state_dict(hf.state_dict(), config)
+    else:
+        print("  (torch/transformers not installed: no reference rows)")
+        model = Mixtral(config, rngs=nnx.Rngs(args.seed))
+    for batch in (1, 16):
+        rng = np.random.RandomState(batch)
+        prompts = rng.randint(3, config.vocab_size, (batch, prompt))
+        rows = {}
+        if torch is not None:
+            ids = torch.as_tensor(prompts)
+
+            def hf_generate(n, ids=ids):
+                with torch.no_grad():
+                    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+                    return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+            hf_generate(2)  # warm up
+            first = median_seconds(lambda: hf_generate(1), args.repeats)
+            full = median_seconds(lambda: hf_generate(new), max(1, args.repeats // 2))
+            rows["transformers generate (eager)"] = (first, batch * (new - 1) / (full - first))
+        generate_tokens(model, prompts.tolist(), max_new_tokens=new)  # compile
+        timings = [
+            generate_tokens(model, prompts.tolist(), max_new_tokens=new)[1]
+            for _ in range(max(1, args.repeats // 2))
+        ]
+        first = statistics.median(t.first_token_s for t in timings)
+        rate = statistics.median(batch * t.steps_per_s for t in timings)
+        rows["mixtral_jax generate"] = (first, rate)
+        reference = rows.get("transformers generate (eager)")
+        print(f"  batch {batch}")
+        for name, (first, rate) in rows.items():
+            of_bound = (
+                f"{100 * rate / batch * active / bandwidth:7.1f}%" if batch == 1 else "      -"
+            )
+            ratio = f"{rate / reference[1]:5.2f}x" if reference else "    -"
+            print(f"  {name:<34} {first * 1e3:9.1f} ms {rate:13.1f} {of_bound:>9} {ratio}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -215,7 +283,11 @@ def main(argv=None):
         help="std of the random weights (transformers' default)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sections", default="prefill,moe", help="comma-separated: prefill, moe")
+    parser.add_argument(
+        "--sections", default="prefill,moe,decode", help="comma-separated: prefill, moe, decode"
+    )
+    parser.add_argument("--prompt_len", type=int, default=128, help="decode: prompt tokens")
+    parser.add_argument("--new_tokens", type=int, default=32, help="decode: new tokens")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     if args.seq_len > config.max_position_embeddings:
@@ -224,9 +296,9 @@ def main(argv=None):
             f"{config.max_position_embeddings}"
         )
     sections = args.sections.split(",")
-    unknown = set(sections) - {"prefill", "moe"}
+    unknown = set(sections) - {"prefill", "moe", "decode"}
     if unknown:
-        parser.error(f"unknown section(s) {sorted(unknown)}; choose from prefill, moe")
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from prefill, moe, decode")
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
     peak, where = matmul_peak(args.repeats)
@@ -235,6 +307,8 @@ def main(argv=None):
         bench_prefill(args, config, peak)
     if "moe" in sections:
         bench_moe_layer(args, config, peak)
+    if "decode" in sections:
+        bench_decode(args, config, peak)
 
 
 if __name__ == "__main__":
