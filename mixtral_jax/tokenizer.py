@@ -45,23 +45,35 @@ class Tokenizer:
         """Text of `ids`; `<s>`, `</s>` and other control pieces are dropped."""
         return self.sp.decode([int(i) for i in ids])
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """The Mixtral-Instruct encoding of a conversation that ends with a user turn
-        (the prompt for the assistant's answer)."""
-        turns = chat_turns(messages)
-        ids = [self.bos_id]
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, train: bool = False):
+        """The Mixtral-Instruct encoding of a conversation.
+
+        train=False: the conversation ends with a user turn; returns the ids of the
+        prompt for the assistant's answer. train=True: it ends with an assistant
+        turn; returns (ids, loss_mask), the mask true exactly on every answer's
+        tokens and its `</s>`.
+        """
+        turns = chat_turns(messages, train=train)
+        ids, mask = [self.bos_id], [False]
         for user, answer in turns:
-            ids += self.encode(f"[INST] {user} [/INST]", bos=False)
+            prompt = self.encode(f"[INST] {user} [/INST]", bos=False)
+            ids += prompt
+            mask += [False] * len(prompt)
             if answer is not None:
-                ids += self.encode(answer, bos=False, eos=True)
-        return ids
+                reply = self.encode(answer, bos=False, eos=True)
+                ids += reply
+                mask += [True] * len(reply)
+        return (ids, mask) if train else ids
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 
-def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str | None]]:
-    """(user text, assistant answer or None) pairs; the last has no answer."""
+def chat_turns(
+    messages: Sequence[Mapping[str, str]], *, train: bool = False
+) -> list[tuple[str, str | None]]:
+    """(user text, assistant answer or None) pairs. For generation the last has no
+    answer; for training (`train=True`) every turn has one."""
     if not messages:
         raise ValueError("a chat needs at least one message")
     system, turns, user = [], [], []
@@ -80,9 +92,13 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str | N
                 raise ValueError(f"message {i}: an assistant message must follow a user message")
             turns.append(["\n\n".join(user), content])
             user = []
-    if not user:
+    if train:
+        if user or not turns:
+            raise ValueError("a training conversation must end with an assistant message")
+    elif not user:
         raise ValueError("the last message must be from the user (the assistant answers it)")
-    turns.append(["\n\n".join(user), None])
+    else:
+        turns.append(["\n\n".join(user), None])
     if system:
         turns[0][0] = "\n\n".join([*system, turns[0][0]])
     return [tuple(t) for t in turns]

@@ -89,3 +89,15 @@ def test_bad_conversations_are_named(tokenizer, messages, message):
 def test_missing_tokenizer_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer at"):
         Tokenizer.from_file(tmp_path / "tokenizer.model")
+
+
+def test_training_conversations_end_with_an_answer(tokenizer):
+    with pytest.raises(ValueError, match="must end with an assistant message"):
+        tokenizer.encode_chat([{"role": "user", "content": "a"}], train=True)
+    ids, mask = tokenizer.encode_chat(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], train=True
+    )
+    assert ids[: len(mask) - sum(mask)] == tokenizer.encode_chat([{"role": "user", "content": "a"}])
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == tokenizer.encode(
+        "b", bos=False, eos=True
+    )
