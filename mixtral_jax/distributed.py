@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from mixtral_jax.sharding import spec_axes
+
 # Environment variables read when `initialize` is not given the value.
 ENV = {
     "coordinator_address": "MIXTRAL_COORDINATOR_ADDRESS",  # host:port of process 0
@@ -120,8 +122,7 @@ def global_batch(local: Mapping[str, Any] | Any, batch_sharding: NamedSharding) 
     On one host this is `jax.device_put` with the batch sharding.
     """
     # The batch is cut into `shards` blocks of rows; this host holds `held` of them.
-    axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = spec_axes(batch_sharding.spec[0] if len(batch_sharding.spec) else None)
     shards = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
     rows = host_rows(batch_sharding, shards)
     held = rows.stop - rows.start

@@ -67,7 +67,7 @@ def partition_spec(
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape, strict=True):
-        axes = _axes(table.get(name) if name else None)
+        axes = spec_axes(table.get(name) if name else None)
         kept: list[str] = []
         for axis in axes:
             n = mesh.shape.get(axis, 1)
@@ -155,7 +155,7 @@ def _check_every_axis_splits_something(shardings, axes, shapes, mesh, rules) -> 
     """A mesh axis that the rules map parameters to, but that divides none of their
     dimensions, would silently replicate them: an impossible mesh for this model."""
     table = dict(rules)
-    used = {a for s in shardings.values() for entry in s.spec for a in _axes(entry)}
+    used = {a for s in shardings.values() for entry in s.spec for a in spec_axes(entry)}
     for axis, size in mesh.shape.items():
         if size == 1 or axis in used:
             continue
@@ -163,7 +163,7 @@ def _check_every_axis_splits_something(shardings, axes, shapes, mesh, rules) -> 
             f"{name}={dim}"
             for path, names in axes.items()
             for name, dim in zip(names, shapes[path], strict=True)
-            if name and axis in _axes(table.get(name))
+            if name and axis in spec_axes(table.get(name))
         }
         if dims:
             raise ValueError(
@@ -173,7 +173,8 @@ def _check_every_axis_splits_something(shardings, axes, shapes, mesh, rules) -> 
             )
 
 
-def _axes(entry) -> tuple[str, ...]:
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
@@ -188,7 +189,7 @@ def shardings_like(tree: Any, by_path: Mapping[Path, NamedSharding], mesh: Mesh)
         if len(sharding.spec) != len(shape):
             return False  # e.g. a factored second moment
         for entry, size in zip(sharding.spec, shape, strict=True):
-            if size % math.prod(mesh.shape[a] for a in _axes(entry)):
+            if size % math.prod(mesh.shape[a] for a in spec_axes(entry)):
                 return False
         return True
 

@@ -79,8 +79,7 @@ def _check_batch(batch: Batch, batch_sharding: NamedSharding) -> None:
 
 def _check_rows(tokens, batch_sharding: NamedSharding) -> None:
     """The batch axis must split evenly over the mesh axes `batch` maps to."""
-    entry = batch_sharding.spec[0] if len(batch_sharding.spec) else None
-    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    axes = sharding.spec_axes(batch_sharding.spec[0] if len(batch_sharding.spec) else None)
     shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
     rows = tokens.shape[0] if tokens.ndim else 0
     if rows % shards:
