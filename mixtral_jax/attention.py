@@ -72,6 +72,14 @@ def query_blocks(length: int, sliding_window: int | None) -> list[tuple[tuple, t
     return blocks
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, T, K, G, H], k/v [B, S, K, H], mask broadcast to [B, K, G, T, S] ->
+    [B, T, K, G, H]; scores and softmax in float32."""
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+
 class LayerCache(NamedTuple):
     """One layer's view of the KV cache for one call."""
 
@@ -139,26 +147,14 @@ class Attention(nnx.Module):
             k_cache, v_cache = constrain(k_cache, cached), constrain(v_cache, cached)
             kv = (k_cache, v_cache)
             if T == 1:  # decode: attend over the cache
-                k, v = k_cache.astype(dtype), v_cache.astype(dtype)
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
-                scores = jnp.einsum(
-                    "BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32
-                )  # [B, K, G, 1, S], float32
-                probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
-                out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)
-                return self._project(out), kv
+                out = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+                return self._project(out.reshape(B, T, K * G, H)), kv
 
         outs = []
         for (q0, q1), (k0, k1) in query_blocks(T, c.sliding_window):
-            scores = jnp.einsum(
-                "BTKGH,BSKH->BKGTS",
-                q[:, q0:q1],
-                k[:, k0:k1],
-                preferred_element_type=jnp.float32,
-            )  # [B, K, G, Tq, Sk], float32
             mask = attention_mask(segment_ids, c.sliding_window, (q0, q1), (k0, k1))
-            probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
-            outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs, v[:, k0:k1]))
+            outs.append(_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask))
         out = jnp.concatenate(outs, axis=1).reshape(B, T, K * G, H)
         return self._project(out), kv
 

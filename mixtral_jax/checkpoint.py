@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -219,46 +219,56 @@ def _host_targets(shapes, paths, drop: int, dtype) -> dict[ParamPath, jax.ShapeD
     return {p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=host) for p in paths}
 
 
+class Stored(NamedTuple):
+    """What the host readers need to know of a checkpoint, read once."""
+
+    config: ModelConfig
+    dtype: str
+    shapes: dict[ParamPath, tuple[int, ...]]
+
+
+def read_stored(directory: str | Path) -> Stored:
+    config, dtype = read_config(directory)
+    return Stored(config, dtype, param_shapes(config))
+
+
 def read_layer(
-    directory: str | Path, layer: int, config: ModelConfig | None = None
+    directory: str | Path, layer: int, stored: Stored | None = None
 ) -> dict[ParamPath, np.ndarray]:
     """One layer's parameters {("layers", ...): array [...]} on the host, experts stacked.
 
-    `config`: the checkpoint's, when the caller has read it already."""
+    `stored`: `read_stored(directory)`, when the caller reads several pieces."""
     directory = Path(directory)
-    stored_config, dtype = read_config(directory)
-    config = config or stored_config
-    shapes = param_shapes(config)
-    expert_paths, rest_paths, _ = piece_paths(shapes)
+    stored = stored or read_stored(directory)
+    expert_paths, rest_paths, _ = piece_paths(stored.shapes)
 
     def restore(expert, paths, drop):
-        targets = _host_targets(shapes, paths, drop, dtype)
+        targets = _host_targets(stored.shapes, paths, drop, stored.dtype)
         values = _restore(piece_dir(directory, layer, expert), targets, directory)
         return {p: np.asarray(v) for p, v in values.items()}
 
     params = restore(None, rest_paths, 1)
-    experts = [restore(e, expert_paths, 2) for e in range(config.num_experts)]
+    experts = [restore(e, expert_paths, 2) for e in range(stored.config.num_experts)]
     for path in expert_paths:
         params[path] = np.stack([e[path] for e in experts])
     return params
 
 
-def read_other(directory: str | Path) -> dict[ParamPath, np.ndarray]:
+def read_other(directory: str | Path, stored: Stored | None = None) -> dict[ParamPath, np.ndarray]:
     """embed, final_norm and lm_head on the host."""
     directory = Path(directory)
-    config, dtype = read_config(directory)
-    shapes = param_shapes(config)
-    targets = _host_targets(shapes, piece_paths(shapes)[2], 0, dtype)
+    stored = stored or read_stored(directory)
+    targets = _host_targets(stored.shapes, piece_paths(stored.shapes)[2], 0, stored.dtype)
     values = _restore(directory / "params" / "other", targets, directory)
     return {p: np.asarray(v) for p, v in values.items()}
 
 
 def read_layers(directory: str | Path) -> Iterator[tuple[int | None, dict[ParamPath, np.ndarray]]]:
     """(layer, params) for every layer, then (None, embed/norm/head), one at a time."""
-    config, _ = read_config(directory)
-    for layer in range(config.num_layers):
-        yield layer, read_layer(directory, layer, config)
-    yield None, read_other(directory)
+    stored = read_stored(directory)
+    for layer in range(stored.config.num_layers):
+        yield layer, read_layer(directory, layer, stored)
+    yield None, read_other(directory, stored)
 
 
 def load(

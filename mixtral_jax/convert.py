@@ -169,15 +169,16 @@ def verify_against_source(directory: Path, source: sources.Source, config: Model
     """Re-reads the written checkpoint and compares every tensor with the source, exactly
     (after casting the source to `config.param_dtype`). Returns the tensors compared."""
     shapes = weights.param_shapes(config)
+    written = checkpoint.Stored(config, config.param_dtype, shapes)
     cached_layer, cached = None, None
-    other = checkpoint.read_other(directory)
+    other = checkpoint.read_other(directory, written)
     compared = 0
     for key, tensor in source.tensors():
         for s in weights.hub_to_slices(key, tensor, config, shapes):
             if s.path[0] == "layers":
                 layer = s.index[0]
                 if layer != cached_layer:
-                    cached = checkpoint.read_layer(directory, layer, config)
+                    cached = checkpoint.read_layer(directory, layer, written)
                     cached_layer = layer
                 stored = cached[s.path][s.index[1:]]
             else:

@@ -20,6 +20,7 @@ batch (`distributed.host_rows`).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -134,7 +135,7 @@ def batches(
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     packed = pack((examples[i] for i in order), seq_len)
     while True:
-        group = [row for _, row in zip(range(batch_size), packed, strict=False)]
+        group = list(itertools.islice(packed, batch_size))
         if len(group) < batch_size:
             return
         group = group[rows] if rows is not None else group

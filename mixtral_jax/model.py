@@ -49,18 +49,16 @@ class DecoderBlock(nnx.Module):
         token_mask: jax.Array,
         layer: jax.Array | None = None,
         cache: LayerCache | None = None,
+        sorted_: bool = False,
     ):
         """`layer` indexes expert weights still stacked over layers (sorted dispatch).
 
-        With a cache (inference) the SMoE layer never drops a token, and a decode
-        step of one token per row uses the sorted dispatch, which reads only the
-        chosen experts' weights."""
+        With a cache (inference) the SMoE layer never drops a token. `sorted_`
+        forces the sorted dispatch (decode steps; see `Mixtral._run_layers`)."""
         attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache)
         h = x + attn
-        inference = cache is not None
-        decode = inference and x.shape[1] == 1
         out = self.moe(
-            self.moe_norm(h), token_mask, layer=layer, dropless=inference, sorted_=decode
+            self.moe_norm(h), token_mask, layer=layer, dropless=cache is not None, sorted_=sorted_
         )
         return h + out.y, out, kv
 
@@ -219,17 +217,20 @@ class Mixtral(nnx.Module):
         # The sorted dispatch reads each expert's weights at [layer, expert] itself:
         # slicing a whole layer out first would copy every expert's weights (XLA:CPU
         # copies a dynamic slice that feeds a matmul), once more than needed.
+        # A decode step (one token per row) uses the sorted dispatch, which reads
+        # only the chosen experts' weights.
         decode = kv is not None and x.shape[1] == 1
-        nothing = nnx.Not(...)
         sorted_ = c.moe_impl == "sorted" or decode
-        keep_stacked = nnx.PathContains("experts") if sorted_ else nothing
+        keep_stacked = nnx.PathContains("experts") if sorted_ else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
 
         def block(x, scanned):
             layer_params, layer, layer_kv = scanned
             module = nnx.merge(graphdef, stacked, layer_params)
             cache = None if layer_kv is None else LayerCache(*layer_kv, slots, key_positions)
-            x, out, new_kv = module(x, positions, segment_ids, token_mask, layer=layer, cache=cache)
+            x, out, new_kv = module(
+                x, positions, segment_ids, token_mask, layer=layer, cache=cache, sorted_=decode
+            )
             return x, ((out.stats, out.weights, out.experts), new_kv)
 
         if c.remat_policy != "none":
