@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import apply_rope, param
+from mixtral_jax.layers import apply_rope, maybe_adapter, param, project
 from mixtral_jax.sharding import constrain
 
 # A large finite negative instead of -inf: a fully masked row (a padding
@@ -102,6 +102,21 @@ def cached_attention_mask(
     return mask[:, None, None]
 
 
+# The projections' einsums (also what their LoRA adapters are derived from).
+SPECS = {
+    "q_proj": "BTD,DNH->BTNH",
+    "k_proj": "BSD,DKH->BSKH",
+    "v_proj": "BSD,DKH->BSKH",
+    "o_proj": "BTNH,NHD->BTD",
+}
+AXES = {
+    "q_proj": ("embed", "heads", "head_dim"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "o_proj": ("heads", "head_dim", "embed"),
+}
+
+
 class Attention(nnx.Module):
     """Multi-head attention with N query heads and K key/value heads."""
 
@@ -111,10 +126,13 @@ class Attention(nnx.Module):
         init = nnx.initializers.normal(c.initializer_range)
         dt = c.weight_dtype
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), dt, init)
-        self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dt, init)
-        self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dt, init)
-        self.o_proj = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), dt, init)
+        self.q_proj = param(rngs, (D, N, H), AXES["q_proj"], dt, init)
+        self.k_proj = param(rngs, (D, K, H), AXES["k_proj"], dt, init)
+        self.v_proj = param(rngs, (D, K, H), AXES["v_proj"], dt, init)
+        self.o_proj = param(rngs, (N, H, D), AXES["o_proj"], dt, init)
+        for name, spec in SPECS.items():
+            shape = getattr(self, name).shape
+            setattr(self, f"{name}_lora", maybe_adapter(c, name, spec, shape, AXES[name], rngs))
 
     def __call__(
         self,
@@ -130,9 +148,9 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         K, G, H = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
 
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dtype))
+        q = project(SPECS["q_proj"], x, self.q_proj, self.q_proj_lora)
+        k = project(SPECS["k_proj"], x, self.k_proj, self.k_proj_lora)
+        v = project(SPECS["v_proj"], x, self.v_proj, self.v_proj_lora)
         q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", None))
         k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", None))
         v = constrain(v, ("batch", "length", "kv_heads", None))
@@ -160,5 +178,5 @@ class Attention(nnx.Module):
 
     def _project(self, out: jax.Array) -> jax.Array:
         """[B, T, N, H] -> [B, T, D]."""
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(out.dtype))
+        out = project(SPECS["o_proj"], out, self.o_proj, self.o_proj_lora)
         return constrain(out, ("batch", "length", "embed"))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 MOE_IMPLS = ("dense", "sorted")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -57,9 +58,21 @@ class ModelConfig:
     param_dtype: str = "float32"  # stored weights
     scan_layers: bool = True
     remat_policy: str = "none"
+    # LoRA adapters (layers.Adapter) on the named weights, rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.lora_targets, (list, str)):  # from JSON or a command line
+            targets = self.lora_targets
+            targets = targets.split(",") if isinstance(targets, str) else targets
+            object.__setattr__(self, "lora_targets", tuple(t.strip() for t in targets if t))
         _validate(self)
+
+    def lora(self, name: str) -> bool:
+        """Whether weight `name` (e.g. "q_proj", "w1") has a LoRA adapter."""
+        return self.lora_rank > 0 and name in self.lora_targets
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -235,3 +248,15 @@ def _validate(c: ModelConfig) -> None:
             raise ConfigError(f"config.{name}={getattr(c, name)!r}; choose one of {DTYPES}")
     if c.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"config.remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    if not isinstance(c.lora_rank, int) or isinstance(c.lora_rank, bool) or c.lora_rank < 0:
+        raise ConfigError(f"config.lora_rank must be an integer >= 0, got {c.lora_rank!r}")
+    unknown = [t for t in c.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"config.lora_targets has {unknown}; choose among {LORA_TARGETS}")
+    if c.lora_rank and not c.lora_targets:
+        raise ConfigError(
+            f"config.lora_rank={c.lora_rank} but config.lora_targets is empty; name the "
+            f"weights to adapt among {LORA_TARGETS}"
+        )
+    if not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
+        raise ConfigError(f"config.lora_alpha must be a positive number, got {c.lora_alpha!r}")

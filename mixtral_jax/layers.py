@@ -1,10 +1,15 @@
-"""Small building blocks: parameters with logical axes, RMSNorm, embeddings, RoPE."""
+"""Small building blocks: parameters with logical axes, LoRA adapters, RMSNorm,
+embeddings, RoPE."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mixtral_jax.config import ModelConfig
 
 
 def param(
@@ -13,6 +18,7 @@ def param(
     axes: tuple[str | None, ...],
     dtype: jnp.dtype,
     init: nnx.Initializer,
+    kind: type[nnx.Param] = nnx.Param,
 ) -> nnx.Param:
     """A parameter whose `out_sharding` metadata holds *logical* axis names.
 
@@ -20,7 +26,101 @@ def param(
     mesh axes by rules from the config, so placement is metadata only here.
     """
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+    return kind(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class LoRAParam(nnx.Param):
+    """A low-rank adapter's parameter: what LoRA fine-tuning trains (`nnx.Param`s
+    that are not `LoRAParam`s stay frozen)."""
+
+
+class Adapter(nnx.Module):
+    """LoRA for one weight W used as `einsum(spec, x, W)`: W + (alpha / r) A B.
+
+    The factors are read off the weight's einsum: A keeps W's contracted (and
+    shared) axes and ends in the rank R; B starts with the shared axes and R,
+    then W's output axes. For "BTD,DNH->BTNH" that is A [D, R], B [R, N, H];
+    for the experts' "EGCD,EDF->EGCF", A [E, D, R], B [E, R, F]. Applied to
+    activations (x A) B, so the [D, F]-sized update is never built while training.
+    B starts at zero: a fresh adapter leaves the model unchanged.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        weight_shape: tuple[int, ...],
+        weight_axes: tuple[str | None, ...],
+        *,
+        rank: int,
+        alpha: float,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        x_sub, w_sub, out_sub = _einsum_parts(spec)
+        produced = [a for a in w_sub if a not in x_sub]
+        contracted = [a for a in w_sub if a in x_sub and a not in out_sub]
+        shared = [a for a in w_sub if a in x_sub and a in out_sub]
+        a_sub = "".join(a for a in w_sub if a not in produced) + "R"
+        b_sub = "".join(shared) + "R" + "".join(produced)
+        mid = "".join(a for a in x_sub if a not in contracted) + "R"
+        self.spec_a, self.spec_b = f"{x_sub},{a_sub}->{mid}", f"{mid},{b_sub}->{out_sub}"
+        self.spec_delta = f"...{a_sub},...{b_sub}->...{w_sub}"
+        self.scale = alpha / rank
+        size = dict(zip(w_sub, weight_shape, strict=True)) | {"R": rank}
+        names = dict(zip(w_sub, weight_axes, strict=True)) | {"R": None}
+        fan_in = math.prod(size[a] for a in contracted)
+
+        def factor(sub, init):
+            shape = tuple(size[a] for a in sub)
+            return param(rngs, shape, tuple(names[a] for a in sub), param_dtype, init, LoRAParam)
+
+        self.a = factor(a_sub, nnx.initializers.normal(fan_in**-0.5))
+        self.b = factor(b_sub, nnx.initializers.zeros)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The adapter's contribution to einsum(spec, x, W)."""
+        h = jnp.einsum(self.spec_a, x, self.a[...].astype(x.dtype))
+        y = jnp.einsum(self.spec_b, h, self.b[...].astype(x.dtype))
+        return y * jnp.asarray(self.scale, x.dtype)
+
+    def delta(self) -> jax.Array:
+        """(alpha / r) A B in W's layout (with any leading stacked axes), float32."""
+        a, b = (p[...].astype(jnp.float32) for p in (self.a, self.b))
+        return jnp.einsum(self.spec_delta, a, b) * self.scale
+
+
+def maybe_adapter(
+    config: ModelConfig,
+    name: str,
+    spec: str,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    rngs: nnx.Rngs,
+) -> Adapter | None:
+    """The adapter of weight `name` when the config targets it with LoRA, else None."""
+    if not config.lora(name):
+        return None
+    return Adapter(
+        spec,
+        shape,
+        axes,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        param_dtype=jnp.float32,  # small, trained: float32 whatever the base's dtype
+        rngs=rngs,
+    )
+
+
+def _einsum_parts(spec: str) -> tuple[str, str, str]:
+    inputs, out = spec.split("->")
+    x, w = inputs.split(",")
+    return x, w, out
+
+
+def project(spec: str, x: jax.Array, weight: nnx.Param, adapter: Adapter | None) -> jax.Array:
+    """einsum(spec, x, W), plus the LoRA adapter's term when W has one."""
+    y = jnp.einsum(spec, x, weight[...].astype(x.dtype))
+    return y if adapter is None else y + adapter(x)
 
 
 class RMSNorm(nnx.Module):

@@ -248,6 +248,30 @@ class Mixtral(nnx.Module):
         return x, routes, kv
 
 
+def with_config(model: Mixtral, config: ModelConfig, seed: int = 0) -> Mixtral:
+    """`model`'s parameters in a model built for `config`: e.g. other execution
+    settings (dtype, remat, capacity factor) or added LoRA adapters. Parameters
+    the new config adds are initialised from `seed`; the others are shared, not
+    copied, and no other parameter is ever allocated."""
+
+    def build():
+        return Mixtral(config, rngs=nnx.Rngs(seed))
+
+    rebuilt = nnx.eval_shape(build)
+    old = nnx.state(model, nnx.Param)
+    new = nnx.state(rebuilt, nnx.Param)
+    old_paths = {keys for keys, _ in nnx.to_flat_state(old)}
+    new_paths = {keys for keys, _ in nnx.to_flat_state(new)}
+    if not old_paths <= new_paths:
+        raise ValueError(f"the new config drops parameters {sorted(old_paths - new_paths)[:3]}")
+    if new_paths - old_paths:
+        # Under jit the other initialisers are dead code: only the new parameters are made.
+        added = jax.jit(lambda: nnx.state(build(), lambda path, _: tuple(path) not in old_paths))()
+        nnx.update(rebuilt, added)
+    nnx.update(rebuilt, old)
+    return rebuilt
+
+
 def _check_inputs(c: ModelConfig, tokens, positions, segment_ids) -> None:
     """Shape checks always; value checks when the tokens are concrete (not traced)."""
     if tokens.ndim != 2:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from mixtral_jax import routing
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import param
+from mixtral_jax.layers import maybe_adapter, param, project
 from mixtral_jax.sharding import constrain
 
 # Capacity factors the dense dropless dispatch tries, smallest first, before
@@ -44,9 +44,46 @@ DROPLESS_LADDER = (1.0, 1.25, 1.5, 2.0)
 TILE = 512
 
 
-def swiglu(x: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
+class ExpertWeight(NamedTuple):
+    """One of w1/w2/w3 for every expert, [..., E, X, Y], with its LoRA factors
+    a [..., E, X, R] and b [..., E, R, Y] when it has an adapter."""
+
+    w: jax.Array
+    a: jax.Array | None = None
+    b: jax.Array | None = None
+    scale: float = 0.0
+
+    def take(self, index: tuple, dtype: jnp.dtype) -> ExpertWeight:
+        """The [X, Y] matrices (and factors) of one expert; `index` leads to it."""
+
+        def one(a):
+            start = (*index, 0, 0)
+            size = (*(1,) * len(index), *a.shape[-2:])
+            return jax.lax.dynamic_slice(a, start, size).reshape(a.shape[-2:]).astype(dtype)
+
+        arrays = (one(a) if a is not None else None for a in (self.w, self.a, self.b))
+        return ExpertWeight(*arrays, self.scale)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., X] @ one expert's [X, Y] matrix (plus its adapter's term)."""
+        y = x @ self.w
+        if self.a is None:
+            return y
+        return y + ((x @ self.a) @ self.b) * jnp.asarray(self.scale, x.dtype)
+
+
+def swiglu(x: jax.Array, w1: ExpertWeight, w2: ExpertWeight, w3: ExpertWeight) -> jax.Array:
     """One expert: w2(silu(x w1) * (x w3)); x [..., D], w1/w3 [D, F], w2 [F, D]."""
-    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+    return w2(jax.nn.silu(w1(x)) * w3(x))
+
+
+# The experts' einsums (also what their LoRA adapters are derived from).
+SPECS = {"w1": "EGCD,EDF->EGCF", "w3": "EGCD,EDF->EGCF", "w2": "EGCF,EFD->EGCD"}
+AXES = {
+    "w1": ("expert", "embed", "mlp"),
+    "w3": ("expert", "embed", "mlp"),
+    "w2": ("expert", "mlp", "embed"),
+}
 
 
 class Experts(nnx.Module):
@@ -61,21 +98,33 @@ class Experts(nnx.Module):
         init = nnx.initializers.normal(c.initializer_range)
         dt = c.weight_dtype
         E, D, F = c.num_experts, c.hidden_size, c.intermediate_size
-        self.w1 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, init)
-        self.w3 = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, init)
-        self.w2 = param(rngs, (E, F, D), ("expert", "mlp", "embed"), dt, init)
+        self.w1 = param(rngs, (E, D, F), AXES["w1"], dt, init)
+        self.w3 = param(rngs, (E, D, F), AXES["w3"], dt, init)
+        self.w2 = param(rngs, (E, F, D), AXES["w2"], dt, init)
+        for name, spec in SPECS.items():
+            shape = getattr(self, name).shape
+            setattr(self, f"{name}_lora", maybe_adapter(c, name, spec, shape, AXES[name], rngs))
 
-    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self.w1[...], self.w2[...], self.w3[...]
+    def weights(self) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
+        """w1, w2, w3 with their adapters, as stored (with any leading layers axis)."""
+
+        def weight(name):
+            adapter = getattr(self, f"{name}_lora")
+            if adapter is None:
+                return ExpertWeight(getattr(self, name)[...])
+            return ExpertWeight(
+                getattr(self, name)[...], adapter.a[...], adapter.b[...], adapter.scale
+            )
+
+        return weight("w1"), weight("w2"), weight("w3")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]."""
-        w1, w2, w3 = (w.astype(x.dtype) for w in self.weights())
         x = constrain(x, ("expert", "group", "capacity", "embed"))
         hidden = ("expert", "group", "capacity", "mlp")
-        gate = constrain(jnp.einsum("EGCD,EDF->EGCF", x, w1), hidden)
-        up = constrain(jnp.einsum("EGCD,EDF->EGCF", x, w3), hidden)
-        y = jnp.einsum("EGCF,EFD->EGCD", jax.nn.silu(gate) * up, w2)
+        gate = constrain(project(SPECS["w1"], x, self.w1, self.w1_lora), hidden)
+        up = constrain(project(SPECS["w3"], x, self.w3, self.w3_lora), hidden)
+        y = project(SPECS["w2"], jax.nn.silu(gate) * up, self.w2, self.w2_lora)
         return constrain(y, ("expert", "group", "capacity", "embed"))
 
 
@@ -83,15 +132,16 @@ def sorted_experts(
     x: jax.Array,
     routes: routing.Routes,
     token_mask: jax.Array,
-    w1: jax.Array,
-    w2: jax.Array,
-    w3: jax.Array,
+    w1: ExpertWeight,
+    w2: ExpertWeight,
+    w3: ExpertWeight,
     layer: jax.Array | None = None,
 ) -> jax.Array:
     """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
 
-    w1/w3: [E, D, F], w2: [E, F, D]; or all with a leading layers axis [L, ...]
-    and `layer` saying which, so that only the experts used are ever sliced out.
+    w1/w3: [E, D, F], w2: [E, F, D] (with their adapters); or all with a leading
+    layers axis [L, ...] and `layer` saying which, so that only the experts used
+    are ever sliced out.
 
     Row j of the sorted order is choice order[j] (token order[j] // k); expert
     e owns rows [start[e], start[e] + count[e]). Padding tokens sort last and
@@ -99,7 +149,7 @@ def sorted_experts(
     """
     N, D = x.shape
     k = routes.experts.shape[-1]
-    E = w1.shape[-3]
+    E = w1.w.shape[-3]
     n = N * k
     choice_expert = jnp.where(token_mask[:, None], routes.experts, E).reshape(n)
     order = jnp.argsort(choice_expert, stable=True)  # [n]
@@ -121,12 +171,7 @@ def sorted_experts(
     def one_expert(e, ys):
         # e is the loop's traced index: one compiled body serves every expert.
         index = (e,) if layer is None else (layer, e)
-        w = tuple(
-            jax.lax.dynamic_slice(a, (*index, 0, 0), (*(1,) * len(index), *a.shape[-2:]))
-            .reshape(a.shape[-2:])
-            .astype(x.dtype)
-            for a in (w1, w2, w3)
-        )
+        w = tuple(weight.take(index, x.dtype) for weight in (w1, w2, w3))
         begin = start[e]
         full, rest = count[e] // tile, count[e] % tile
 

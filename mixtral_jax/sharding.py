@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import ConfigError
-from mixtral_jax.weights import Path, _path, flat_params, set_params
+from mixtral_jax.weights import Path, flat_params, key_path, set_params
 
 # Flax 0.10 hands out VariableState in states, newer Flax the Variables themselves
 # (and warns that VariableState is only an alias).
@@ -133,7 +133,7 @@ def logical_axes(model: nnx.Module) -> dict[Path, tuple[str | None, ...]]:
     for keys, variable in leaves:
         meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
         names = meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names")
-        path = _path(keys)
+        path = key_path(keys)
         if path[0] == "layers" and len(names) == len(jax.tree.leaves(variable)[0].shape) - 1:
             names = ("layers", *names)  # Flax 0.10's vmap records the stack axis elsewhere
         axes[path] = tuple(names)
@@ -194,7 +194,7 @@ def shardings_like(tree: Any, by_path: Mapping[Path, NamedSharding], mesh: Mesh)
         return True
 
     def pick(keys, leaf):
-        path = _path(keys)
+        path = key_path(keys)
         for start in range(len(path)):
             sharding = by_path.get(path[start:])
             if sharding is not None and fits(sharding, tuple(np.shape(leaf))):

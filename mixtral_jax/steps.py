@@ -60,33 +60,60 @@ def loss_fn(model: Mixtral, batch: Batch) -> tuple[jax.Array, dict[str, jax.Arra
     return loss, metrics
 
 
-def _split(model: Mixtral):
+def token_nll(model: Mixtral, batch: Batch) -> dict[str, jax.Array]:
+    """Summed weighted negative log-likelihood and the summed weights (tokens):
+    sums, so that a perplexity over many batches is exp(sum nll / sum tokens)."""
+    logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"]
+    )  # [B, T]
+    weights = batch.get("weights")
+    weights = jnp.ones_like(nll) if weights is None else weights.astype(jnp.float32)
+    return {"nll": jnp.sum(nll * weights), "tokens": jnp.sum(weights)}
+
+
+class _Placement(NamedTuple):
+    graphdef: Any
+    params: nnx.State
+    rest: Any
+    by_path: dict  # {parameter path: NamedSharding}
+    param_shardings: Any  # like params
+    batch_sharding: NamedSharding
+
+
+def _place(model: Mixtral, mesh: Mesh, rules: sharding.Rules) -> _Placement:
+    """The model split into graph and parameters, and where parameters and batches go."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("the model holds non-parameter state; the sharded steps expect none")
-    return graphdef, params, rest
+    by_path = sharding.param_shardings(model, mesh, rules)
+    param_sh = sharding.shardings_like(params, by_path, mesh)
+    batch_sh = sharding.named_sharding(BATCH_AXES, (mesh.size, 1), mesh, rules)
+    return _Placement(graphdef, params, rest, by_path, param_sh, batch_sh)
 
 
-def _check_batch(batch: Batch, batch_sharding: NamedSharding) -> None:
+def _check_batch(batch: Batch, batch_sharding: NamedSharding, accumulate: int) -> None:
     unknown = sorted(set(batch) - set(BATCH_KEYS))
-    if unknown or "tokens" not in batch:
+    if unknown or "tokens" not in batch or "targets" not in batch:
         raise ValueError(
-            f"a batch is a dict with 'tokens' and optionally {list(BATCH_KEYS[1:])}; "
-            f"got keys {sorted(batch)}"
+            f"a batch is a dict with 'tokens', 'targets' and optionally "
+            f"{list(BATCH_KEYS[2:])}; got keys {sorted(batch)}"
         )
-    _check_rows(batch["tokens"], batch_sharding)
+    _check_rows(batch["tokens"], batch_sharding, accumulate)
 
 
-def _check_rows(tokens, batch_sharding: NamedSharding) -> None:
-    """The batch axis must split evenly over the mesh axes `batch` maps to."""
+def _check_rows(tokens, batch_sharding: NamedSharding, accumulate: int = 1) -> None:
+    """The batch axis must split evenly into micro-batches and over the mesh axes
+    `batch` maps to."""
     axes = sharding.spec_axes(batch_sharding.spec[0] if len(batch_sharding.spec) else None)
     shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
     rows = tokens.shape[0] if tokens.ndim else 0
-    if rows % shards:
-        named = " x ".join(f"{a}={batch_sharding.mesh.shape[a]}" for a in axes)
+    if rows % (shards * accumulate):
+        named = " x ".join(f"{a}={batch_sharding.mesh.shape[a]}" for a in axes) or "none"
         raise ValueError(
-            f"a batch of {rows} rows does not split over the mesh axes {named}; use a "
-            f"multiple of {shards} rows (pad with weight 0), or a mesh with fewer batch devices"
+            f"a batch of {rows} rows does not split into {accumulate} micro-batch(es) over "
+            f"the batch mesh axes ({named}); use a multiple of {shards * accumulate} rows "
+            "(pad with weight 0), or fewer batch devices or accumulation steps"
         )
 
 
@@ -110,13 +137,9 @@ def jit_forward(
     """The model's forward pass jitted for `mesh`; its parameters are moved to their
     shardings (`Forward.params`), the input's batch axis is split over the mesh axes
     that `batch` maps to, and the logits come back sharded over batch and vocab."""
-    graphdef, params, rest = _split(model)
-    by_path = sharding.param_shardings(model, mesh, rules)
-    param_sh = sharding.shardings_like(params, by_path, mesh)
-    c = model.config
-    batch_sh = sharding.named_sharding(BATCH_AXES, (mesh.size, 1), mesh, rules)
+    graphdef, params, rest, _, param_sh, batch_sh = _place(model, mesh, rules)
     logits_sh = sharding.named_sharding(
-        (*BATCH_AXES, "vocab"), (mesh.size, 1, c.vocab_size), mesh, rules
+        (*BATCH_AXES, "vocab"), (mesh.size, 1, model.config.vocab_size), mesh, rules
     )
 
     def forward(params, tokens, positions, segment_ids):
@@ -131,8 +154,39 @@ def jit_forward(
     return Forward(fn, jax.device_put(params, param_sh), param_sh, batch_sh)
 
 
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """`evaluate(params, batch)` -> {"nll": summed NLL, "tokens": summed weights}."""
+
+    fn: Callable
+    param_shardings: Any
+    batch_sharding: NamedSharding
+
+    def __call__(self, params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
+        _check_batch(batch, self.batch_sharding, 1)
+        return self.fn(params, dict(batch))
+
+    def place(self, model: Mixtral) -> nnx.State:
+        """`model`'s parameters, moved to their shardings."""
+        return jax.device_put(nnx.state(model, nnx.Param), self.param_shardings)
+
+
+def jit_eval(model: Mixtral, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Eval:
+    """`token_nll` jitted for `mesh`; takes the parameters of `model`'s architecture
+    (`nnx.state(model, nnx.Param)`, e.g. of a model being trained) placed by the rules."""
+    graphdef, _, rest, _, param_sh, batch_sh = _place(model, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def evaluate(params, batch):
+        with sharding.use_rules(mesh, rules):
+            return token_nll(nnx.merge(graphdef, params, rest), batch)
+
+    fn = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+    return Eval(fn, param_sh, batch_sh)
+
+
 class TrainState(NamedTuple):
-    params: nnx.State
+    params: nnx.State  # the trained parameters: all, or e.g. only the LoRA adapters
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar
 
@@ -142,27 +196,32 @@ class TrainStep:
     """`init(model) -> TrainState`, `step(state, batch) -> (state, metrics)` for one mesh.
 
     `step` donates `state`: use the returned state, never the one passed in.
+    Frozen parameters are not part of the state; the step holds them (`frozen`).
     """
 
     init_fn: Callable
     step_fn: Callable
     graphdef: Any
+    trainable: nnx.filterlib.Filter
+    frozen: nnx.State  # the parameters not trained, placed by their shardings
     rest: Any
     state_shardings: TrainState
     batch_sharding: NamedSharding
+    accumulate: int
 
     def init(self, model: Mixtral) -> TrainState:
-        """The model's parameters, moved to their shardings, and a fresh optimizer state."""
-        _, params, _ = _split(model)
+        """`model`'s trained parameters, moved to their shardings, and a fresh
+        optimizer state."""
+        _, params, _, _ = nnx.split(model, self.trainable, nnx.Param, ...)
         return self.init_fn(params)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        _check_batch(batch, self.batch_sharding)
-        return self.step_fn(state, dict(batch))
+        _check_batch(batch, self.batch_sharding, self.accumulate)
+        return self.step_fn(state, self.frozen, dict(batch))
 
     def model(self, state: TrainState) -> Mixtral:
         """The model with `state`'s parameters (sharded as they are)."""
-        return nnx.merge(self.graphdef, state.params, self.rest)
+        return nnx.merge(self.graphdef, state.params, self.frozen, self.rest)
 
 
 def jit_train_step(
@@ -171,31 +230,66 @@ def jit_train_step(
     mesh: Mesh,
     rules: sharding.Rules = sharding.DEFAULT_RULES,
     loss: Callable[[Mixtral, Batch], tuple[jax.Array, dict]] = loss_fn,
+    *,
+    trainable: nnx.filterlib.Filter = nnx.Param,
+    accumulate: int = 1,
 ) -> TrainStep:
     """A jitted, sharded train step of `optimizer` on `loss` for `model`'s architecture.
 
+    Only the parameters that match `trainable` (an nnx filter, e.g.
+    `layers.LoRAParam`) get gradients and optimizer state; the others are frozen.
     Parameters and the optimizer state leaves that mirror them (Adam's moments)
     are sharded alike by the rules, so `fsdp` splits both; counters are
-    replicated. Metrics come back replicated.
+    replicated. With `accumulate` = A > 1 a batch of A x B rows is processed as A
+    micro-batches of B rows in a loop and their gradients averaged: one update
+    for the memory of B rows. Metrics come back replicated (micro-batch means).
     """
-    graphdef, params, rest = _split(model)
-    by_path = sharding.param_shardings(model, mesh, rules)
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
+    _, _, _, by_path, _, batch_sh = _place(model, mesh, rules)
+    graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+    if not jax.tree.leaves(params):
+        raise ValueError("no parameter matches the `trainable` filter; nothing would train")
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = sharding.shardings_like(params, by_path, mesh)
+    frozen_sh = sharding.shardings_like(frozen, by_path, mesh)
     opt_sh = sharding.shardings_like(jax.eval_shape(optimizer.init, params), by_path, mesh)
     state_sh = TrainState(param_sh, opt_sh, replicated)
-    batch_sh = sharding.named_sharding(BATCH_AXES, (mesh.size, 1), mesh, rules)
 
     def init(params):
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
-    def step(state: TrainState, batch: Batch):
+    def grads_of(params, frozen, batch):
+        def loss_of(params):
+            return loss(nnx.merge(graphdef, params, frozen, rest), batch)
+
+        (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return grads, metrics
+
+    def step(state: TrainState, frozen, batch: Batch):
         with sharding.use_rules(mesh, rules):
+            if accumulate == 1:
+                grads, metrics = grads_of(state.params, frozen, batch)
+            else:
+                # [A * B, T] -> [A, B, T]: micro-batch a holds rows a, a + A, ... so
+                # that every micro-batch is split over the batch devices alike.
+                micro = jax.tree.map(
+                    lambda x: jnp.swapaxes(x.reshape(-1, accumulate, *x.shape[1:]), 0, 1),
+                    batch,
+                )
 
-            def loss_of(params):
-                return loss(nnx.merge(graphdef, params, rest), batch)
+                def add(total, one):
+                    grads, metrics = grads_of(state.params, frozen, one)
+                    return jax.tree.map(jnp.add, total, (grads, metrics)), None
 
-            (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+                zeros = jax.tree.map(
+                    jnp.zeros_like,
+                    jax.eval_shape(
+                        grads_of, state.params, frozen, jax.tree.map(lambda x: x[0], micro)
+                    ),
+                )
+                total, _ = jax.lax.scan(add, zeros, micro)
+                grads, metrics = jax.tree.map(lambda x: x / accumulate, total)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -205,12 +299,15 @@ def jit_train_step(
         init_fn=jax.jit(init, in_shardings=(param_sh,), out_shardings=state_sh),
         step_fn=jax.jit(
             step,
-            in_shardings=(state_sh, batch_sh),
+            in_shardings=(state_sh, frozen_sh, batch_sh),
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
         ),
         graphdef=graphdef,
+        trainable=trainable,
+        frozen=jax.device_put(frozen, frozen_sh),
         rest=rest,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
+        accumulate=accumulate,
     )

@@ -92,7 +92,8 @@ class Slice:
     value: np.ndarray
 
 
-def _path(keys) -> Path:
+def key_path(keys) -> Path:
+    """("layers", "moe", "gate") from a pytree key path through a model's State."""
     return tuple(str(k.key) for k in keys if isinstance(k, jax.tree_util.DictKey))
 
 
@@ -101,14 +102,14 @@ def flat_params(tree: nnx.Module | nnx.State) -> dict[Path, jax.Array]:
     such as gradients). Written on pytree paths, so it reads any recent Flax."""
     state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {_path(keys): leaf for keys, leaf in leaves}
+    return {key_path(keys): leaf for keys, leaf in leaves}
 
 
 def set_params(model: nnx.Module, params: Mapping[Path, Any]) -> None:
     """Replaces a model's parameters in place by path; paths not given are kept."""
     state = nnx.state(model, nnx.Param)
     state = jax.tree_util.tree_map_with_path(
-        lambda keys, leaf: params.get(_path(keys), leaf), state
+        lambda keys, leaf: params.get(key_path(keys), leaf), state
     )
     nnx.update(model, state)
 
