@@ -13,6 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
+    package_data={"mixtral_jax": ["assets/*.model", "assets/sample/*.jsonl"]},
     install_requires=[
         "jax>=0.6.2",
         "flax>=0.10.7",  # the last Flax for Python 3.10; 3.11+ get the newest
@@ -33,6 +34,7 @@ setup(
             "transformers>=5.0; python_version == '3.11'",
             "safetensors>=0.4",
             "ruff>=0.6",
+            "tensorboard>=2.15",  # reads back the event files that training writes
         ],
     },
 )

@@ -126,17 +126,23 @@ def batches(
     seed: int,
     epoch: int = 0,
     rows: slice | None = None,
+    shuffle: bool = True,
+    keep_last: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Global batches of `batch_size` packed rows [B, T] for one epoch, documents
     shuffled by (seed, epoch); `rows` keeps only this host's rows of each batch.
-    A last, incomplete batch is dropped."""
+    A last, incomplete batch is dropped, or with `keep_last` filled with empty
+    rows (weight 0), as evaluation wants."""
     if not examples:
         raise DataError("no documents to train on")
-    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    order = np.arange(len(examples))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     packed = pack((examples[i] for i in order), seq_len)
     while True:
         group = list(itertools.islice(packed, batch_size))
-        if len(group) < batch_size:
+        if not group or (len(group) < batch_size and not keep_last):
             return
+        group += [_empty_row(seq_len) for _ in range(batch_size - len(group))]
         group = group[rows] if rows is not None else group
         yield {key: np.stack([row[key] for row in group]) for key in group[0]}

@@ -1,0 +1,161 @@
+"""Training metrics: TensorBoard event files, a JSONL log, and model FLOPs for MFU.
+
+TensorBoard reads event files: TFRecords (length, masked CRC-32C, payload,
+masked CRC-32C) of `Event` protocol buffers. A scalar is three nested messages
+with four fields, so they are written here by hand rather than pulling in
+TensorFlow or protobuf for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import jax
+
+from mixtral_jax.config import ModelConfig
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    key = _varint(number << 3 | wire_type)
+    if wire_type == 2:  # length-delimited
+        return key + _varint(len(payload)) + payload
+    return key + payload
+
+
+def _event(wall_time: float, step: int, tag: str | None = None, value: float = 0.0) -> bytes:
+    """Event{wall_time=1 (double), step=2 (int64), file_version=3 | summary=5}."""
+    event = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if tag is None:
+        return event + _field(3, 2, b"brain.Event:2")
+    # Summary{value=1: Value{tag=1 (string), simple_value=2 (float)}}
+    summary_value = _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value))
+    return event + _field(5, 2, _field(1, 2, summary_value))
+
+
+class SummaryWriter:
+    """Scalars into `logdir/events.out.tfevents.*` (TensorBoard) and `logdir/metrics.jsonl`."""
+
+    def __init__(self, logdir: str | Path):
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._events = open(self.logdir / name, "ab")  # noqa: SIM115 (closed by close())
+        self._jsonl = open(self.logdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self._write(_event(time.time(), 0))
+
+    def _write(self, record: bytes) -> None:
+        header = struct.pack("<Q", len(record))
+        self._events.write(header + struct.pack("<I", _masked_crc(header)))
+        self._events.write(record + struct.pack("<I", _masked_crc(record)))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Writes every value at `step` and flushes (a preempted run keeps its log)."""
+        now = time.time()
+        for tag, value in values.items():
+            self._write(_event(now, step, tag, float(value)))
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}))
+        self._jsonl.write("\n")
+        self.flush()
+
+    def flush(self) -> None:
+        self._events.flush()
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        self._events.close()
+        self._jsonl.close()
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, trained_fraction: float = 1.0) -> float:
+    """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU.
+
+    Matmuls with the active weights: 2 FLOPs per weight forward, 4 backward
+    (2 for the activations' gradient, 2 for the weight's; the latter only for
+    the trained fraction); attention scores and values: 12 L T D-sized per token
+    in all (half of it masked out by causality, counted as PaLM does).
+    """
+    c = config
+    D, F, L = c.hidden_size, c.intermediate_size, c.num_layers
+    attention = D * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    experts = 3 * D * F * c.num_experts_per_tok
+    active = L * (attention + experts + D * c.num_experts) + D * c.vocab_size
+    matmuls = (2 + 2 + 2 * trained_fraction) * active
+    scores = 12 * L * seq_len * c.num_heads * c.head_dim / 2
+    return matmuls + scores
+
+
+# Dense bf16 peak FLOP/s per chip.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device: jax.Device | None = None) -> float | None:
+    """The device's peak FLOP/s: the table's figure, or measured for a CPU (the best
+    rate of a float32 matmul, which is what a CPU run can reach at most)."""
+    device = device or jax.devices()[0]
+    for kind, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(kind):
+            return flops
+    if device.platform != "cpu":
+        return None
+    import jax.numpy as jnp
+
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
