@@ -105,6 +105,43 @@ class SummaryWriter:
         self._jsonl.close()
 
 
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report; the first step (which
+    compiles) and the time before a `restart` (evaluation) are not counted."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None):
+        self.tokens_per_step, self.flops_per_token, self.peak = (
+            tokens_per_step,
+            flops_per_token,
+            peak,
+        )
+        self.compiled = False
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step(self, outputs) -> None:
+        if self.compiled:
+            self.steps += 1
+        else:
+            jax.block_until_ready(outputs)
+            self.compiled = True
+            self.restart()
+
+    def report(self) -> dict[str, float]:
+        """{"tokens_per_s", "mfu"} of the steps since the last report (call it after the
+        step's outputs were read, so that the work is done), then starts a new window."""
+        values = {}
+        if self.steps:
+            tokens_per_s = self.steps * self.tokens_per_step / (time.perf_counter() - self.start)
+            values["tokens_per_s"] = tokens_per_s
+            if self.peak:
+                values["mfu"] = self.flops_per_token * tokens_per_s / self.peak
+        self.restart()
+        return values
+
+
 def flops_per_token(config: ModelConfig, seq_len: int, trained_fraction: float = 1.0) -> float:
     """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU.
 
@@ -138,19 +175,20 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(device: jax.Device | None = None) -> float | None:
-    """The device's peak FLOP/s: the table's figure, or measured for a CPU (the best
-    rate of a float32 matmul, which is what a CPU run can reach at most)."""
-    device = device or jax.devices()[0]
+def peak_flops(mesh: jax.sharding.Mesh) -> float | None:
+    """The mesh's peak FLOP/s: its chips' figure from the table, or for CPU devices the
+    best measured rate of a float32 matmul (the most a CPU run can reach; virtual
+    CPU devices share the same cores). None for an unknown accelerator."""
+    device = mesh.devices.flat[0]
     for kind, flops in PEAK_FLOPS.items():
         if device.device_kind.startswith(kind):
-            return flops
+            return flops * mesh.size
     if device.platform != "cpu":
         return None
     import jax.numpy as jnp
 
     n = 1024
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), jnp.float32, device=device)
     matmul = jax.jit(lambda a: a @ a)
     matmul(a).block_until_ready()
     best = float("inf")

@@ -99,15 +99,14 @@ def _check_batch(batch: Batch, batch_sharding: NamedSharding, accumulate: int) -
             f"a batch is a dict with 'tokens', 'targets' and optionally "
             f"{list(BATCH_KEYS[2:])}; got keys {sorted(batch)}"
         )
-    _check_rows(batch["tokens"], batch_sharding, accumulate)
+    check_rows(batch["tokens"].shape[0], batch_sharding, accumulate)
 
 
-def _check_rows(tokens, batch_sharding: NamedSharding, accumulate: int = 1) -> None:
-    """The batch axis must split evenly into micro-batches and over the mesh axes
+def check_rows(rows: int, batch_sharding: NamedSharding, accumulate: int = 1) -> None:
+    """A batch of `rows` must split evenly into micro-batches and over the mesh axes
     `batch` maps to."""
     axes = sharding.spec_axes(batch_sharding.spec[0] if len(batch_sharding.spec) else None)
     shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
-    rows = tokens.shape[0] if tokens.ndim else 0
     if rows % (shards * accumulate):
         named = " x ".join(f"{a}={batch_sharding.mesh.shape[a]}" for a in axes) or "none"
         raise ValueError(
@@ -127,7 +126,7 @@ class Forward:
     batch_sharding: NamedSharding
 
     def __call__(self, params, tokens, positions=None, segment_ids=None) -> jax.Array:
-        _check_rows(tokens, self.batch_sharding)
+        check_rows(tokens.shape[0], self.batch_sharding)
         return self.fn(params, tokens, positions, segment_ids)
 
 

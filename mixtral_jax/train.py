@@ -20,7 +20,6 @@ import itertools
 import re
 import signal
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -97,7 +96,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> M
                 + "; remove these fields from config.model or fix them"
             )
         execution = {k: v for k, v in overrides.items() if k not in _ARCHITECTURE}
-        model = with_config(model, model.config.replace(**execution), config.seed)
+        new_config = ModelConfig.from_dict({**stored, **execution})  # errors name the field
+        model = with_config(model, new_config, config.seed)
     else:
         model_config = ModelConfig.from_dict(overrides)
         model = nnx.eval_shape(lambda: Mixtral(model_config, rngs=nnx.Rngs(config.seed)))
@@ -188,14 +188,24 @@ def _names(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag that the loop checks after each step."""
+    """Turns SIGTERM into a flag that the loop checks after each step. With several
+    processes they agree (any one signalled stops all at the same step), since the
+    checkpoint they then save together is a collective operation."""
 
     def __init__(self):
-        self.requested = False
+        self._signalled = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self._signalled = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._signalled
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self._signalled))
+        return bool(np.any(flags))
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
@@ -259,6 +269,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         trainable=trainable_filter(config),
         accumulate=config.optimizer.accumulate,
     )
+    try:
+        steps.check_rows(config.data.batch_size, train_step.batch_sharding, train_step.accumulate)
+    except ValueError as e:
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size}: {e}") from None
     evaluate = steps.jit_eval(model, mesh)
     state = train_step.init(model)
     del model  # its parameters now live in `state` and `train_step.frozen`
@@ -271,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     )
     position = DataPosition()
     if manager.latest_step() is not None:
-        state, position = _restore(manager, state)
+        state, position = _restore(manager, state, config.seed)
         print(f"resumed from step {int(state.step)} ({workdir / 'checkpoints'})", flush=True)
 
     rows = distributed.host_rows(train_step.batch_sharding, config.data.batch_size)
@@ -280,49 +294,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     c = train_step.model(state).config
     trained = sum(x.size for x in jax.tree.leaves(state.params))
     total = trained + sum(x.size for x in jax.tree.leaves(train_step.frozen))
-    flops_per_token = metrics.flops_per_token(c, config.data.seq_len, trained / total)
-    peak = metrics.peak_flops()
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    throughput = metrics.Throughput(
+        tokens_per_step=config.data.batch_size * config.data.seq_len,
+        flops_per_token=metrics.flops_per_token(c, config.data.seq_len, trained / total),
+        peak=metrics.peak_flops(mesh),
+    )
     _print_plan(config, c, mesh, trained, total)
 
     preemption = Preemption()
     last: dict[str, float] = {}
-    window_start, window_steps, compiling = time.perf_counter(), 0, True
     try:
         for step in range(int(state.step), config.steps):
             position, local = next(stream)
             batch = distributed.global_batch(local, train_step.batch_sharding)
             state, step_metrics = train_step(state, batch)
-            done = step + 1
-            if compiling:  # the first step compiles: not timed
-                jax.block_until_ready(step_metrics)
-                compiling, window_start = False, time.perf_counter()
-            else:
-                window_steps += 1
-            preempted = preemption.requested
+            throughput.step(step_metrics)
+            done, preempted = step + 1, preemption.requested()
             if preempted or done % config.checkpoint_every == 0 or done == config.steps:
-                manager.save(done, args=_save_args(state, position), force=True)
+                manager.save(done, args=_save_args(state, position, config.seed), force=True)
             if done % config.log_every == 0 or done == config.steps:
-                values = {k: float(v) for k, v in step_metrics.items() if np.ndim(v) == 0}
-                values["learning_rate"] = float(schedule(step))
-                if window_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * tokens_per_step / elapsed
-                    values["tokens_per_s"] = tokens_per_s
-                    if peak:
-                        values["mfu"] = flops_per_token * tokens_per_s / (peak * mesh.size)
-                load = np.asarray(step_metrics["expert_fraction"])
-                # The busiest expert's share, relative to perfect balance (k / E each).
-                balanced = c.num_experts_per_tok / c.num_experts
-                values["expert_load_max"] = float(load.max() / balanced)
-                _log(writer, done, values, load, config.steps)
-                last = values
-                window_start, window_steps = time.perf_counter(), 0
+                last = _step_values(step_metrics, c, schedule(step))
+                last.update(throughput.report())
+                _log(writer, done, last, np.asarray(step_metrics["expert_fraction"]), config)
             if eval_examples and (done % config.eval_every == 0 or done == config.steps):
                 eval_values = _evaluate(evaluate, train_step, state, eval_examples, config)
-                _log(writer, done, eval_values, None, config.steps)
+                _log(writer, done, eval_values, None, config)
                 last.update(eval_values)
-                window_start, window_steps = time.perf_counter(), 0  # not training time
+                throughput.restart()  # evaluation is not training time
             if preempted:
                 manager.wait_until_finished()
                 print(f"SIGTERM: saved step {done}; run the same command to resume", flush=True)
@@ -338,14 +336,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     return last
 
 
-def _save_args(state: steps.TrainState, position: DataPosition):
+def _save_args(state: steps.TrainState, position: DataPosition, seed: int):
+    # No random numbers are drawn after initialisation (no dropout): the data order,
+    # a function of (seed, epoch), is the only randomness a resumed run must replay.
     return ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(dataclasses.asdict(position)),
+        data=ocp.args.JsonSave({**dataclasses.asdict(position), "seed": seed}),
     )
 
 
-def _restore(manager: ocp.CheckpointManager, state: steps.TrainState):
+def _restore(manager: ocp.CheckpointManager, state: steps.TrainState, seed: int):
     """The latest checkpoint, every array restored into the sharding `state` has."""
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
@@ -356,7 +356,14 @@ def _restore(manager: ocp.CheckpointManager, state: steps.TrainState):
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
         ),
     )
-    return restored["state"], DataPosition(**restored["data"])
+    saved = dict(restored["data"])
+    if saved.pop("seed") != seed:
+        raise ConfigError(
+            f"the checkpoints in {manager.directory} come from a run with seed "
+            f"{restored['data']['seed']}, not config.seed={seed}; use that seed to resume, "
+            "or another --workdir to start afresh"
+        )
+    return restored["state"], DataPosition(**saved)
 
 
 def _evaluate(evaluate, train_step, state, examples, config) -> dict[str, float]:
@@ -373,13 +380,23 @@ def _evaluate(evaluate, train_step, state, examples, config) -> dict[str, float]
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
 
 
-def _log(writer, step: int, values: dict[str, float], load, steps_total: int) -> None:
+def _step_values(step_metrics: dict, c: ModelConfig, learning_rate) -> dict[str, float]:
+    """The step's scalar metrics, its learning rate, and the busiest expert's load
+    relative to perfect balance (k / E of the choices each)."""
+    values = {k: float(v) for k, v in step_metrics.items() if np.ndim(v) == 0}
+    values["learning_rate"] = float(learning_rate)
+    load = np.asarray(step_metrics["expert_fraction"])  # [E], sums to k
+    values["expert_load_max"] = float(load.max() * c.num_experts / c.num_experts_per_tok)
+    return values
+
+
+def _log(writer, step: int, values: dict[str, float], load, config) -> None:
     if jax.process_index() != 0:
         return
     writer.scalars(step, values)
     if load is not None:
         writer.scalars(step, {f"expert_load/{e}": float(f) for e, f in enumerate(load)})
-    shown = [f"step {step}/{steps_total}"]
+    shown = [f"step {step}/{config.steps}"]
     for key, fmt in (
         ("loss", "loss {:.4f}"),
         ("cross_entropy", "ce {:.4f}"),

@@ -134,6 +134,10 @@ def test_tiny_model_overfits_a_small_text(tmp_path):
     ids = Tokenizer.from_file(config.tokenizer).encode(TEXT * 2)
     threshold = 0.1 * unigram_entropy(ids)
     assert result["cross_entropy"] < threshold, (result["cross_entropy"], threshold)
+    # Resuming with another seed would replay another data order: refused.
+    config.seed = 1
+    with pytest.raises(train.ConfigError, match="from a run with seed 0, not config.seed=1"):
+        train.train(config, tmp_path / "run")
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -170,7 +174,7 @@ def run_training(workdir: Path, cache: Path, kill_at: int | None = None, sig=sig
         stderr=subprocess.STDOUT,
         text=True,
         env={
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},  # one CPU device
             "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
