@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import apply_rope, maybe_adapter, param, project
+from mixtral_jax.layers import apply_rope, attach_adapters, param, project
 from mixtral_jax.sharding import constrain
 
 # A large finite negative instead of -inf: a fully masked row (a padding
@@ -130,9 +130,7 @@ class Attention(nnx.Module):
         self.k_proj = param(rngs, (D, K, H), AXES["k_proj"], dt, init)
         self.v_proj = param(rngs, (D, K, H), AXES["v_proj"], dt, init)
         self.o_proj = param(rngs, (N, H, D), AXES["o_proj"], dt, init)
-        for name, spec in SPECS.items():
-            shape = getattr(self, name).shape
-            setattr(self, f"{name}_lora", maybe_adapter(c, name, spec, shape, AXES[name], rngs))
+        attach_adapters(self, c, SPECS, AXES, rngs)
 
     def __call__(
         self,

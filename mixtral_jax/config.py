@@ -18,6 +18,22 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 MOE_IMPLS = ("dense", "sorted")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
 DTYPES = ("float32", "bfloat16", "float16")
+# The fields that describe the weights (a checkpoint fixes them); the others say how
+# to run the model and may change from one run to the next.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "rope_theta",
+    "rms_norm_eps",
+    "sliding_window",
+)
 
 
 class ConfigError(ValueError):

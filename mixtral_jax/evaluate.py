@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seq_len < 2 or args.batch_size < 1:
             raise ValueError("--seq_len must be at least 2 and --batch_size at least 1")
         start = time.perf_counter()
-        model = checkpoint.load(args.checkpoint, dtype=args.dtype)
+        # Loaded straight into its shardings on every device, where it is evaluated.
+        mesh = sharding.make_mesh()
+        model = checkpoint.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
         tokenizer = checkpoint.load_tokenizer(args.checkpoint)
         result = perplexity(
             model,
@@ -93,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.data,
             seq_len=args.seq_len,
             batch_size=args.batch_size,
+            mesh=mesh,
             max_batches=args.max_batches,
         )
     except (ValueError, OSError) as e:

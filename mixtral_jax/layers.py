@@ -89,26 +89,28 @@ class Adapter(nnx.Module):
         return jnp.einsum(self.spec_delta, a, b) * self.scale
 
 
-def maybe_adapter(
+def attach_adapters(
+    module: nnx.Module,
     config: ModelConfig,
-    name: str,
-    spec: str,
-    shape: tuple[int, ...],
-    axes: tuple[str | None, ...],
+    specs: dict[str, str],
+    axes: dict[str, tuple[str | None, ...]],
     rngs: nnx.Rngs,
-) -> Adapter | None:
-    """The adapter of weight `name` when the config targets it with LoRA, else None."""
-    if not config.lora(name):
-        return None
-    return Adapter(
-        spec,
-        shape,
-        axes,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        param_dtype=jnp.float32,  # small, trained: float32 whatever the base's dtype
-        rngs=rngs,
-    )
+) -> None:
+    """Sets `module.<name>_lora` for each weight `name` of `specs` (its einsum): an
+    Adapter when the config targets it with LoRA, else None."""
+    for name, spec in specs.items():
+        adapter = None
+        if config.lora(name):
+            adapter = Adapter(
+                spec,
+                getattr(module, name).shape,
+                axes[name],
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                param_dtype=jnp.float32,  # small, trained: float32 whatever the base's dtype
+                rngs=rngs,
+            )
+        setattr(module, f"{name}_lora", adapter)
 
 
 def _einsum_parts(spec: str) -> tuple[str, str, str]:

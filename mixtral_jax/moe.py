@@ -34,7 +34,7 @@ from flax import nnx
 
 from mixtral_jax import routing
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import maybe_adapter, param, project
+from mixtral_jax.layers import attach_adapters, param, project
 from mixtral_jax.sharding import constrain
 
 # Capacity factors the dense dropless dispatch tries, smallest first, before
@@ -101,9 +101,7 @@ class Experts(nnx.Module):
         self.w1 = param(rngs, (E, D, F), AXES["w1"], dt, init)
         self.w3 = param(rngs, (E, D, F), AXES["w3"], dt, init)
         self.w2 = param(rngs, (E, F, D), AXES["w2"], dt, init)
-        for name, spec in SPECS.items():
-            shape = getattr(self, name).shape
-            setattr(self, f"{name}_lora", maybe_adapter(c, name, spec, shape, AXES[name], rngs))
+        attach_adapters(self, c, SPECS, AXES, rngs)
 
     def weights(self) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
         """w1, w2, w3 with their adapters, as stored (with any leading layers axis)."""

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mixtral_jax import checkpoint, data, distributed, lora, metrics, sharding, steps
-from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.config import ARCHITECTURE_FIELDS, ConfigError, ModelConfig
 from mixtral_jax.evaluate import mean_nll
 from mixtral_jax.layers import LoRAParam
 from mixtral_jax.model import Mixtral, with_config
@@ -86,7 +86,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> M
     if config.checkpoint:
         dtype = overrides.get("param_dtype")
         model = checkpoint.load(config.checkpoint, dtype=dtype, mesh=mesh)
-        architecture = {k: v for k, v in overrides.items() if k in _ARCHITECTURE}
+        architecture = {k: v for k, v in overrides.items() if k in ARCHITECTURE_FIELDS}
         stored = model.config.to_dict()
         different = {k: (v, stored[k]) for k, v in architecture.items() if v != stored[k]}
         if different:
@@ -95,7 +95,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> M
                 + ", ".join(f"{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in different.items())
                 + "; remove these fields from config.model or fix them"
             )
-        execution = {k: v for k, v in overrides.items() if k not in _ARCHITECTURE}
+        execution = {k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS}
         new_config = ModelConfig.from_dict({**stored, **execution})  # errors name the field
         model = with_config(model, new_config, config.seed)
     else:
@@ -117,22 +117,6 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> M
             seed=config.seed,
         )
     return model
-
-
-_ARCHITECTURE = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "num_experts",
-    "num_experts_per_tok",
-    "rope_theta",
-    "rms_norm_eps",
-    "sliding_window",
-)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -213,7 +197,8 @@ class Preemption:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors that name the field, before anything is loaded."""
-    missing = [k for k in _ARCHITECTURE[:-1] if k not in (config.model or {})]
+    required = [f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in (config.model or {})]
     if not config.checkpoint and missing:
         raise ConfigError(
             f"config.checkpoint is not set and config.model does not describe a model "
