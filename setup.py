@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
-    package_data={"mixtral_jax": ["assets/*.model", "assets/sample/*.jsonl"]},
+    package_data={"mixtral_jax": ["assets/*.model", "assets/sample/*.jsonl", "assets/model/**/*"]},
     install_requires=[
         "jax>=0.6.2",
         "flax>=0.10.7",  # the last Flax for Python 3.10; 3.11+ get the newest
@@ -23,8 +23,11 @@ setup(
         # context manager (newer JAX) when several processes save a replicated array.
         "orbax-checkpoint>=0.11,<0.11.30; python_version<'3.11'",
         "sentencepiece>=0.2",
+        # Mistral's own tokenizers and chat encoder (tokenizer.py); Python 3.11+ only.
+        "mistral-common>=1.13; python_version>='3.11'",
         "ml-collections>=1.0",
         "numpy>=1.26",
+        "matplotlib>=3.8",  # the routing analysis's figures
     ],
     extras_require={
         # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA wheel.
@@ -35,6 +38,9 @@ setup(
             "safetensors>=0.4",
             "ruff>=0.6",
             "tensorboard>=2.15",  # reads back the event files that training writes
+            "nbclient>=0.10",  # runs the notebooks (tests/test_notebooks.py)
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )

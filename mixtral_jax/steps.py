@@ -88,8 +88,12 @@ def _place(model: Mixtral, mesh: Mesh, rules: sharding.Rules) -> _Placement:
         raise ValueError("the model holds non-parameter state; the sharded steps expect none")
     by_path = sharding.param_shardings(model, mesh, rules)
     param_sh = sharding.shardings_like(params, by_path, mesh)
-    batch_sh = sharding.named_sharding(BATCH_AXES, (mesh.size, 1), mesh, rules)
-    return _Placement(graphdef, params, rest, by_path, param_sh, batch_sh)
+    return _Placement(graphdef, params, rest, by_path, param_sh, batch_sharding(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> NamedSharding:
+    """Where a batch of rows [B, T] goes: rows split over the axes `batch` maps to."""
+    return sharding.named_sharding(BATCH_AXES, (mesh.size, 1), mesh, rules)
 
 
 def _check_batch(batch: Batch, batch_sharding: NamedSharding, accumulate: int) -> None:
@@ -150,6 +154,23 @@ def jit_forward(
         in_shardings=(param_sh, batch_sh, batch_sh, batch_sh),
         out_shardings=logits_sh,
     )
+    return Forward(fn, jax.device_put(params, param_sh), param_sh, batch_sh)
+
+
+def jit_routing(
+    model: Mixtral, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+) -> Forward:
+    """Like `jit_forward`, but returns what the routers chose instead of logits:
+    (experts, weights), each [L, B, T, k], best choice first. The LM head is not
+    computed."""
+    graphdef, params, rest, _, param_sh, batch_sh = _place(model, mesh, rules)
+
+    def routing(params, tokens, positions, segment_ids):
+        with sharding.use_rules(mesh, rules):
+            out = nnx.merge(graphdef, params, rest).forward(tokens, positions, segment_ids)
+        return out.routing.experts, out.routing.weights
+
+    fn = jax.jit(routing, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh))
     return Forward(fn, jax.device_put(params, param_sh), param_sh, batch_sh)
 
 

@@ -159,10 +159,31 @@ def sharded_lora() -> dict:
     }
 
 
+def sharded_routing() -> dict:
+    """The routing analysis on a data=2 x tensor=4 mesh records the single-device routes."""
+    from mixtral_jax.routing import analysis
+
+    model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
+    sequences = [list(range(1, 40)), [1, 5, 9], list(range(100, 130))]
+    expected = analysis.record(model, sequences, seq_len=16, batch_size=2)
+    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+    sharding.shard_model(model, mesh)
+    got = analysis.record(model, sequences, seq_len=16, batch_size=4, mesh=mesh)
+    return {
+        "same_experts": all(
+            (a.experts == b.experts).all() for a, b in zip(got, expected, strict=True)
+        ),
+        "weights_diff": max(
+            float(np.abs(a.weights - b.weights).max()) for a, b in zip(got, expected, strict=True)
+        ),
+    }
+
+
 if __name__ == "__main__":
     out = main(json.loads(sys.argv[1]))
     out["adam"] = optimizer_state_shardings()
     out["other_rules"] = other_rules()
     out["generation"] = sharded_generation()
     out["lora"] = sharded_lora()
+    out["routing"] = sharded_routing()
     print(json.dumps(out))

@@ -249,3 +249,8 @@ def test_batches_that_do_not_split_name_the_axes():
         ValueError, match=r"a batch of 3 rows does not split .* \(data=2 x fsdp=2\)"
     ):
         steps.check_rows(3, batch_sharding)
+
+
+def test_routing_analysis_on_a_mesh_records_the_single_device_routes(mesh_results):
+    result = mesh_results["routing"]
+    assert result["same_experts"] and result["weights_diff"] < 1e-5, result
