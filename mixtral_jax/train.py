@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mixtral_jax import checkpoint, data, distributed, lora, metrics, sharding, steps
 from mixtral_jax.config import ARCHITECTURE_FIELDS, ConfigError, ModelConfig
@@ -237,7 +239,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     train_examples = [data.tokenize(r, tokenizer) for r in data.read_records(train_files)]
     eval_examples = None
     if config.data.eval:
-        eval_examples = [data.tokenize(r, tokenizer) for r in data.read_records([config.data.eval])]
+        eval_files = _names(config.data.eval)
+        eval_examples = [data.tokenize(r, tokenizer) for r in data.read_records(eval_files)]
 
     model = build_model(config, mesh)
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -416,6 +419,10 @@ def _export(train_step, state, tokenizer: Tokenizer, directory: Path) -> None:
     model = train_step.model(state)
     if model.config.lora_rank:
         model = lora.merge(model)
+    if directory.exists():  # the same command run again after the last step: export anew
+        if jax.process_index() == 0:
+            shutil.rmtree(directory)
+        multihost_utils.sync_global_devices("mixtral_jax export")
     checkpoint.save(directory, flat_params(model), model.config)
     if jax.process_index() == 0:
         (directory / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())

@@ -254,6 +254,11 @@ def test_lora_run_exports_a_merged_checkpoint(tmp_path):
     )
     np.testing.assert_allclose(again["loss"], result["eval_loss"], rtol=1e-5)
     assert math.isclose(again["perplexity"], math.exp(again["loss"]))
+    # The finished run's command run again resumes at the last step and exports anew.
+    train.train(config, tmp_path / "run")
+    reexported = flat_params(checkpoint.load(tmp_path / "run" / "export"))
+    for p, v in flat_params(exported).items():
+        np.testing.assert_array_equal(np.asarray(reexported[p]), np.asarray(v))
 
 
 @pytest.mark.parametrize(
