@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             # .txt files (one document each) and .jsonl files, separated by commas
             train=f"{SAMPLE}/train.jsonl",
-            eval=f"{SAMPLE}/eval.jsonl",  # "": no evaluation
+            eval=f"{SAMPLE}/eval.jsonl",  # held-out files, comma-separated; "": none
             seq_len=128,
             batch_size=8,  # rows per optimizer step, over all hosts and micro-batches
             eval_batches=4,

@@ -18,6 +18,7 @@ sharding, into the stacked parameters on the devices.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +35,9 @@ from mixtral_jax.weights import is_expert, param_shapes, set_params
 
 CONFIG_FILE = "mixtral_config.json"
 FORMAT = "mixtral_jax/1"
+# A small Mixtral trained by this project (tools/train_embedded.py), with its tokenizer:
+# what `load()` and `load_tokenizer()` read when given no directory.
+EMBEDDED = Path(__file__).resolve().parent / "assets" / "model"
 
 
 class CheckpointError(ValueError):
@@ -272,12 +276,13 @@ def read_layers(directory: str | Path) -> Iterator[tuple[int | None, dict[ParamP
 
 
 def load(
-    directory: str | Path,
+    directory: str | Path = EMBEDDED,
     dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
 ) -> nnx.Module:
-    """The model stored in `directory`, parameters cast to `dtype` (default: as stored).
+    """The model stored in `directory` (default: the embedded model), parameters cast
+    to `dtype` (default: as stored).
 
     Without a `mesh` the parameters go to the default device. With one, every
     parameter is placed by the logical-axis `rules` (default
@@ -331,15 +336,33 @@ def load(
     return model
 
 
-def load_tokenizer(directory: str | Path):
-    """The tokenizer stored with a checkpoint (`tokenizer.model`), as a
-    `mixtral_jax.tokenizer.Tokenizer`."""
-    from mixtral_jax.tokenizer import Tokenizer
+def load_tokenizer(source: str | Path = EMBEDDED):
+    """A `mixtral_jax.tokenizer.Tokenizer` from `source`: a checkpoint directory (its
+    `tokenizer.model`; default: the embedded model's), a sentencepiece `.model` file,
+    or "mistral-v1" / "mistral-v3", Mixtral 8x7B's and 8x22B's official tokenizers
+    from the mistral-common package. A checkpoint without a tokenizer whose
+    vocabulary is an official one's (32000: v1, 32768: v3) gets that one, saying so."""
+    from mixtral_jax.tokenizer import OFFICIAL, OFFICIAL_BY_VOCAB, Tokenizer
 
-    path = Path(directory) / "tokenizer.model"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{directory} has no tokenizer.model; copy the one from the original download "
-            "next to the checkpoint (tools/convert.py does when the source has one)"
+    if str(source) in OFFICIAL:
+        return Tokenizer.official(str(source))
+    source = Path(source)
+    if source.is_file():
+        return Tokenizer.from_file(source)
+    path = source / "tokenizer.model"
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    vocab_size = read_config(source)[0].vocab_size  # not a checkpoint: an error saying so
+    if vocab_size in OFFICIAL_BY_VOCAB:
+        name = OFFICIAL_BY_VOCAB[vocab_size]
+        print(
+            f"{source} has no tokenizer.model; its vocabulary ({vocab_size}) is Mixtral's: "
+            f"using the official {name} tokenizer from mistral-common",
+            file=sys.stderr,
         )
-    return Tokenizer.from_file(path)
+        return Tokenizer.official(name)
+    raise CheckpointError(
+        f"{source} has no tokenizer.model and its vocabulary ({vocab_size}) is not one of "
+        f"Mixtral's ({', '.join(map(str, OFFICIAL_BY_VOCAB))}); copy the tokenizer.model of "
+        "the original download next to the checkpoint, or pass a .model file"
+    )

@@ -244,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Generate text with a converted Mixtral checkpoint, streaming to stdout.",
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="a directory written by tools/convert.py"
+        "--checkpoint",
+        default=None,
+        help="a directory written by tools/convert.py or a training export "
+        "(default: the small model embedded in the package)",
     )
     parser.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -255,14 +258,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as [INST] ... [/INST]")
     parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer.model file, or mistral-v1 / mistral-v3 (default: the checkpoint's)",
+    )
     args = parser.parse_args(argv)
 
     from mixtral_jax import checkpoint
 
+    if args.checkpoint is None:
+        args.checkpoint = checkpoint.EMBEDDED
+        print(
+            "(no --checkpoint: the embedded model, 9 M parameters trained on the Python "
+            "standard library; see tools/train_embedded.py)",
+            file=sys.stderr,
+        )
     try:
         Sampling(args.temperature, args.top_k, args.top_p)
         model = checkpoint.load(args.checkpoint, dtype=args.dtype)
-        tokenizer = checkpoint.load_tokenizer(args.checkpoint)
+        tokenizer = checkpoint.load_tokenizer(args.tokenizer or args.checkpoint)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
