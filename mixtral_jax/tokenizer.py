@@ -1,31 +1,73 @@
-"""Mistral's sentencepiece tokenizer, its BOS/EOS handling and the instruct format.
+"""Mistral's sentencepiece tokenizers, BOS/EOS handling and the instruct format.
 
-Mixtral 8x7B's tokenizer is sentencepiece BPE with byte fallback: `<unk>`=0,
-`<s>`=1, `</s>`=2, and `[INST]`/`[/INST]` as plain text. A conversation is
-encoded segment by segment, as Mistral's own library does (encoding the rendered
-string in one go can split differently):
+Mixtral's tokenizers are sentencepiece BPE with byte fallback, `<unk>`=0, `<s>`=1,
+`</s>`=2. Two instruct formats exist, told apart by the vocabulary:
 
-    <s> [INST] user [/INST] answer</s> [INST] user [/INST]
+- v1 (Mixtral 8x7B, 32000 pieces): `[INST]` is plain text, with spaces around the
+  content; a system prompt opens the *first* user turn:
+  `<s>▁[INST]▁system<0x0A><0x0A>user▁[/INST]▁answer</s>▁[INST]▁...▁[/INST]`
+- v3 (Mixtral 8x22B, 32768 pieces): `[INST]`=3 and `[/INST]`=4 are control pieces,
+  no spaces; a system prompt opens the *last* user turn:
+  `<s>[INST]▁user[/INST]▁answer</s>[INST]▁system<0x0A><0x0A>user[/INST]`
 
-a system message joins the first user message, separated by a blank line.
+Consecutive user (or assistant) messages, and all system messages, are joined with a
+blank line. Conversations are encoded by Mistral's own library, `mistral-common`
+(the authors' reference, `MistralTokenizer.encode_chat_completion`), message by
+message. On Python 3.10, which mistral-common does not support, a transcription of
+the same rules does it; the tests check both against mistral-common.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
+# The official tokenizers that the mistral-common package ships (in mistral_common/data/).
+OFFICIAL = {
+    "mistral-v1": "tokenizer.model.v1",  # Mixtral 8x7B
+    "mistral-v3": "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B
+}
+OFFICIAL_BY_VOCAB = {32000: "mistral-v1", 32768: "mistral-v3"}
+
+
+def has_mistral_common() -> bool:
+    try:
+        import mistral_common  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def official_path(name: str) -> Path:
+    """The file of an official tokenizer, "mistral-v1" or "mistral-v3"."""
+    if name not in OFFICIAL:
+        raise ValueError(f"unknown tokenizer {name!r}; the official ones are {sorted(OFFICIAL)}")
+    if not has_mistral_common():
+        raise ValueError(
+            f"the {name} tokenizer comes from the mistral-common package, which is not "
+            "installed (it needs Python 3.11 or newer): pip install mistral-common"
+        )
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / OFFICIAL[name]
 
 
 class Tokenizer:
-    """A sentencepiece model with Mistral's conventions."""
+    """A sentencepiece model with Mistral's conventions and instruct format
+    (`version` "v1" or "v3": detected from the model, see the module docstring)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, version: str | None = None, path: str | Path | None = None):
         self.sp = processor
         self.bos_id = processor.bos_id()
         self.eos_id = processor.eos_id()
         self.vocab_size = processor.get_piece_size()
+        inst = processor.piece_to_id("[INST]")
+        control = inst != processor.unk_id() and processor.is_control(inst)
+        self.version = version or ("v3" if control else "v1")
+        self.path = Path(path) if path else None
+        self._reference = None  # mistral-common's encoders, built when first needed
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -34,7 +76,12 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}; give a sentencepiece .model file")
-        return cls(sentencepiece.SentencePieceProcessor(model_file=str(path)))
+        return cls(sentencepiece.SentencePieceProcessor(model_file=str(path)), path=path)
+
+    @classmethod
+    def official(cls, name: str) -> Tokenizer:
+        """Mixtral's own tokenizer from mistral-common: "mistral-v1" or "mistral-v3"."""
+        return cls.from_file(official_path(name))
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         """sentencepiece's ids, with `<s>` before and `</s>` after when asked."""
@@ -46,62 +93,165 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]], *, train: bool = False):
-        """The Mixtral-Instruct encoding of a conversation.
+        """The instruct encoding of a conversation, a list of {"role": "system" |
+        "user" | "assistant", "content": str}.
 
         train=False: the conversation ends with a user turn; returns the ids of the
         prompt for the assistant's answer. train=True: it ends with an assistant
         turn; returns (ids, loss_mask), the mask true exactly on every answer's
-        tokens and its `</s>`.
+        tokens and its `</s>`. A conversation Mistral's format refuses raises
+        ValueError with the reason.
         """
-        turns = chat_turns(messages, train=train)
-        ids, mask = [self.bos_id], [False]
-        for user, answer in turns:
-            prompt = self.encode(f"[INST] {user} [/INST]", bos=False)
-            ids += prompt
-            mask += [False] * len(prompt)
-            if answer is not None:
-                reply = self.encode(answer, bos=False, eos=True)
-                ids += reply
-                mask += [True] * len(reply)
+        check_messages(messages, train=train)
+        if has_mistral_common():
+            if self._reference is None:
+                self._reference = _MistralCommon(self)
+            ids, mask = self._reference.encode(messages, train)
+        else:
+            ids, mask = self._encode_chat(messages)
         return (ids, mask) if train else ids
+
+    def _encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[bool]]:
+        """The rules of mistral-common's v1 and v3 instruct encoders, for Python 3.10."""
+        system = "\n\n".join(
+            m["content"] for m in messages if m["role"] == "system" and m["content"]
+        )
+        turns: list[list] = []  # [role, content], a run of messages of one role joined
+        previous = None
+        for m in messages:
+            if m["role"] == previous and m["role"] != "system":
+                turns[-1][1] += "\n\n" + m["content"]
+            elif m["role"] != "system":
+                turns.append([m["role"], m["content"]])
+            previous = m["role"]
+        users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+        with_system = users[0] if self.version == "v1" else users[-1]
+        ids, mask = [self.bos_id], [False]
+        for i, (role, content) in enumerate(turns):
+            if role == "assistant":
+                answer = self.encode(content, bos=False, eos=True)
+                ids, mask = ids + answer, mask + [True] * len(answer)
+                continue
+            if system and i == with_system:
+                content = f"{system}\n\n{content}"
+            if self.version == "v1":
+                prompt = self.encode(f"[INST] {content} [/INST]", bos=False)
+            else:
+                inst, end = self.sp.piece_to_id("[INST]"), self.sp.piece_to_id("[/INST]")
+                prompt = [inst, *self.encode(content, bos=False), end]
+            ids, mask = ids + prompt, mask + [False] * len(prompt)
+        return ids, mask
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 
-def chat_turns(
-    messages: Sequence[Mapping[str, str]], *, train: bool = False
-) -> list[tuple[str, str | None]]:
-    """(user text, assistant answer or None) pairs. For generation the last has no
-    answer; for training (`train=True`) every turn has one."""
+def check_messages(messages: Sequence[Mapping[str, str]], *, train: bool) -> None:
+    """The conversations Mistral's format refuses, as ValueErrors that say why."""
     if not messages:
         raise ValueError("a chat needs at least one message")
-    system, turns, user = [], [], []
     for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES or not isinstance(content, str):
+        if (
+            not isinstance(message, Mapping)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             raise ValueError(
                 f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}"
             )
-        if role == "system":
-            system.append(content)
-        elif role == "user":
-            user.append(content)
-        else:
-            if not user:
-                raise ValueError(f"message {i}: an assistant message must follow a user message")
-            turns.append(["\n\n".join(user), content])
-            user = []
-    if train:
-        if user or not turns:
-            raise ValueError("a training conversation must end with an assistant message")
-    elif not user:
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if not roles:
+        raise ValueError("a chat needs a user message, not only system messages")
+    if roles[0] != "user":
+        raise ValueError("the first message (after system messages) must be from the user")
+    if train and roles[-1] != "assistant":
+        raise ValueError("a training conversation must end with an assistant message")
+    if not train and roles[-1] != "user":
         raise ValueError("the last message must be from the user (the assistant answers it)")
-    else:
-        turns.append(["\n\n".join(user), None])
-    if system:
-        turns[0][0] = "\n\n".join([*system, turns[0][0]])
-    return [tuple(t) for t in turns]
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"]:
+            raise ValueError(f"message {i}: an assistant message needs content")
+        if m["role"] == "system" and i and messages[i - 1]["role"] == "assistant":
+            raise ValueError(f"message {i}: a system message cannot follow an assistant message")
+
+
+class _MistralCommon:
+    """mistral-common's encoders for this tokenizer's file and version: the test
+    mode for generation requests, the fine-tuning mode for training conversations."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        from mistral_common.protocol.instruct.normalize import get_normalizer
+        from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+        from mistral_common.tokens.tokenizers.base import TokenizerVersion
+        from mistral_common.tokens.tokenizers.instruct import (
+            InstructTokenizerV1,
+            InstructTokenizerV3,
+        )
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+        version = TokenizerVersion(tokenizer.version)
+        instruct = {"v1": InstructTokenizerV1, "v3": InstructTokenizerV3}[tokenizer.version]
+        if tokenizer.path is not None:
+            spm = SentencePieceTokenizer(tokenizer.path, tokenizer_version=version)
+        else:  # built from a processor: mistral-common reads a file, once
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "tokenizer.model"
+                path.write_bytes(tokenizer.sp.serialized_model_proto())
+                spm = SentencePieceTokenizer(path, tokenizer_version=version)
+        self.modes = {
+            train: MistralTokenizer(
+                instruct(spm),
+                validator=get_validator(version, mode=mode),
+                request_normalizer=get_normalizer(version, spm.model_settings_builder),
+            )
+            for train, mode in ((False, ValidationMode.test), (True, ValidationMode.finetuning))
+        }
+
+    def encode(self, messages, train: bool) -> tuple[list[int], list[bool]]:
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.messages import (
+            AssistantMessage,
+            SystemMessage,
+            UserMessage,
+        )
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        request = ChatCompletionRequest(
+            messages=[kinds[m["role"]](content=m["content"]) for m in messages]
+        )
+        mistral = self.modes[train]
+        answers: list[list[int]] = []  # each answer's ids, as the encoder makes them
+        encoder = mistral.instruct_tokenizer
+        encode_answer = encoder.encode_assistant_message
+
+        def recorded(*args, **kwargs):
+            answers.append(encode_answer(*args, **kwargs))
+            return answers[-1]
+
+        encoder.encode_assistant_message = recorded
+        try:
+            ids = mistral.encode_chat_completion(request).tokens
+        except (MistralCommonException, AssertionError) as e:
+            raise ValueError(f"Mistral's format refuses this conversation: {e}") from None
+        finally:
+            del encoder.encode_assistant_message
+        return ids, _answer_mask(ids, answers)
+
+
+def _answer_mask(ids: list[int], answers: list[list[int]]) -> list[bool]:
+    """True on the answers, found in order in `ids` (each ends with `</s>`)."""
+    mask, start = [False] * len(ids), 0
+    for answer in answers:
+        for i in range(start, len(ids) - len(answer) + 1):
+            if ids[i : i + len(answer)] == answer:
+                mask[i : i + len(answer)] = [True] * len(answer)
+                start = i + len(answer)
+                break
+        else:
+            raise AssertionError("an answer is missing from mistral-common's encoding")
+    return mask
 
 
 class StreamDecoder:
