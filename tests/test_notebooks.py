@@ -1,0 +1,43 @@
+"""The Colab notebooks run top to bottom on the CPU with the embedded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebook_runs(name, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as a Colab CPU runtime
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+    client.execute()  # raises CellExecutionError naming the cell that failed
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
+    assert not errors
+
+
+def test_notebooks_are_committed_without_outputs():
+    names = {p.name for p in NOTEBOOKS.glob("*.ipynb")}
+    assert names == {"quickstart.ipynb", "convert_and_generate.ipynb", "finetune_lora.ipynb"}
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), path
+        assert "colab.research.google.com" in notebook.cells[0].source, path
