@@ -352,7 +352,12 @@ def load_tokenizer(source: str | Path = EMBEDDED):
     path = source / "tokenizer.model"
     if path.is_file():
         return Tokenizer.from_file(path)
-    vocab_size = read_config(source)[0].vocab_size  # not a checkpoint: an error saying so
+    if not (source / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{source} has no tokenizer.model and is not a checkpoint (no {CONFIG_FILE}); give "
+            "a checkpoint directory, a tokenizer .model file, or mistral-v1 / mistral-v3"
+        )
+    vocab_size = read_config(source)[0].vocab_size
     if vocab_size in OFFICIAL_BY_VOCAB:
         name = OFFICIAL_BY_VOCAB[vocab_size]
         print(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -88,16 +87,11 @@ def test_source_pieces_cover_the_file_and_cut_before_top_level_lines():
     assert all(len(p) < 300 + 40 for p in pieces)
 
 
-def test_cli_defaults_to_the_embedded_model(model, tokenizer):
-    result = subprocess.run(
-        [sys.executable, "-m", "mixtral_jax.generate", "--prompt", "def add(a, b):"]
-        + ["--max_new_tokens", "12"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_cli_defaults_to_the_embedded_model(model, tokenizer, capsys):
+    from mixtral_jax.generate import main
+
+    assert main(["--prompt", "def add(a, b):", "--max_new_tokens", "12"]) == 0
+    out = capsys.readouterr()
     expected = mixtral_jax.generate(model, tokenizer, "def add(a, b):", max_new_tokens=12)
-    assert result.stdout.startswith("def add(a, b):" + expected.texts[0])
-    assert "the embedded model" in result.stderr and "tokens/s" in result.stderr
+    assert out.out.startswith("def add(a, b):" + expected.texts[0])
+    assert "the embedded model" in out.err and "tokens/s" in out.err
