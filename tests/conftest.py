@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+# The tests run on the CPU. With libtpu installed (the test extra installs it for
+# tests/test_plan.py), JAX would otherwise probe for a TPU in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 CORPUS = """The quick brown fox jumps over the lazy dog. Über den Wolken muss die Freiheit
 wohl grenzenlos sein. Les élèves étudient à l'école. 東京は日本の首都です。 Emoji: 🙂🚀.
@@ -36,3 +47,43 @@ def sp_model(tmp_path_factory) -> str:
         minloglevel=2,
     )
     return str(directory / "tok.model")
+
+
+# ---------------------------------------------------------------------------
+# Background workers. A test module that needs its own JAX (8 virtual devices must be
+# set before JAX starts) names its worker's arguments in BACKGROUND_WORKER; the worker
+# starts as soon as the tests are collected and runs on the second core while the
+# other modules' tests run, and its `worker_results` fixture waits for its JSON line.
+
+ROOT = Path(__file__).resolve().parents[1]
+_WORKERS: dict[str, subprocess.Popen] = {}
+
+
+def pytest_collection_finish(session) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    for module in {item.module for item in session.items if item.module is not None}:
+        args = getattr(module, "BACKGROUND_WORKER", None)
+        if args and module.__name__ not in _WORKERS:
+            _WORKERS[module.__name__] = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+
+def pytest_unconfigure(config) -> None:
+    for worker in _WORKERS.values():
+        if worker.poll() is None:
+            worker.kill()
+
+
+@pytest.fixture(scope="module")
+def worker_results(request) -> dict:
+    """The last stdout line (JSON) of the module's background worker."""
+    worker = _WORKERS[request.module.__name__]
+    out, err = worker.communicate(timeout=1200)
+    assert worker.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
