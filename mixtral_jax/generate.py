@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import sharding
+from mixtral_jax.config import ModelConfig
 from mixtral_jax.model import KVCache, Mixtral, init_cache
 from mixtral_jax.sampling import Sampling, sample
 from mixtral_jax.tokenizer import Tokenizer
@@ -59,7 +60,7 @@ _STATIC = ("graphdef", "sampling", "mesh_rules")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _prefill(graphdef, params, tokens, lengths, cache: KVCache, key, sampling, mesh_rules):
+def prefill_step(graphdef, params, tokens, lengths, cache: KVCache, key, sampling, mesh_rules):
     """tokens [B, T] right-padded to T; lengths [B] -> first new tokens [B], cache."""
     model = nnx.merge(graphdef, params)
     B, T = tokens.shape
@@ -72,12 +73,46 @@ def _prefill(graphdef, params, tokens, lengths, cache: KVCache, key, sampling, m
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _decode(graphdef, params, tokens, positions, cache: KVCache, key, sampling, mesh_rules):
+def decode_step(graphdef, params, tokens, positions, cache: KVCache, key, sampling, mesh_rules):
     """tokens, positions [B] -> next tokens [B], cache."""
     model = nnx.merge(graphdef, params)
     with _rules(mesh_rules):
         out = model.forward(tokens[:, None], positions[:, None], cache=cache)
     return sample(out.logits[:, 0], key, sampling), out.cache
+
+
+# Logical axes of the KV cache: like the keys and values of attention, per layer.
+CACHE_AXES = KVCache(
+    ("layers", "batch", "length", "kv_heads", None),
+    ("layers", "batch", "length", "kv_heads", None),
+    ("batch", "length"),
+)
+
+
+def cache_shardings(
+    cache: KVCache, mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+) -> KVCache:
+    """Where a (possibly abstract) cache lives on `mesh`: split by batch and KV head."""
+    return KVCache(
+        *(
+            sharding.named_sharding(names, a.shape, mesh, rules)
+            for names, a in zip(CACHE_AXES, cache, strict=True)
+        )
+    )
+
+
+def empty_cache(
+    config: ModelConfig,
+    batch_size: int,
+    max_length: int,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> KVCache:
+    """`init_cache`, created in its shardings on `mesh`: no device holds the whole cache."""
+    if mesh is None:
+        return init_cache(config, batch_size, max_length)
+    make = functools.partial(init_cache, config, batch_size, max_length)
+    return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh, rules))()
 
 
 def generate_tokens(
@@ -123,11 +158,11 @@ def generate_tokens(
         tokens[row, : len(prompt)] = prompt
 
     graphdef, params = nnx.split(model)
-    cache = init_cache(c, B, T + max_new_tokens)
+    cache = empty_cache(c, B, T + max_new_tokens, mesh, rules)
     keys = iter(jax.random.split(jax.random.key(seed), max_new_tokens))
     start = time.perf_counter()
     mesh_rules = (mesh, tuple(rules)) if mesh is not None else None
-    next_tokens, cache = _prefill(
+    next_tokens, cache = prefill_step(
         graphdef,
         params,
         jnp.asarray(tokens),
@@ -156,7 +191,7 @@ def generate_tokens(
                 done[row] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        next_tokens, cache = _decode(
+        next_tokens, cache = decode_step(
             graphdef,
             params,
             next_tokens,

@@ -204,6 +204,19 @@ def shardings_like(tree: Any, by_path: Mapping[Path, NamedSharding], mesh: Mesh)
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Moves every array of `tree` to its sharding (a like-shaped tree). Abstract
+    arrays (`jax.ShapeDtypeStruct`) get the sharding attached instead: the same
+    jitted steps then lower and compile without any weights (tools/plan.py)."""
+
+    def one(x, s):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.device_put(x, s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
     """Moves every parameter of `model` to its sharding; returns the shardings by path."""
     shardings = param_shardings(model, mesh, rules)

@@ -154,7 +154,7 @@ def jit_forward(
         in_shardings=(param_sh, batch_sh, batch_sh, batch_sh),
         out_shardings=logits_sh,
     )
-    return Forward(fn, jax.device_put(params, param_sh), param_sh, batch_sh)
+    return Forward(fn, sharding.place(params, param_sh), param_sh, batch_sh)
 
 
 def jit_routing(
@@ -171,7 +171,7 @@ def jit_routing(
         return out.routing.experts, out.routing.weights
 
     fn = jax.jit(routing, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh))
-    return Forward(fn, jax.device_put(params, param_sh), param_sh, batch_sh)
+    return Forward(fn, sharding.place(params, param_sh), param_sh, batch_sh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +188,7 @@ class Eval:
 
     def place(self, model: Mixtral) -> nnx.State:
         """`model`'s parameters, moved to their shardings."""
-        return jax.device_put(nnx.state(model, nnx.Param), self.param_shardings)
+        return sharding.place(nnx.state(model, nnx.Param), self.param_shardings)
 
 
 def jit_eval(model: Mixtral, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Eval:
@@ -325,7 +325,7 @@ def jit_train_step(
         ),
         graphdef=graphdef,
         trainable=trainable,
-        frozen=jax.device_put(frozen, frozen_sh),
+        frozen=sharding.place(frozen, frozen_sh),
         rest=rest,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
