@@ -60,7 +60,7 @@ _WORKERS: dict[str, subprocess.Popen] = {}
 
 
 def pytest_collection_finish(session) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # workers set their own
     for module in {item.module for item in session.items if item.module is not None}:
         args = getattr(module, "BACKGROUND_WORKER", None)
         if args and module.__name__ not in _WORKERS:
