@@ -41,6 +41,10 @@ setup(
             "nbclient>=0.10",  # runs the notebooks (tests/test_notebooks.py)
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # libtpu, so that tests/test_plan.py compiles for a TPU slice (x86 Linux only).
+            "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
+        # tools/plan.py: compile for TPU topologies on any x86 Linux machine.
+        "tpu": ["jax[tpu]"],
     },
 )

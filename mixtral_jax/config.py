@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -276,3 +278,17 @@ def _validate(c: ModelConfig) -> None:
         )
     if not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
         raise ConfigError(f"config.lora_alpha must be a positive number, got {c.lora_alpha!r}")
+
+
+def load_config_file(path: str | Path, argument: str | None = None) -> Any:
+    """The ConfigDict of a `configs/*.py` file: its `get_config()` (or
+    `get_config(argument)`, e.g. a mesh recipe's name)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise ConfigError(f"config file {path} not found; give a configs/*.py file")
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(); a config file defines one")
+    return module.get_config() if argument is None else module.get_config(argument)

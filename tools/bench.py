@@ -15,7 +15,6 @@ This tool prints figures; no test asserts a time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -31,15 +30,13 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixtral_jax import Mixtral, ModelConfig, weights  # noqa: E402
+from mixtral_jax.config import load_config_file  # noqa: E402
 from mixtral_jax.generate import generate_tokens  # noqa: E402
 from mixtral_jax.moe import SparseMoE  # noqa: E402
 
 
 def load_config(path: str) -> ModelConfig:
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ModelConfig.from_dict(module.get_config())
+    return ModelConfig.from_dict(load_config_file(path))
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -1,0 +1,168 @@
+"""Plans of a tiny model on 8 virtual CPU devices (and a TPU slice when libtpu is
+installed) for `test_plan.py`, in a subprocess that conftest.py starts beside the
+other tests, as the device-count flag must be set before JAX starts.
+
+    python -m tests.plan_worker  ->  one JSON line of results
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import finetune_tiny, tiny  # noqa: E402
+from mixtral_jax import plan, sharding  # noqa: E402
+from mixtral_jax.config import ModelConfig  # noqa: E402
+from mixtral_jax.weights import flat_params  # noqa: E402
+
+MESH = {"fsdp": 2, "tensor": 2, "expert": 2}
+
+
+def tiny_config() -> ModelConfig:
+    """Four layers, so that the cost twins' extrapolation from 1 and 2 layers is tested."""
+    return ModelConfig.from_dict(tiny.get_config()).replace(
+        num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=256
+    )
+
+
+def expected_param_bytes(config: ModelConfig, sizes: dict[str, int], only=nnx.Param) -> int:
+    """Per device, by hand: each dimension split by the mesh axes its rule names."""
+    model = plan.abstract_model(config)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1} | sizes
+    shape = tuple(sizes[a] for a in sharding.MESH_AXES)
+    mesh = jax.make_mesh(shape, sharding.MESH_AXES, devices=jax.devices()[: math.prod(shape)])
+    axes = sharding.logical_axes(model)
+    total = 0
+    for path, value in flat_params(nnx.state(model, only)).items():
+        spec = sharding.partition_spec(axes[path], value.shape, mesh)
+        split = math.prod(sizes[a] for entry in spec for a in sharding.spec_axes(entry))
+        total += math.prod(value.shape) // split * jnp.dtype(value.dtype).itemsize
+    return total
+
+
+def inference(config: ModelConfig) -> dict:
+    slice_ = plan.get_slice("cpu:8")
+    result = plan.make_plan(config, slice_, mode="inference", batch=8, seq_len=64, mesh=MESH)
+    prefill, decode = result.programs
+    # The cost twins' extrapolation against the cost of the whole model unrolled.
+    unrolled = plan.abstract_model(plan._twin(config, config.num_layers))
+    mesh, _ = plan.make_mesh(MESH, slice_)
+    from mixtral_jax import steps
+
+    forward = steps.jit_forward(unrolled, mesh)
+    tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=forward.batch_sharding)
+    flops, _ = plan._costs(forward.fn.lower(forward.params, tokens, None, None).compile())
+    return {
+        "param_bytes": result.param_bytes,
+        "expected_param_bytes": expected_param_bytes(config, MESH),
+        "cache_bytes": result.cache_bytes,
+        # [L, B, S, K, H] keys and values split by batch (fsdp x expert) and KV heads
+        # (tensor), float32; slot positions [B, S] int32 split by batch.
+        "expected_cache_bytes": 2 * 4 * (8 // 4) * 64 * (2 // 2) * 16 * 4 + (8 // 4) * 64 * 4,
+        "prefill_arguments": prefill.arguments,
+        "decode_arguments": decode.arguments,
+        "prefill_flops": prefill.flops,
+        "unrolled_flops": flops,
+        "decode_tokens": decode.tokens,
+        "fits": result.fits,
+        "report": plan.report(result),
+        "collectives": prefill.collectives,
+    }
+
+
+def lora(config: ModelConfig) -> dict:
+    train_config = finetune_tiny.get_config()
+    train_config.lora.rank = 4
+    slice_ = plan.get_slice("cpu:8")
+    result = plan.make_plan(
+        config,
+        slice_,
+        mode="lora",
+        batch=8,
+        seq_len=32,
+        mesh={"fsdp": 8},
+        train_config=train_config,
+        costs=False,
+    )
+    from mixtral_jax.layers import LoRAParam
+
+    adapted = plan.train_model_config(config, train_config)
+    return {
+        "optimizer_bytes": result.optimizer_bytes,
+        "adapter_bytes": expected_param_bytes(adapted, {"fsdp": 8}, LoRAParam),
+        "param_bytes": result.param_bytes,
+        "expected_param_bytes": expected_param_bytes(adapted, {"fsdp": 8}),
+        "fits": result.fits,
+        "program": result.programs[0].name,
+    }
+
+
+def too_small(config: ModelConfig) -> dict:
+    """A chip with room for the model split by tensor=2 x fsdp=4 but not for it
+    replicated over data=4: the search finds the FSDP mesh. A chip too small for the
+    weights gets no compile and no alternative."""
+    kwargs = dict(mode="inference", batch=16, seq_len=32, costs=False)
+    split = {"tensor": 2, "fsdp": 4}
+    room = plan.make_plan(config, plan.get_slice("cpu:8"), mesh=split, **kwargs).peak
+    small_chip = plan.get_slice("cpu:8", hbm_gib=room / (1 - plan.HEADROOM) * 1.001 / plan.GiB)
+    squeezed = plan.make_plan(config, small_chip, mesh={"tensor": 2, "data": 4}, **kwargs)
+    nearest = plan.nearest_fit(squeezed, config)
+    hopeless = plan.make_plan(config, plan.get_slice("cpu:8", hbm_gib=1e-6), mesh=split, **kwargs)
+    return {
+        "squeezed_fits": squeezed.fits,
+        "squeezed_programs": len(squeezed.programs),
+        "nearest_mesh": None if nearest is None else nearest.mesh_text,
+        "nearest_batch": None if nearest is None else nearest.batch,
+        "nearest_fits": None if nearest is None else nearest.fits,
+        "nearest_peak": None if nearest is None else nearest.peak,
+        "usable": squeezed.usable,
+        "verdict": plan.verdict(squeezed, nearest, True),
+        "hopeless_fits": hopeless.fits,
+        "hopeless_programs": len(hopeless.programs),
+        "hopeless_nearest": plan.nearest_fit(hopeless, config) is not None,
+        "hopeless_verdict": plan.verdict(hopeless, None, True),
+    }
+
+
+def tpu(config: ModelConfig) -> dict:
+    """The same plan for a v5e-4 slice, compiled by the TPU compiler (needs libtpu)."""
+    try:
+        slice_ = plan.get_slice("v5e-4")
+    except plan.PlanError as error:
+        return {"skipped": str(error)}
+    config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
+    result = plan.make_plan(
+        config, slice_, mode="inference", batch=8, seq_len=64, mesh={"tensor": 2, "fsdp": 2}
+    )
+    return {
+        "devices": [d.platform for d in slice_.devices],
+        "kind": slice_.devices[0].device_kind,
+        "param_bytes": result.param_bytes,
+        "expected_param_bytes": expected_param_bytes(config, {"fsdp": 2, "tensor": 2}),
+        "prefill_arguments": result.programs[0].arguments,
+        "prefill_flops": result.programs[0].flops,
+        "tokens_per_s": plan.tokens_per_s(result.programs[1], slice_.chip),
+    }
+
+
+if __name__ == "__main__":
+    config = tiny_config()
+    print(
+        json.dumps(
+            {
+                "inference": inference(config),
+                "lora": lora(config),
+                "too_small": too_small(config),
+                "tpu": tpu(config),
+            }
+        )
+    )

@@ -1,0 +1,143 @@
+"""tools/plan.py: compiled plans on 8 virtual CPU devices, and on a TPU slice with libtpu."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixtral_jax import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+BACKGROUND_WORKER = ["-m", "tests.plan_worker"]  # see conftest.py
+
+
+@pytest.fixture(scope="module")
+def results(worker_results) -> dict:
+    return worker_results
+
+
+def test_parameter_and_cache_bytes_are_the_sharded_shapes(results):
+    got = results["inference"]
+    assert got["param_bytes"] == got["expected_param_bytes"]
+    assert got["cache_bytes"] == got["expected_cache_bytes"]
+    # The compiled programs take exactly these, plus the few bytes of tokens and key.
+    for program in ("prefill_arguments", "decode_arguments"):
+        extra = got[program] - got["param_bytes"] - got["cache_bytes"]
+        assert 0 <= extra <= 1024, (program, extra)
+
+
+def test_cost_twins_extrapolate_to_the_whole_model(results):
+    got = results["inference"]
+    assert got["prefill_flops"] == pytest.approx(got["unrolled_flops"], rel=1e-4)
+
+
+def test_the_report_shows_memory_costs_collectives_and_verdict(results):
+    got = results["inference"]
+    report = got["report"]
+    for line in ("parameters", "KV cache", "temporaries", "total", "FLOPs / step", "tokens/s"):
+        assert line in report
+    assert "collectives in prefill: all-gather" in report
+    assert report.splitlines()[-1].startswith("verdict: fits")
+    assert got["decode_tokens"] == 8 and got["fits"]
+    # Expert parallelism moves tokens with all-to-alls.
+    assert got["collectives"]["all-to-all"] >= 1
+
+
+def test_lora_state_is_the_adapters_and_two_adam_moments(results):
+    got = results["lora"]
+    assert got["program"] == "train step" and got["fits"]
+    assert got["param_bytes"] == got["expected_param_bytes"]  # base + adapters
+    # mu and nu are sharded like the adapters; the step counts add a few bytes.
+    assert 0 <= got["optimizer_bytes"] - 2 * got["adapter_bytes"] <= 64
+
+
+def test_a_plan_that_does_not_fit_says_so_and_finds_one_that_does(results):
+    got = results["too_small"]
+    assert not got["squeezed_fits"] and got["squeezed_programs"] == 2
+    assert got["nearest_fits"] and got["nearest_peak"] <= got["usable"]
+    # Inference tries halved batches first, then other meshes such as tensor=2 x fsdp=4.
+    found = (got["nearest_mesh"], got["nearest_batch"])
+    assert found == ("fsdp=4,tensor=2", 16) or (found[0] == "data=4,tensor=2" and found[1] < 16)
+    assert got["verdict"].startswith("does not fit: peak")
+    assert f"; fits with mesh {found[0]}, batch {found[1]} (peak" in got["verdict"]
+    # Weights that cannot fit are not compiled, and nothing is found.
+    assert not got["hopeless_fits"] and got["hopeless_programs"] == 0
+    assert not got["hopeless_nearest"]
+    assert (
+        "alone take" in got["hopeless_verdict"] and "use a larger slice" in got["hopeless_verdict"]
+    )
+
+
+def test_the_tpu_compiler_plans_a_v5e_slice(results):
+    got = results["tpu"]
+    if "skipped" in got:
+        pytest.skip(f"no libtpu here: {got['skipped']}")
+    assert got["devices"] == ["tpu"] * 4 and got["kind"].startswith("TPU v5")
+    assert got["param_bytes"] == got["expected_param_bytes"]
+    assert got["prefill_arguments"] >= got["param_bytes"]
+    assert got["prefill_flops"] > 0 and got["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("v5e-8", ("v5e", "v5e:2x4")),
+        ("v5e-16", ("v5e", "v5e:4x4")),
+        ("v6e-1", ("v6e", "v6e:1x1")),
+        ("v5p-8", ("v5p", "v5p:2x2x1")),  # slice names count cores: 4 chips
+        ("v4-16", ("v4", "v4:2x2x2")),
+        ("v5p:2x2x2", ("v5p", "v5p:2x2x2")),
+        ("cpu:8", ("cpu", "cpu:8")),
+    ],
+)
+def test_slice_names_become_topologies(name, expected):
+    assert plan.topology_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("v9-8", "unknown topology"), ("v5e-3", "no v5e slice with 3 cores"), ("v5p-6", "v5p-8")],
+)
+def test_unknown_topologies_name_the_choices(name, message):
+    with pytest.raises(plan.PlanError, match=message):
+        plan.topology_name(name)
+
+
+def test_meshes_parse_and_bad_ones_say_how_to_write_them():
+    assert plan.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4}
+    with pytest.raises(plan.PlanError, match="AXIS=SIZE"):
+        plan.parse_mesh("model=8")
+    with pytest.raises(plan.PlanError, match="AXIS=SIZE"):
+        plan.parse_mesh("tensor=two")
+
+
+def test_the_cli_explains_bad_input(capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import plan as cli  # tools/plan.py
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert cli.main(["--topology", "v9-8"]) == 2
+    assert "unknown topology 'v9-8'" in capsys.readouterr().err
+    assert cli.main(["--config", "configs/missing.py", "--topology", "cpu:1"]) == 2
+    assert "config file configs/missing.py not found" in capsys.readouterr().err
+    tiny = str(ROOT / "configs/tiny.py")
+    assert cli.main(["--config", tiny, "--topology", "cpu:1", "--seq_len", "4096"]) == 2
+    assert "exceeds the model's max_position_embeddings=128" in capsys.readouterr().err
+    assert cli.main(["--config", tiny, "--topology", "cpu:1", "--mesh", "tensor=2"]) == 2
+    assert "mesh tensor=2 on cpu:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, total, active", [("8x7b", 46.70, 12.75), ("8x22b", 140.63, 38.96)])
+def test_parameter_counts_of_the_released_models(name, total, active):
+    """The paper's 46.7 B / 12.9 B for 8x7B (its active count includes the embedding
+    table, 0.13 B, which a token reads one row of) and 141 B / 39 B for 8x22B."""
+    from mixtral_jax.config import ModelConfig, load_config_file
+
+    config = ModelConfig.from_dict(load_config_file(ROOT / f"configs/mixtral_{name}.py"))
+    assert plan.num_params(config) / 1e9 == pytest.approx(total, abs=0.01)
+    assert plan.active_params(config) / 1e9 == pytest.approx(active, abs=0.01)

@@ -1,0 +1,197 @@
+"""Will it fit, and how fast will it go? Compile for a TPU slice on this machine first.
+
+    python tools/plan.py --config configs/mixtral_8x7b.py --topology v5e-8 --mode inference
+    python tools/plan.py --config configs/mixtral_8x7b.py --topology v5e-16 --mode lora \
+        --batch 16 --seq_len 4096 --mesh fsdp=16
+    python tools/plan.py --config configs/tiny.py --topology cpu:8 --mode full
+    python tools/plan.py --readme        # regenerates the table in README.md
+
+The project's own prefill, decode and train steps are compiled with abstract
+arrays for the slice's devices (TPU topologies need libtpu: pip install -e
+".[tpu]"; `cpu:N` uses N virtual CPU devices) and the compiler's figures are
+printed per chip: parameters, optimizer state, KV cache, temporaries and total
+against the chip's memory, FLOPs and bytes per step, a roofline time and
+tokens/s, the collectives, and a verdict. A plan that does not fit is followed
+by the nearest mesh or batch that does. See mixtral_jax/plan.py for the method.
+
+Without --mesh, the recipe of configs/meshes.py named SLICE:MODE is used when
+there is one (e.g. v5e-8:inference), else tensor parallelism over the KV heads
+for inference and FSDP over every chip for fine-tuning. Fine-tuning uses
+configs/finetune_lora.py or finetune_full.py (--train_config to change it) with
+their batch and sequence length unless --batch / --seq_len say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _prepare_jax(argv: list[str]) -> None:
+    """Before JAX starts: plans never run on a local accelerator, and cpu:N needs N
+    virtual devices."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # libtpu only compiles here: other processes (another plan) may load it too.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    text = " ".join(argv)
+    match = re.search(r"--topology[= ]cpu:(\d+)", text)
+    count = int(match.group(1)) if match else 8 if "--readme" in text else None
+    if count:
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+_prepare_jax(sys.argv[1:])
+
+from mixtral_jax import plan  # noqa: E402
+from mixtral_jax.config import ConfigError, ModelConfig, load_config_file  # noqa: E402
+
+MARKERS = ("<!-- plan-table:begin -->", "<!-- plan-table:end -->")
+GENERATIONS = ("v5p", "v4")  # full fine-tuning: the smallest slice of each that fits
+# The README's rows: (config, slice, mode, batch, seq_len); batch None = the training config's.
+TABLE = [
+    (f"configs/mixtral_{model}.py", slice_, "inference", batch, seq_len)
+    for model in ("8x7b", "8x22b")
+    for slice_ in ("v5e-8", "v5e-16", "v5p-8", "v4-16")
+    for batch in (1, 32)
+    for seq_len in (4096, 32768)
+] + [
+    (f"configs/mixtral_{model}.py", slice_, "lora", None, 4096)
+    for model in ("8x7b", "8x22b")
+    for slice_ in ("v5e-8", "v5e-16", "v5p-8", "v4-16")
+]
+
+
+def default_mesh(slice_: plan.Slice, mode: str, config: ModelConfig) -> dict[str, int]:
+    recipe = f"{slice_.name}:{mode}"
+    from configs import meshes
+
+    if recipe in meshes.RECIPES:
+        return {k: v for k, v in meshes.RECIPES[recipe].items() if not k.startswith("dcn")}
+    return plan.candidates(mode, config, slice_.size)[0]
+
+
+def make(
+    args_config, topology, mode, batch, seq_len, mesh, train_config, hbm_gib, costs=True, tries=6
+):
+    """(plan, nearest fitting plan or None, whether a search ran)."""
+    config = ModelConfig.from_dict(load_config_file(args_config))
+    slice_ = plan.get_slice(topology, hbm_gib)
+    if mode != "inference":
+        train_config = load_config_file(train_config or ROOT / f"configs/finetune_{mode}.py")
+        batch = batch or train_config.data.batch_size
+        seq_len = seq_len or train_config.data.seq_len
+    batch, seq_len = batch or 1, seq_len or min(4096, config.max_position_embeddings)
+    mesh = plan.parse_mesh(mesh) if mesh else default_mesh(slice_, mode, config)
+    name = Path(args_config).stem.removeprefix("mixtral_").replace("b", "B")
+    kwargs = dict(mode=mode, seq_len=seq_len, train_config=train_config, name=name)
+    result = plan.make_plan(config, slice_, batch=batch, mesh=mesh, costs=costs, **kwargs)
+    nearest = None
+    if not result.fits and tries:
+        nearest = plan.nearest_fit(result, config, max_compiles=tries, train_config=train_config)
+    return result, nearest, not result.fits and tries > 0
+
+
+def readme_table() -> str:
+    rows = [plan.TABLE_HEADER]
+    jobs = list(TABLE)
+    start = time.perf_counter()
+    for i, (config, slice_, mode, batch, seq_len) in enumerate(jobs):
+        print(
+            f"[{i + 1}/{len(jobs)}] {config} {slice_} {mode} batch {batch} × {seq_len}", flush=True
+        )
+        result, nearest, _ = make(
+            config, slice_, mode, batch, seq_len, None, None, None, costs=False, tries=0
+        )
+        rows.append(plan.table_row(result, nearest))
+        print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+        if not result.fits and nearest is None:
+            print(plan.verdict(result), flush=True)
+    for model in ("8x7b", "8x22b"):
+        for generation in GENERATIONS:  # full fine-tuning: the smallest slice that fits
+            for slice_ in full_slices(generation):
+                print(f"full {model} {slice_}", flush=True)
+                # One 4096-token row per chip in each of the 4 micro-batches.
+                chips = plan.get_slice(slice_).size
+                result, _, _ = make(
+                    f"configs/mixtral_{model}.py",
+                    slice_,
+                    "full",
+                    4 * chips,
+                    4096,
+                    None,
+                    None,
+                    None,
+                    costs=False,
+                    tries=0,
+                )
+                if result.fits:
+                    rows.append(plan.table_row(result))
+                    print(rows[-1], flush=True)
+                    break
+    return "\n".join(rows)
+
+
+def full_slices(generation: str) -> list[str]:
+    per_chip = plan.CORES_PER_CHIP[generation]
+    shapes = plan.SHAPES_3D if per_chip == 2 else plan.SHAPES_2D
+    return [f"{generation}-{chips * per_chip}" for chips in sorted(shapes) if chips >= 8]
+
+
+def write_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    begin, end = (text.find(m) for m in MARKERS)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"README.md has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
+    text = text[: begin + len(MARKERS[0])] + "\n" + table + "\n" + text[end:]
+    readme.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/mixtral_8x7b.py"))
+    parser.add_argument("--topology", default="v5e-8", help="v5e-8, v5p:2x2x2, cpu:8, ...")
+    parser.add_argument("--mode", default="inference", choices=plan.MODES)
+    parser.add_argument("--batch", type=int, default=None, help="rows per step")
+    parser.add_argument("--seq_len", type=int, default=None, help="context / training length")
+    parser.add_argument("--mesh", default=None, help="e.g. data=2,tensor=4 (default: see above)")
+    parser.add_argument("--train_config", default=None, help="default configs/finetune_MODE.py")
+    parser.add_argument("--hbm_gib", type=float, default=None, help="memory per chip (what-if)")
+    parser.add_argument("--no_costs", action="store_true", help="memory only: skip cost twins")
+    parser.add_argument("--readme", action="store_true", help="regenerate README.md's table")
+    args = parser.parse_args(argv)
+    try:
+        if args.readme:
+            write_readme(readme_table())
+            print("README.md: plan table regenerated")
+            return 0
+        start = time.perf_counter()
+        result, nearest, searched = make(
+            args.config,
+            args.topology,
+            args.mode,
+            args.batch,
+            args.seq_len,
+            args.mesh,
+            args.train_config,
+            args.hbm_gib,
+            not args.no_costs,
+        )
+    except (plan.PlanError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(plan.report(result, nearest, searched))
+    print(f"(planned in {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
