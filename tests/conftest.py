@@ -61,7 +61,8 @@ _WORKERS: dict[str, subprocess.Popen] = {}
 
 def pytest_collection_finish(session) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # workers set their own
-    for module in {item.module for item in session.items if item.module is not None}:
+    needed = {i.module for i in session.items if "worker_results" in i.fixturenames}
+    for module in needed:
         args = getattr(module, "BACKGROUND_WORKER", None)
         if args and module.__name__ not in _WORKERS:
             _WORKERS[module.__name__] = subprocess.Popen(
