@@ -38,8 +38,11 @@ def _prepare_jax(argv: list[str]) -> None:
     """Before JAX starts: plans never run on a local accelerator, and cpu:N needs N
     virtual devices."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # libtpu only compiles here: other processes (another plan) may load it too.
+    # libtpu only compiles here: other processes (another plan) may load it too, and
+    # there are no TPU workers to look up (which would fill stderr with warnings).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     text = " ".join(argv)
     match = re.search(r"--topology[= ]cpu:(\d+)", text)
     count = int(match.group(1)) if match else 8 if "--readme" in text else None
