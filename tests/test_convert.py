@@ -268,7 +268,7 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
         cwd=ROOT,
     )
     staging = []
-    for _ in range(300):  # wait until the conversion has started writing
+    for _ in range(2400):  # wait until the conversion has started writing (a busy CI: 2 min)
         staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
         if staging and (staging[0] / "params").exists():
             break
