@@ -137,8 +137,10 @@ def get_slice(name: str, hbm_gib: float | None = None) -> Slice:
         from jax.experimental import topologies
 
         cells = math.prod(int(n) for n in topology.split(":")[1].split("x"))
-        bounds = {"chips_per_host_bounds": (1, 1, 1)} if cells == 1 else {}
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **bounds)
+        options = {"chips_per_host_bounds": (1, 1, 1)} if cells == 1 else {}
+        if CORES_PER_CHIP[generation] == 2:  # one device per chip, as JAX runs v4 and v5p
+            options["chip_config_name"] = "megacore"
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
     except Exception as error:  # no libtpu, or a topology it does not know
         raise PlanError(
             f"cannot compile for {topology}: {str(error).splitlines()[0][:200]}. Compiling for "

@@ -141,3 +141,14 @@ def test_parameter_counts_of_the_released_models(name, total, active):
     config = ModelConfig.from_dict(load_config_file(ROOT / f"configs/mixtral_{name}.py"))
     assert plan.num_params(config) / 1e9 == pytest.approx(total, abs=0.01)
     assert plan.active_params(config) / 1e9 == pytest.approx(active, abs=0.01)
+
+
+@pytest.mark.parametrize("name, chips", [("v5e-8", 8), ("v4-16", 8), ("v5p-8", 4), ("v6e-1", 1)])
+def test_tpu_slices_have_one_device_per_chip(name, chips):
+    """v4 and v5p chips have two TensorCores that JAX runs as one device (megacore)."""
+    try:
+        slice_ = plan.get_slice(name)
+    except plan.PlanError as error:
+        pytest.skip(f"no libtpu here: {error}")
+    assert slice_.size == chips
+    assert len({d.id for d in slice_.devices}) == chips

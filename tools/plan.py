@@ -24,6 +24,7 @@ their batch and sequence length unless --batch / --seq_len say otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -57,6 +58,7 @@ from mixtral_jax import plan  # noqa: E402
 from mixtral_jax.config import ConfigError, ModelConfig, load_config_file  # noqa: E402
 
 MARKERS = ("<!-- plan-table:begin -->", "<!-- plan-table:end -->")
+CACHE = ROOT / "runs" / "plan_table.jsonl"  # finished rows of --readme
 GENERATIONS = ("v5p", "v4")  # full fine-tuning: the smallest slice of each that fits
 # The README's rows: (config, slice, mode, batch, seq_len); batch None = the training config's.
 TABLE = [
@@ -102,44 +104,55 @@ def make(
     return result, nearest, not result.fits and tries > 0
 
 
-def readme_table() -> str:
+def readme_table(fresh: bool = False) -> str:
+    """The README's rows. Each finished row is kept in CACHE, so that a run that stops
+    (an hour of compiling on 2 cores) resumes where it stopped; `fresh` starts over."""
+    if fresh and CACHE.exists():
+        CACHE.unlink()
+    done = {}
+    if CACHE.exists():
+        done = {tuple(r["key"]): r["row"] for r in map(json.loads, CACHE.read_text().splitlines())}
+    jobs = [("row", *job) for job in TABLE]
+    jobs += [
+        ("full", model, generation) for model in ("8x7b", "8x22b") for generation in GENERATIONS
+    ]
     rows = [plan.TABLE_HEADER]
-    jobs = list(TABLE)
     start = time.perf_counter()
-    for i, (config, slice_, mode, batch, seq_len) in enumerate(jobs):
-        print(
-            f"[{i + 1}/{len(jobs)}] {config} {slice_} {mode} batch {batch} × {seq_len}", flush=True
-        )
-        result, nearest, _ = make(
-            config, slice_, mode, batch, seq_len, None, None, None, costs=False, tries=0
-        )
-        rows.append(plan.table_row(result, nearest))
-        print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
-        if not result.fits and nearest is None:
-            print(plan.verdict(result), flush=True)
-    for model in ("8x7b", "8x22b"):
-        for generation in GENERATIONS:  # full fine-tuning: the smallest slice that fits
-            for slice_ in full_slices(generation):
-                print(f"full {model} {slice_}", flush=True)
-                # One 4096-token row per chip in each of the 4 micro-batches.
-                chips = plan.get_slice(slice_).size
-                result, _, _ = make(
-                    f"configs/mixtral_{model}.py",
-                    slice_,
-                    "full",
-                    4 * chips,
-                    4096,
-                    None,
-                    None,
-                    None,
-                    costs=False,
-                    tries=0,
-                )
-                if result.fits:
-                    rows.append(plan.table_row(result))
-                    print(rows[-1], flush=True)
-                    break
+    for i, job in enumerate(jobs):
+        print(f"[{i + 1}/{len(jobs)}] {' '.join(map(str, job[1:]))}", flush=True)
+        if job not in done:
+            done[job] = table_row(*job[1:]) if job[0] == "row" else full_row(*job[1:])
+            CACHE.parent.mkdir(parents=True, exist_ok=True)
+            with CACHE.open("a") as cache:
+                cache.write(json.dumps({"key": job, "row": done[job]}) + "\n")
+        if done[job]:
+            rows.append(done[job])
+        print(done[job], f"({time.perf_counter() - start:.0f} s)", flush=True)
     return "\n".join(rows)
+
+
+def table_row(config: str, slice_: str, mode: str, batch: int | None, seq_len: int) -> str:
+    result, _, _ = make(
+        config, slice_, mode, batch, seq_len, None, None, None, costs=False, tries=0
+    )
+    if not result.fits:
+        print(plan.verdict(result), flush=True)
+    return plan.table_row(result)
+
+
+def full_row(model: str, generation: str) -> str:
+    """Full fine-tuning on the smallest slice of `generation` that fits, with one
+    4096-token row per chip in each of the 4 micro-batches; "" when none does."""
+    for slice_ in full_slices(generation):
+        chips = plan.get_slice(slice_).size
+        config = f"configs/mixtral_{model}.py"
+        result, _, _ = make(
+            config, slice_, "full", 4 * chips, 4096, None, None, None, costs=False, tries=0
+        )
+        print(f"full {model} {slice_}: {plan.verdict(result)}", flush=True)
+        if result.fits:
+            return plan.table_row(result)
+    return ""
 
 
 def full_slices(generation: str) -> list[str]:
@@ -170,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hbm_gib", type=float, default=None, help="memory per chip (what-if)")
     parser.add_argument("--no_costs", action="store_true", help="memory only: skip cost twins")
     parser.add_argument("--readme", action="store_true", help="regenerate README.md's table")
+    parser.add_argument("--fresh", action="store_true", help="with --readme: ignore kept rows")
     args = parser.parse_args(argv)
     try:
         if args.readme:
-            write_readme(readme_table())
+            write_readme(readme_table(args.fresh))
             print("README.md: plan table regenerated")
             return 0
         start = time.perf_counter()
