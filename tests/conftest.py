@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -48,52 +43,3 @@ def sp_model(tmp_path_factory) -> str:
         minloglevel=2,
     )
     return str(directory / "tok.model")
-
-
-# ---------------------------------------------------------------------------
-# Background workers. A test module that needs its own JAX (8 virtual devices must be
-# set before JAX starts) names its worker's arguments in BACKGROUND_WORKER. The workers
-# start as soon as the tests are collected and run one at a time, on the second core,
-# while the other modules' tests run; a module's `worker_results` fixture waits for
-# the JSON line its worker prints last.
-
-ROOT = Path(__file__).resolve().parents[1]
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-_FUTURES: dict[str, concurrent.futures.Future] = {}
-_RUNNING: list[subprocess.Popen] = []
-
-
-def _run_worker(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    worker = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _RUNNING.append(worker)
-    out, err = worker.communicate()
-    return worker.returncode, out, err
-
-
-def pytest_collection_finish(session) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # workers set their own
-    needed = {i.module for i in session.items if "worker_results" in i.fixturenames}
-    for module in sorted(needed, key=lambda m: m.__name__):  # in the order tests need them
-        _FUTURES[module.__name__] = _POOL.submit(_run_worker, module.BACKGROUND_WORKER, env)
-
-
-def pytest_unconfigure(config) -> None:
-    _POOL.shutdown(wait=False, cancel_futures=True)
-    for worker in _RUNNING:
-        if worker.poll() is None:
-            worker.kill()
-
-
-@pytest.fixture(scope="module")
-def worker_results(request) -> dict:
-    """The last stdout line (JSON) of the module's background worker."""
-    returncode, out, err = _FUTURES[request.module.__name__].result(timeout=3600)
-    assert returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])

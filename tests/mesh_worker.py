@@ -1,6 +1,5 @@
-"""Runs the tiny model on 8 virtual CPU devices for `test_sharding.py`, in a
-subprocess that conftest.py starts beside the other tests, as the device-count
-flag must be set before JAX starts.
+"""Runs the tiny model on 8 virtual CPU devices; `test_sharding.py` starts it in a
+subprocess, as the device-count flag must be set before JAX starts.
 
     python -m tests.mesh_worker '[[8, 1, 1, 1], ...]'  ->  one JSON line of results
 """

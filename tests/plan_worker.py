@@ -1,6 +1,6 @@
 """Plans of a tiny model on 8 virtual CPU devices (and a TPU slice when libtpu is
-installed) for `test_plan.py`, in a subprocess that conftest.py starts beside the
-other tests, as the device-count flag must be set before JAX starts.
+installed); `test_plan.py` starts it in a subprocess, as the device-count flag must
+be set before JAX starts.
 
     python -m tests.plan_worker  ->  one JSON line of results
 """

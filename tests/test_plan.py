@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,12 +15,19 @@ from mixtral_jax import plan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BACKGROUND_WORKER = ["-m", "tests.plan_worker"]  # see conftest.py
-
-
 @pytest.fixture(scope="module")
-def results(worker_results) -> dict:
-    return worker_results
+def results() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.plan_worker"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_parameter_and_cache_bytes_are_the_sharded_shapes(results):

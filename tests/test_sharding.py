@@ -22,12 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (1, 1, 8, 1), (1, 1, 1, 8), (2, 2, 2, 1), (2, 1, 2, 2)]
 
 
-BACKGROUND_WORKER = ["-m", "tests.mesh_worker", json.dumps(MESHES)]  # see conftest.py
-
-
 @pytest.fixture(scope="module")
-def mesh_results(worker_results) -> dict:
-    return worker_results
+def mesh_results() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.mesh_worker", json.dumps(MESHES)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
