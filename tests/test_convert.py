@@ -266,6 +266,9 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # A shell that starts a job in the background (``.ci/run &``) starts it with SIGINT
+        # ignored, and children inherit that; Ctrl-C in a terminal finds the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     staging = []
     for _ in range(2400):  # wait until the conversion has started writing (a busy CI: 2 min)
