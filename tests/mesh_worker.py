@@ -1,7 +1,8 @@
 """Runs the tiny model on 8 virtual CPU devices; `test_sharding.py` starts it in a
 subprocess, as the device-count flag must be set before JAX starts.
 
-    python -m tests.mesh_worker '[[8, 1, 1, 1], ...]'  ->  one JSON line of results
+    python -m tests.mesh_worker '[[1, 1, 8, 1], ...]' '[[8, 1, 1, 1], ...]'
+        -> one JSON line: results of the meshes to run, specs of the meshes to read
 """
 
 from __future__ import annotations
@@ -76,9 +77,18 @@ def main(meshes: list[list[int]]) -> dict:
             "loss": abs(float(metrics["loss"]) - float(ref_loss)),
             "grads": max(float(np.abs(g - ref_grads[p]).max()) for p, g in grads.items()),
             "shardings_follow_rules": all(v.sharding == expected[p] for p, v in new.items()),
-            "specs": {".".join(p): str(tuple(s.spec)) for p, s in expected.items()},
             "all_to_all": compiled.as_text().count("all-to-all("),
         }
+    return results
+
+
+def specs(meshes: list[list[int]]) -> dict:
+    """Each parameter's partition spec on each mesh (nothing is compiled)."""
+    model = nnx.eval_shape(lambda: Mixtral(tiny_config(), rngs=nnx.Rngs(0)))
+    results = {}
+    for shape in meshes:
+        rules = sharding.param_shardings(model, sharding.make_mesh(*shape))
+        results[json.dumps(shape)] = {".".join(p): str(tuple(s.spec)) for p, s in rules.items()}
     return results
 
 
@@ -181,6 +191,7 @@ def sharded_routing() -> dict:
 
 if __name__ == "__main__":
     out = main(json.loads(sys.argv[1]))
+    out["specs"] = specs(json.loads(sys.argv[2]))
     out["adam"] = optimizer_state_shardings()
     out["other_rules"] = other_rules()
     out["generation"] = sharded_generation()
