@@ -107,15 +107,18 @@ def lora(config: ModelConfig) -> dict:
 
 
 def too_small(config: ModelConfig) -> dict:
-    """A chip with room for the model split by tensor=2 x fsdp=4 but not for it
-    replicated over data=4: the search finds the FSDP mesh. A chip too small for the
-    weights gets no compile and no alternative."""
-    kwargs = dict(mode="inference", batch=16, seq_len=32, costs=False)
-    split = {"tensor": 2, "fsdp": 4}
+    """Full fine-tuning on a chip with room for the model and its AdamW state split by
+    fsdp=8 but not replicated over data=8: the search finds the FSDP mesh. A chip too
+    small for the weights gets no compile and no alternative. (Training, as it compiles
+    one program per plan where inference compiles two.)"""
+    kwargs = dict(
+        mode="full", batch=8, seq_len=32, costs=False, train_config=finetune_tiny.get_config()
+    )
+    split = {"fsdp": 8}
     room = plan.make_plan(config, plan.get_slice("cpu:8"), mesh=split, **kwargs).peak
     small_chip = plan.get_slice("cpu:8", hbm_gib=room / (1 - plan.HEADROOM) * 1.001 / plan.GiB)
-    squeezed = plan.make_plan(config, small_chip, mesh={"tensor": 2, "data": 4}, **kwargs)
-    nearest = plan.nearest_fit(squeezed, config)
+    squeezed = plan.make_plan(config, small_chip, mesh={"data": 8}, **kwargs)
+    nearest = plan.nearest_fit(squeezed, config, train_config=kwargs["train_config"])
     hopeless = plan.make_plan(config, plan.get_slice("cpu:8", hbm_gib=1e-6), mesh=split, **kwargs)
     return {
         "squeezed_fits": squeezed.fits,
@@ -128,7 +131,8 @@ def too_small(config: ModelConfig) -> dict:
         "verdict": plan.verdict(squeezed, nearest, True),
         "hopeless_fits": hopeless.fits,
         "hopeless_programs": len(hopeless.programs),
-        "hopeless_nearest": plan.nearest_fit(hopeless, config) is not None,
+        "hopeless_nearest": plan.nearest_fit(hopeless, config, train_config=kwargs["train_config"])
+        is not None,
         "hopeless_verdict": plan.verdict(hopeless, None, True),
     }
 

@@ -67,13 +67,12 @@ def test_lora_state_is_the_adapters_and_two_adam_moments(results):
 
 def test_a_plan_that_does_not_fit_says_so_and_finds_one_that_does(results):
     got = results["too_small"]
-    assert not got["squeezed_fits"] and got["squeezed_programs"] == 2
+    assert not got["squeezed_fits"] and got["squeezed_programs"] == 1  # the train step
     assert got["nearest_fits"] and got["nearest_peak"] <= got["usable"]
-    # Inference tries halved batches first, then other meshes such as tensor=2 x fsdp=4.
-    found = (got["nearest_mesh"], got["nearest_batch"])
-    assert found == ("fsdp=4,tensor=2", 16) or (found[0] == "data=4,tensor=2" and found[1] < 16)
+    # Fine-tuning tries other meshes first (its batch is the optimizer's): FSDP first.
+    assert (got["nearest_mesh"], got["nearest_batch"]) == ("fsdp=8", 8)
     assert got["verdict"].startswith("does not fit: peak")
-    assert f"; fits with mesh {found[0]}, batch {found[1]} (peak" in got["verdict"]
+    assert "; fits with mesh fsdp=8, batch 8 (peak" in got["verdict"]
     # Weights that cannot fit are not compiled, and nothing is found.
     assert not got["hopeless_fits"] and got["hopeless_programs"] == 0
     assert not got["hopeless_nearest"]
