@@ -1,0 +1,12 @@
+"""Tests. Every test process, and every process a test starts, compiles with
+`xla_flags()` (`conftest.py` sets it; the multi-device workers ask for more devices)."""
+
+# The tiny test models compile for far longer than they run. LLVM's cheaper passes
+# make the suite's compiles faster; XLA's own passes, which decide what is computed,
+# are unchanged, and the numbers are the same to rounding.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a test process with `devices` virtual CPU devices."""
+    return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"

@@ -6,10 +6,14 @@ import os
 
 import pytest
 
+from tests import xla_flags
+
 # The tests run on the CPU. With libtpu installed (the test extra installs it for
 # tests/test_plan.py), JAX would otherwise probe for a TPU in every process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One CPU device, compiled quickly; the processes the tests start inherit this.
+os.environ["XLA_FLAGS"] = xla_flags()
 
 CORPUS = """The quick brown fox jumps over the lazy dog. Über den Wolken muss die Freiheit
 wohl grenzenlos sein. Les élèves étudient à l'école. 東京は日本の首都です。 Emoji: 🙂🚀.

@@ -16,6 +16,7 @@ import pytest
 from mixtral_jax import checkpoint, convert
 from mixtral_jax.sources import SafetensorsFile, SourceError
 from mixtral_jax.weights import WeightError, flat_params
+from tests import xla_flags
 from tests.reference import hf_forward, hf_twin
 from tests.test_sources import CONFIG, LAYOUTS, hub_tensors, random_hub, write_layout
 
@@ -214,9 +215,7 @@ def test_load_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
 
     model = Mixtral(CONFIG, rngs=nnx.Rngs(5))
     checkpoint.save(tmp_path / "ck", flat_params(model), CONFIG)
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "ck")],
         capture_output=True,

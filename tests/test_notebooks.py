@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -14,7 +16,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
 def test_notebook_runs(name, monkeypatch):
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as a Colab CPU runtime
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one CPU device, as a Colab CPU runtime
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
         notebook,

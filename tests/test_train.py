@@ -174,7 +174,7 @@ def run_training(workdir: Path, cache: Path, kill_at: int | None = None, sig=sig
         stderr=subprocess.STDOUT,
         text=True,
         env={
-            **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},  # one CPU device
+            **os.environ,  # one CPU device (conftest.py)
             "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
