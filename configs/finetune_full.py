@@ -4,8 +4,8 @@
         --config.checkpoint=mixtral-8x7b --config.data.train=corpus.jsonl --workdir runs/full
 
 Every weight is trained with AdamW: 16 bytes per parameter (weights, two
-moments, gradients, float32), ~750 GB for 8x7B, so a v4-64 or v5p-32 (see
-configs/meshes.py "v4-64:full"); parameters and optimizer state are FSDP-sharded.
+moments, gradients, float32), ~750 GB for 8x7B, so a v4-128 or v5p-32 (see
+configs/meshes.py "v4-128:full"); parameters and optimizer state are FSDP-sharded.
 """
 
 import ml_collections

@@ -7,7 +7,8 @@
 The base stays frozen in bfloat16 (FSDP-sharded over every device); only the
 adapters (float32) and their AdamW state are trained and checkpointed. At the
 end `workdir/export` holds the base with the adapters merged in. For 8x7B on a
-v5e-16, set the mesh of configs/meshes.py's "v5e-16:lora" recipe: `--config.mesh.fsdp=16`.
+v5e-16, set the mesh of configs/meshes.py's "v5e-16:lora" recipe:
+`--config.mesh.fsdp=2 --config.mesh.expert=8` (FSDP alone does not fit; tools/plan.py).
 """
 
 import ml_collections

@@ -18,15 +18,17 @@ RECIPES = {
     "v5p-8:inference": dict(fsdp=1, tensor=4),
     "v5e-16:inference": dict(data=2, fsdp=1, tensor=8),
     # LoRA: the frozen base sharded by FSDP; adapters and their Adam state are small.
-    "v5e-16:lora": dict(fsdp=16),
+    # On 16 GiB v5e chips, FSDP alone gathers all 8 experts of a layer on every chip
+    # (18.2 GiB per chip, tools/plan.py); expert=8 gathers one (14.5 GiB).
+    "v5e-16:lora": dict(fsdp=2, expert=8),
     "v5p-8:lora": dict(fsdp=4),
     "v4-32:lora": dict(fsdp=16),
     # Full fine-tuning with float32 master weights and AdamW: 16 bytes per parameter.
-    "v4-64:full": dict(fsdp=32),
+    "v4-128:full": dict(fsdp=64),  # v4-64 holds the state but not the step (tools/plan.py)
     "v5p-32:full": dict(fsdp=16),
     "v5p-32:full-ep": dict(fsdp=2, expert=8),
     # Two v5e-16 slices over the data-center network: data parallel across slices.
-    "2xv5e-16:lora": dict(fsdp=16, dcn_data=2),
+    "2xv5e-16:lora": dict(fsdp=2, expert=8, dcn_data=2),
 }
 
 

@@ -2,7 +2,7 @@
 
     python tools/plan.py --config configs/mixtral_8x7b.py --topology v5e-8 --mode inference
     python tools/plan.py --config configs/mixtral_8x7b.py --topology v5e-16 --mode lora \
-        --batch 16 --seq_len 4096 --mesh fsdp=16
+        --batch 16 --seq_len 4096 --mesh fsdp=2,expert=8
     python tools/plan.py --config configs/tiny.py --topology cpu:8 --mode full
     python tools/plan.py --readme        # regenerates the table in README.md
 
