@@ -13,8 +13,9 @@ import sys
 
 from tests import xla_flags  # noqa: E402
 
-os.environ["XLA_FLAGS"] = xla_flags(8)
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # before JAX starts; a module that imports this keeps its devices
+    os.environ["XLA_FLAGS"] = xla_flags(8)
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

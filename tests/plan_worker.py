@@ -13,8 +13,9 @@ import os
 
 from tests import xla_flags  # noqa: E402
 
-os.environ["XLA_FLAGS"] = xla_flags(8)
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # before JAX starts; a module that imports this keeps its devices
+    os.environ["XLA_FLAGS"] = xla_flags(8)
+    os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402

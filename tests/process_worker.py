@@ -15,8 +15,9 @@ import sys
 
 from tests import xla_flags  # noqa: E402
 
-os.environ["XLA_FLAGS"] = xla_flags(4)
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # before JAX starts; a module that imports this keeps its devices
+    os.environ["XLA_FLAGS"] = xla_flags(4)
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
