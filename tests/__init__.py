@@ -1,6 +1,13 @@
 """Tests. Every test process, and every process a test starts, compiles with
 `xla_flags()` (`conftest.py` sets it; the multi-device workers ask for more devices)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
 # The tiny test models compile for far longer than they run. LLVM's cheaper passes
 # make the suite's compiles faster; XLA's own passes, which decide what is computed,
 # are unchanged, and the numbers are the same to rounding.
@@ -10,3 +17,17 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 def xla_flags(devices: int = 1) -> str:
     """XLA_FLAGS for a test process with `devices` virtual CPU devices."""
     return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+
+
+def run_worker(module: str, *args: str) -> dict:
+    """Runs `python -m module args` (a worker that sets its own devices before JAX
+    starts) and returns the JSON of its last stdout line."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

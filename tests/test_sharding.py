@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from configs import meshes
 from configs.meshes import RECIPES
 from mixtral_jax.sharding import MeshConfig, make_mesh, partition_spec
+from tests import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,17 +27,7 @@ SPEC_MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), *MESHES]  # read, not compiled
 
 @pytest.fixture(scope="module")
 def mesh_results() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.mesh_worker", json.dumps(MESHES), json.dumps(SPEC_MESHES)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("tests.mesh_worker", json.dumps(MESHES), json.dumps(SPEC_MESHES))
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
