@@ -248,17 +248,11 @@ def mesh_text(mesh: Mapping[str, int]) -> str:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """ "data=2,tensor=4" -> {"data": 2, "tensor": 4}; one size may be -1 (the rest)."""
-    sizes = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        if name not in sharding.MESH_AXES or not re.fullmatch(r"-?\d+", value):
-            raise PlanError(
-                f"bad mesh entry {part!r}; write AXIS=SIZE with AXIS among "
-                f"{list(sharding.MESH_AXES)}, e.g. --mesh data=2,tensor=4"
-            )
-        sizes[name] = int(value)
-    return sizes
+    """`sharding.parse_mesh`, its errors as PlanErrors."""
+    try:
+        return sharding.parse_mesh(text)
+    except ValueError as error:
+        raise PlanError(str(error)) from error
 
 
 def make_mesh(sizes: Mapping[str, int], slice_: Slice) -> tuple[Mesh, dict[str, int]]:

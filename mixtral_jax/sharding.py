@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -294,6 +295,21 @@ def _resolve(sizes: dict[str, int], num_devices: int, where: str) -> dict[str, i
             f"mesh axes multiply to {fixed} but there are {num_devices} devices {where}; "
             "set one axis to -1 to take the rest"
         )
+    return sizes
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """ "data=2,tensor=4" (a CLI's --mesh) -> {"data": 2, "tensor": 4}; one size may
+    be -1 (the rest); None or "" -> {}."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not re.fullmatch(r"-?\d+", value):
+            raise ValueError(
+                f"bad mesh entry {part!r}; write AXIS=SIZE with AXIS among "
+                f"{list(MESH_AXES)}, e.g. --mesh data=2,tensor=4"
+            )
+        sizes[name] = int(value)
     return sizes
 
 

@@ -49,20 +49,6 @@ def parse_layers(value: str | None, num_layers: int) -> list[int]:
     return layers
 
 
-def parse_mesh(value: str | None) -> dict[str, int]:
-    if not value:
-        return {}
-    sizes = {}
-    for item in value.split(","):
-        axis, _, size = item.partition("=")
-        if axis not in ("data", "fsdp", "tensor", "expert") or not re.fullmatch(r"-?\d+", size):
-            raise ValueError(
-                f"--mesh {value!r}: give AXIS=SIZE pairs, AXIS one of data, fsdp, tensor, expert"
-            )
-        sizes[axis] = int(size)
-    return sizes
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mixtral_jax.routing",
@@ -105,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         inputs = parse_inputs(args.inputs)
         layers = parse_layers(args.layers, config.num_layers)
-        mesh = sharding.make_mesh(**parse_mesh(args.mesh))
+        mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh))
         tokenizer = mixtral_jax.load_tokenizer(source)
         sequences = {}
         for name, path in inputs.items():
