@@ -26,6 +26,8 @@ setup(
         # Mistral's own tokenizers and chat encoder (tokenizer.py); Python 3.11+ only.
         "mistral-common>=1.13; python_version>='3.11'",
         "ml-collections>=1.0",
+        # Weight quantization (quantize.py); qwix needs Flax 0.12, so Python 3.11+.
+        "qwix>=0.1.8; python_version>='3.11'",
         "numpy>=1.26",
         "matplotlib>=3.8",  # the routing analysis's figures
     ],

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import apply_rope, attach_adapters, param, project
+from mixtral_jax.layers import apply_rope, attach_adapters, project, weight
 from mixtral_jax.sharding import constrain
 
 # A large finite negative instead of -inf: a fully masked row (a padding
@@ -123,13 +123,11 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        init = nnx.initializers.normal(c.initializer_range)
-        dt = c.weight_dtype
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = param(rngs, (D, N, H), AXES["q_proj"], dt, init)
-        self.k_proj = param(rngs, (D, K, H), AXES["k_proj"], dt, init)
-        self.v_proj = param(rngs, (D, K, H), AXES["v_proj"], dt, init)
-        self.o_proj = param(rngs, (N, H, D), AXES["o_proj"], dt, init)
+        self.q_proj = weight(rngs, c, "q_proj", (D, N, H), SPECS, AXES)
+        self.k_proj = weight(rngs, c, "k_proj", (D, K, H), SPECS, AXES)
+        self.v_proj = weight(rngs, c, "v_proj", (D, K, H), SPECS, AXES)
+        self.o_proj = weight(rngs, c, "o_proj", (N, H, D), SPECS, AXES)
         attach_adapters(self, c, SPECS, AXES, rngs)
 
     def __call__(

@@ -20,6 +20,9 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 MOE_IMPLS = ("dense", "sorted")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
 DTYPES = ("float32", "bfloat16", "float16")
+# Weight-only quantization of the projections and experts (quantize.py): int8 with
+# one scale per output channel, int4 with one per group of inputs.
+QUANTIZATIONS = ("int8", "int4")
 # The fields that describe the weights (a checkpoint fixes them); the others say how
 # to run the model and may change from one run to the next.
 ARCHITECTURE_FIELDS = (
@@ -80,6 +83,10 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    # Weight-only quantization of LORA_TARGETS' weights (quantize.py): None, "int8" or
+    # "int4"; int4 takes one scale per `quant_group_size` consecutive inputs.
+    quantization: str | None = None
+    quant_group_size: int = 128
 
     def __post_init__(self):
         if isinstance(self.lora_targets, (list, str)):  # from JSON or a command line
@@ -87,6 +94,10 @@ class ModelConfig:
             targets = targets.split(",") if isinstance(targets, str) else targets
             object.__setattr__(self, "lora_targets", tuple(t.strip() for t in targets if t))
         _validate(self)
+
+    def quantized(self, name: str) -> bool:
+        """Whether weight `name` (e.g. "q_proj", "w1") is stored quantized."""
+        return self.quantization is not None and name in LORA_TARGETS
 
     def lora(self, name: str) -> bool:
         """Whether weight `name` (e.g. "q_proj", "w1") has a LoRA adapter."""
@@ -276,6 +287,7 @@ def _validate(c: ModelConfig) -> None:
             f"config.lora_rank={c.lora_rank} but config.lora_targets is empty; name the "
             f"weights to adapt among {LORA_TARGETS}"
         )
+    _validate_quantization(c)
     if not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
         raise ConfigError(f"config.lora_alpha must be a positive number, got {c.lora_alpha!r}")
 
@@ -292,3 +304,37 @@ def load_config_file(path: str | Path, argument: str | None = None) -> Any:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(); a config file defines one")
     return module.get_config() if argument is None else module.get_config(argument)
+
+
+def _validate_quantization(c: ModelConfig) -> None:
+    if c.quantization is not None and c.quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"config.quantization={c.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}, "
+            "or None for float weights"
+        )
+    if c.quantization is not None and importlib.util.find_spec("qwix") is None:
+        raise ConfigError(
+            f"config.quantization={c.quantization!r} needs qwix (pip install qwix), which "
+            "needs Python 3.11 or newer"
+        )
+    g = c.quant_group_size
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise ConfigError(f"config.quant_group_size must be a positive integer, got {g!r}")
+    if c.quantization != "int4":
+        return
+    # int4 groups run along each weight's last input axis (quantize.py).
+    inputs = {
+        "hidden_size": c.hidden_size,  # q/k/v_proj, w1, w3
+        "head_dim": c.head_dim,  # o_proj, per head
+        "intermediate_size": c.intermediate_size,  # w2
+    }
+    odd = [f"{name}={size}" for name, size in inputs.items() if size % 2]
+    if odd:
+        raise ConfigError(f"int4 stores two values per byte and needs even sizes; {odd} are odd")
+    bad = [f"{name}={size}" for name, size in inputs.items() if size % g]
+    if bad:
+        raise ConfigError(
+            f"int4 group size {g} does not divide {', '.join(bad)}: every group must lie "
+            "within one weight's input axis; choose a group size that divides hidden_size, "
+            "head_dim and intermediate_size (e.g. 32, 64 or 128)"
+        )

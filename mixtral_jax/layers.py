@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.quantize import QuantizedWeight, einsum
 
 
 def param(
@@ -27,6 +28,25 @@ def param(
     """
     assert len(shape) == len(axes), (shape, axes)
     return kind(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def weight(
+    rngs: nnx.Rngs,
+    config: ModelConfig,
+    name: str,
+    shape: tuple[int, ...],
+    specs: dict[str, str],
+    axes: dict[str, tuple[str | None, ...]],
+) -> nnx.Param | QuantizedWeight:
+    """The weight `name` used as einsum(specs[name], x, W), with logical `axes[name]`: a
+    float parameter, or integers and scales when the config quantizes it
+    (`quantize.py`). The same seed draws the same W either way, so a quantized
+    model is its float twin, rounded."""
+    init = nnx.initializers.normal(config.initializer_range)
+    if not config.quantized(name):
+        return param(rngs, shape, axes[name], config.weight_dtype, init)
+    w = init(rngs.params(), shape, config.weight_dtype)
+    return QuantizedWeight(w, specs[name], axes[name], config.quantization, config.quant_group_size)
 
 
 class LoRAParam(nnx.Param):
@@ -83,10 +103,13 @@ class Adapter(nnx.Module):
         y = jnp.einsum(self.spec_b, h, self.b[...].astype(x.dtype))
         return y * jnp.asarray(self.scale, x.dtype)
 
-    def delta(self) -> jax.Array:
-        """(alpha / r) A B in W's layout (with any leading stacked axes), float32."""
-        a, b = (p[...].astype(jnp.float32) for p in (self.a, self.b))
-        return jnp.einsum(self.spec_delta, a, b) * self.scale
+    def delta(self, layer: int | None = None) -> jax.Array:
+        """(alpha / r) A B in W's layout (with any leading stacked axes), float32;
+        with `layer`, of that layer of stacked factors only."""
+        a, b = (p[...] if layer is None else p[...][layer] for p in (self.a, self.b))
+        return (
+            jnp.einsum(self.spec_delta, a.astype(jnp.float32), b.astype(jnp.float32)) * self.scale
+        )
 
 
 def attach_adapters(
@@ -119,9 +142,11 @@ def _einsum_parts(spec: str) -> tuple[str, str, str]:
     return x, w, out
 
 
-def project(spec: str, x: jax.Array, weight: nnx.Param, adapter: Adapter | None) -> jax.Array:
+def project(
+    spec: str, x: jax.Array, weight: nnx.Param | QuantizedWeight, adapter: Adapter | None
+) -> jax.Array:
     """einsum(spec, x, W), plus the LoRA adapter's term when W has one."""
-    y = jnp.einsum(spec, x, weight[...].astype(x.dtype))
+    y = einsum(spec, x, weight)
     return y if adapter is None else y + adapter(x)
 
 

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import routing
+from mixtral_jax import quantize, routing
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import attach_adapters, param, project
+from mixtral_jax.layers import attach_adapters, param, project, weight
 from mixtral_jax.sharding import constrain
 
 # Capacity factors the dense dropless dispatch tries, smallest first, before
@@ -48,21 +48,26 @@ class ExpertWeight(NamedTuple):
     """One of w1/w2/w3 for every expert, [..., E, X, Y], with its LoRA factors
     a [..., E, X, R] and b [..., E, R, Y] when it has an adapter."""
 
-    w: jax.Array
+    w: jax.Array | quantize.QArray
     a: jax.Array | None = None
     b: jax.Array | None = None
     scale: float = 0.0
 
     def take(self, index: tuple, dtype: jnp.dtype) -> ExpertWeight:
-        """The [X, Y] matrices (and factors) of one expert; `index` leads to it."""
+        """The [X, Y] matrices (and factors) of one expert in `dtype`, a quantized
+        weight dequantized; `index` leads to it."""
 
         def one(a):
             start = (*index, 0, 0)
             size = (*(1,) * len(index), *a.shape[-2:])
-            return jax.lax.dynamic_slice(a, start, size).reshape(a.shape[-2:]).astype(dtype)
+            return jax.lax.dynamic_slice(a, start, size).reshape(a.shape[-2:])
 
-        arrays = (one(a) if a is not None else None for a in (self.w, self.a, self.b))
-        return ExpertWeight(*arrays, self.scale)
+        if isinstance(self.w, quantize.QArray):  # only this expert's integers are read
+            w = quantize.dequantize(one(self.w.qvalue), one(self.w.scale), dtype)
+        else:
+            w = one(self.w).astype(dtype)
+        factors = (one(a).astype(dtype) if a is not None else None for a in (self.a, self.b))
+        return ExpertWeight(w, *factors, self.scale)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., X] @ one expert's [X, Y] matrix (plus its adapter's term)."""
@@ -95,24 +100,23 @@ class Experts(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
-        init = nnx.initializers.normal(c.initializer_range)
-        dt = c.weight_dtype
         E, D, F = c.num_experts, c.hidden_size, c.intermediate_size
-        self.w1 = param(rngs, (E, D, F), AXES["w1"], dt, init)
-        self.w3 = param(rngs, (E, D, F), AXES["w3"], dt, init)
-        self.w2 = param(rngs, (E, F, D), AXES["w2"], dt, init)
+        self.w1 = weight(rngs, c, "w1", (E, D, F), SPECS, AXES)
+        self.w3 = weight(rngs, c, "w3", (E, D, F), SPECS, AXES)
+        self.w2 = weight(rngs, c, "w2", (E, F, D), SPECS, AXES)
         attach_adapters(self, c, SPECS, AXES, rngs)
 
     def weights(self) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
-        """w1, w2, w3 with their adapters, as stored (with any leading layers axis)."""
+        """w1, w2, w3 with their adapters, as stored (with any leading layers axis);
+        a quantized weight as qwix.QArray."""
 
         def weight(name):
+            w = getattr(self, name)
+            w = w.qarray(jnp.float32) if isinstance(w, quantize.QuantizedWeight) else w[...]
             adapter = getattr(self, f"{name}_lora")
             if adapter is None:
-                return ExpertWeight(getattr(self, name)[...])
-            return ExpertWeight(
-                getattr(self, name)[...], adapter.a[...], adapter.b[...], adapter.scale
-            )
+                return ExpertWeight(w)
+            return ExpertWeight(w, adapter.a[...], adapter.b[...], adapter.scale)
 
         return weight("w1"), weight("w2"), weight("w3")
 

@@ -114,12 +114,17 @@ def set_params(model: nnx.Module, params: Mapping[Path, Any]) -> None:
     nnx.update(model, state)
 
 
-def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Shapes of every parameter, by path, without allocating the model."""
+def param_structs(config: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every parameter, by path, without allocating the model."""
     from mixtral_jax.model import Mixtral  # local: model imports nothing from here
 
     abstract = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-    return {path: tuple(v.shape) for path, v in flat_params(abstract).items()}
+    return {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in flat_params(abstract).items()}
+
+
+def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """Shapes of every parameter, by path, without allocating the model."""
+    return {path: tuple(s.shape) for path, s in param_structs(config).items()}
 
 
 def as_numpy(tensor: Any) -> np.ndarray:
