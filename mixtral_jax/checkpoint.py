@@ -9,6 +9,10 @@ A checkpoint directory holds:
     ...
     tokenizer.model                 when the source had one
 
+A quantized checkpoint (config.quantization) stores each quantized weight as its
+integers and float32 scales, e.g. params/layer_00000/expert_000/.../w1/{qvalue,scale};
+int4 integers are packed two per byte (uint8, last axis halved).
+
 Small Orbax checkpoints are what keep conversion within about one expert of
 memory: the model's parameters are stacked [L, E, ...], but no stacked array is
 ever built on the host. Loading writes each piece, restored straight into its
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,9 +33,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mixtral_jax import quantize as quantization
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.weights import Path as ParamPath
-from mixtral_jax.weights import is_expert, param_shapes, set_params
+from mixtral_jax.weights import is_expert, param_shapes, param_structs, set_params
 
 CONFIG_FILE = "mixtral_config.json"
 FORMAT = "mixtral_jax/1"
@@ -69,9 +74,20 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
 
 
 def _save_tree(path: Path, flat: Mapping[tuple[str, ...], np.ndarray]) -> None:
+    flat = {p: quantization.pack_int4(v) if v.dtype == jnp.int4 else v for p, v in flat.items()}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path.absolute(), _nest(flat))
     checkpointer.wait_until_finished()
+
+
+def stored_dtypes(config: ModelConfig, float_dtype: Any) -> dict[ParamPath, np.dtype]:
+    """Each parameter's dtype in a checkpoint whose float weights are `float_dtype`:
+    a quantized weight keeps its integer dtype and float32 scales."""
+    structs = param_structs(config)
+    return {
+        p: np.dtype(s.dtype if quantization.split_path(p) else float_dtype)
+        for p, s in structs.items()
+    }
 
 
 def write_config(directory: Path, config: ModelConfig, dtype: str) -> None:
@@ -133,7 +149,7 @@ class LayerWriter:
     def __init__(self, directory: Path, config: ModelConfig, dtype: Any):
         self.directory = directory
         self.config = config
-        self.dtype = np.dtype(dtype)
+        self.dtypes = stored_dtypes(config, dtype)
         self.shapes = param_shapes(config)
         experts, rest, _ = piece_paths(self.shapes)
         self.expert_paths, self.rest_paths = set(experts), set(rest)
@@ -142,15 +158,18 @@ class LayerWriter:
         self.written: set[tuple[int, int | None]] = set()
 
     def add(self, path: ParamPath, index: tuple[int, ...], value: np.ndarray) -> None:
+        """Takes param[index] = value; a float weight that the config quantizes is
+        quantized here, a slice at a time."""
         if not isinstance(value, jax.Array):
             value = np.asarray(value)
         if path[0] != "layers":
-            self.other[path] = _cast(value, self.dtype)
+            self.other[path] = _cast(value, self.dtypes[path])
         elif is_expert(path) and len(index) == 1:  # all experts of a layer at once
             for expert in range(value.shape[0]):
                 self.add(path, (index[0], expert), value[expert])
         else:
-            self._add_to_piece(index[0], index[1] if is_expert(path) else None, path, value)
+            for part, v in quantization.quantize_slice(self.config, path, value).items():
+                self._add_to_piece(index[0], index[1] if is_expert(path) else None, part, v)
 
     def _add_to_piece(self, layer: int, expert: int | None, path: ParamPath, value) -> None:
         key = (layer, expert)
@@ -159,7 +178,7 @@ class LayerWriter:
                 f"layer {layer}: {'.'.join(path)} given again after it was written"
             )
         piece = self.pending.setdefault(key, {})
-        piece[path] = _cast(value, self.dtype)
+        piece[path] = _cast(value, self.dtypes[path])
         if set(piece) == (self.rest_paths if expert is None else self.expert_paths):
             _save_tree(piece_dir(self.directory, layer, expert), piece)
             del self.pending[key]
@@ -187,18 +206,38 @@ def save(
     Sharded device arrays are written where they lie: with several processes,
     every process calls `save` and each writes its own shards.
     """
+    save_slices(directory, layer_slices(params, config), config, dtype)
+
+
+def layer_slices(
+    params: Mapping[ParamPath, Any], config: ModelConfig
+) -> Iterator[tuple[ParamPath, tuple[int, ...], Any]]:
+    """(path, (layer,), params[path][layer]) for every layer in turn, then
+    (path, (), value) for the parameters outside the layers."""
+    for layer in range(config.num_layers):
+        for path, value in params.items():
+            if path[0] == "layers":
+                yield path, (layer,), value[layer]
+    for path, value in params.items():
+        if path[0] != "layers":
+            yield path, (), value
+
+
+def save_slices(
+    directory: str | Path,
+    slices: Iterable[tuple[ParamPath, tuple[int, ...], Any]],
+    config: ModelConfig,
+    dtype: Any = None,
+) -> None:
+    """Writes a checkpoint from (path, index, value) slices such as `layer_slices`.
+    Given a layer at a time, each layer is written (and can be freed) before the next
+    is made: `lora.merged_slices` exports a merged model so."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(dtype or config.param_dtype)
     writer = LayerWriter(directory, config, dtype)
-    for path, value in params.items():
-        if not isinstance(value, jax.Array):
-            value = np.asarray(value)
-        if path[0] == "layers":
-            for layer in range(config.num_layers):
-                writer.add(path, (layer,), value[layer])
-        else:
-            writer.add(path, (), value)
+    for path, index, value in slices:
+        writer.add(path, index, value if isinstance(value, jax.Array) else np.asarray(value))
     writer.finish()
     if jax.process_index() == 0:
         write_config(directory, config, dtype.name)
@@ -215,12 +254,34 @@ def _restore(path: Path, targets: Mapping[ParamPath, jax.ShapeDtypeStruct], dire
     were saved, which fails on any other set of devices."""
     if not path.is_dir():
         raise CheckpointError(f"{directory}: {path} is missing; the checkpoint is incomplete")
-    return _flatten(ocp.StandardCheckpointer().restore(path.absolute(), _nest(targets)))
+    on_disk = {p: _packed(t) if t.dtype == jnp.int4 else t for p, t in targets.items()}
+    values = _flatten(ocp.StandardCheckpointer().restore(path.absolute(), _nest(on_disk)))
+    for p, t in targets.items():
+        if t.dtype == jnp.int4:
+            values[p] = jax.jit(quantization.unpack_int4, out_shardings=t.sharding)(values[p])
+    return values
 
 
-def _host_targets(shapes, paths, drop: int, dtype) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+def _packed(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """The uint8 array an int4 target is stored as: last axis halved, sharded alike
+    where the halved axis still divides."""
+    shape = (*target.shape[:-1], target.shape[-1] // 2)
+    sharding = target.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) == len(shape):
+        last = sharding.spec[-1]
+        axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+        if shape[-1] % int(np.prod([sharding.mesh.shape[a] for a in axes])):
+            spec = jax.sharding.PartitionSpec(*sharding.spec[:-1], None)
+            sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
+    return jax.ShapeDtypeStruct(shape, np.uint8, sharding=sharding)
+
+
+def _host_targets(stored: Stored, paths, drop: int) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    return {p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=host) for p in paths}
+    return {
+        p: jax.ShapeDtypeStruct(stored.shapes[p][drop:], stored.dtypes[p], sharding=host)
+        for p in paths
+    }
 
 
 class Stored(NamedTuple):
@@ -229,11 +290,16 @@ class Stored(NamedTuple):
     config: ModelConfig
     dtype: str
     shapes: dict[ParamPath, tuple[int, ...]]
+    dtypes: dict[ParamPath, np.dtype]
+
+    @classmethod
+    def of(cls, config: ModelConfig, dtype: str) -> Stored:
+        """What a checkpoint of `config` with float weights in `dtype` holds."""
+        return cls(config, dtype, param_shapes(config), stored_dtypes(config, dtype))
 
 
 def read_stored(directory: str | Path) -> Stored:
-    config, dtype = read_config(directory)
-    return Stored(config, dtype, param_shapes(config))
+    return Stored.of(*read_config(directory))
 
 
 def read_layer(
@@ -247,7 +313,7 @@ def read_layer(
     expert_paths, rest_paths, _ = piece_paths(stored.shapes)
 
     def restore(expert, paths, drop):
-        targets = _host_targets(stored.shapes, paths, drop, stored.dtype)
+        targets = _host_targets(stored, paths, drop)
         values = _restore(piece_dir(directory, layer, expert), targets, directory)
         return {p: np.asarray(v) for p, v in values.items()}
 
@@ -262,7 +328,7 @@ def read_other(directory: str | Path, stored: Stored | None = None) -> dict[Para
     """embed, final_norm and lm_head on the host."""
     directory = Path(directory)
     stored = stored or read_stored(directory)
-    targets = _host_targets(stored.shapes, piece_paths(stored.shapes)[2], 0, stored.dtype)
+    targets = _host_targets(stored, piece_paths(stored.shapes)[2], 0)
     values = _restore(directory / "params" / "other", targets, directory)
     return {p: np.asarray(v) for p, v in values.items()}
 
@@ -280,60 +346,111 @@ def load(
     dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> nnx.Module:
-    """The model stored in `directory` (default: the embedded model), parameters cast
-    to `dtype` (default: as stored).
+    """The model stored in `directory` (default: the embedded model), float parameters
+    cast to `dtype` (default: as stored).
 
     Without a `mesh` the parameters go to the default device. With one, every
     parameter is placed by the logical-axis `rules` (default
     `sharding.DEFAULT_RULES`): each layer is restored straight into its
     sharding and written into the stacked parameter on the devices, so no host
     ever holds the whole model. Works whatever devices the checkpoint was saved from.
+
+    A quantized checkpoint loads quantized. `quantize` ("int8" | "int4", int4 in
+    groups of `group_size` inputs) quantizes a float checkpoint while loading, an
+    expert at a time: the float model is never held.
     """
     from mixtral_jax import sharding as sharding_rules
     from mixtral_jax.model import Mixtral
 
     directory = Path(directory)
-    config, stored = read_config(directory)
-    dtype = jnp.dtype(dtype or stored)
-    config = config.replace(param_dtype=dtype.name)
-    shapes = param_shapes(config)
+    config, stored_dtype = read_config(directory)
+    dtype = jnp.dtype(dtype or stored_dtype)
+    on_disk = Stored.of(config.replace(param_dtype=dtype.name), dtype.name)
+    config = _quantized_config(on_disk.config, quantize, group_size, directory)
     model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    structs = param_structs(config)
     if mesh is None:
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
     shardings = sharding_rules.param_shardings(model, mesh, rules or sharding_rules.DEFAULT_RULES)
 
     def sharding(path: ParamPath, drop: int = 0):
-        """The parameter's sharding, without its first `drop` axes (layers, expert)."""
-        s = shardings[path]
+        """The parameter's sharding, without its first `drop` axes (layers, expert);
+        a float weight to be quantized is read as its integers will lie."""
+        s = shardings[path] if path in shardings else shardings[(*path, "qvalue")]
         return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[drop:]))
 
-    def targets(paths, drop):
-        return {
-            p: jax.ShapeDtypeStruct(shapes[p][drop:], dtype, sharding=sharding(p, drop))
+    def read(piece: Path, paths, drop):
+        """One piece restored into its shardings, quantized if asked."""
+        targets = {
+            p: jax.ShapeDtypeStruct(
+                on_disk.shapes[p][drop:], on_disk.dtypes[p], sharding=sharding(p, drop)
+            )
             for p in paths
         }
+        values = {}
+        for p, v in _restore(piece, targets, directory).items():
+            if (*p, "qvalue") in structs:  # a float weight that the config quantizes
+                parts = {part: sharding((*p, part), drop) for part in quantization.PARTS}
+                values |= _quantize_on_device(config, p, v, parts)
+            else:
+                values[p] = v
+        return values
 
-    expert_paths, rest_paths, other_paths = piece_paths(shapes)
-    params = _restore(directory / "params" / "other", targets(other_paths, 0), directory)
+    expert_paths, rest_paths, other_paths = piece_paths(on_disk.shapes)
+    params = read(directory / "params" / "other", other_paths, 0)
 
     # Written in place on the devices (donated), piece by piece.
     put = jax.jit(lambda stacked, value, i: stacked.at[i].set(value), donate_argnums=0)
     stacked = {
-        p: jnp.zeros(shapes[p], dtype, device=sharding(p)) for p in expert_paths + rest_paths
+        p: jnp.zeros(s.shape, s.dtype, device=sharding(p))
+        for p, s in structs.items()
+        if p[0] == "layers"
     }
     for layer in range(config.num_layers):
-        values = _restore(piece_dir(directory, layer, None), targets(rest_paths, 1), directory)
-        for p in rest_paths:
-            stacked[p] = put(stacked[p], values[p], layer)
+        for p, v in read(piece_dir(directory, layer, None), rest_paths, 1).items():
+            stacked[p] = put(stacked[p], v, layer)
         for expert in range(config.num_experts):
-            path = piece_dir(directory, layer, expert)
-            values = _restore(path, targets(expert_paths, 2), directory)
-            for p in expert_paths:
-                stacked[p] = put(stacked[p], values[p], (layer, expert))
+            values = read(piece_dir(directory, layer, expert), expert_paths, 2)
+            for p, v in values.items():
+                stacked[p] = put(stacked[p], v, (layer, expert))
     params.update(stacked)
     set_params(model, params)
     return model
+
+
+def _quantized_config(
+    config: ModelConfig, scheme: str | None, group_size: int, directory: Path
+) -> ModelConfig:
+    """The config to load as: the checkpoint's, quantized when `scheme` asks for it."""
+    if scheme is None:
+        return config
+    if config.quantization is not None:
+        raise CheckpointError(
+            f"{directory} is already quantized ({config.quantization}); load it without "
+            "quantize=, or quantize its float original instead"
+        )
+    from mixtral_jax.config import QUANTIZATIONS
+
+    if scheme not in QUANTIZATIONS:
+        raise CheckpointError(
+            f"quantize={scheme!r}: choose one of {', '.join(QUANTIZATIONS)}, or None"
+        )
+    return config.replace(quantization=scheme, quant_group_size=group_size)
+
+
+def _quantize_on_device(config: ModelConfig, path: ParamPath, value: jax.Array, shardings):
+    """{path + ("qvalue",): ..., path + ("scale",): ...} of one float slice, computed
+    where the slice lies and placed in the parts' shardings."""
+    spec = quantization.weight_specs()[path[-1]]
+    out_shardings = (shardings["qvalue"], shardings["scale"])
+    fn = quantization.jit_quantize(
+        spec, config.quantization, config.quant_group_size, out_shardings
+    )
+    qvalue, scale = fn(value)
+    return {(*path, "qvalue"): qvalue, (*path, "scale"): scale}
 
 
 def load_tokenizer(source: str | Path = EMBEDDED):

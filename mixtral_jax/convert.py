@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtral_jax import checkpoint, sources, weights
-from mixtral_jax.config import ModelConfig
+from mixtral_jax import checkpoint, quantize, sources, weights
+from mixtral_jax.config import QUANTIZATIONS, ConfigError, ModelConfig
 
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -110,12 +110,25 @@ def convert(
     force: bool = False,
     verify: bool = False,
     quiet: bool = False,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> dict:
-    """Converts a Hugging Face / Mistral / mistral-inference checkpoint. Returns a summary."""
+    """Converts a Hugging Face / Mistral / mistral-inference checkpoint. Returns a summary.
+
+    `quantize` ("int8" | "int4") stores the projections and experts quantized
+    (`mixtral_jax.quantize`), each slice quantized as it streams past; `dtype` is
+    then that of the weights that stay float (router, norms, embedding, LM head)."""
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ConvertError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
     source = sources.open_source(source_dir)
-    config = source.config.replace(param_dtype=dtype, dtype=dtype)
+    try:
+        config = source.config.replace(
+            param_dtype=dtype, dtype=dtype, quantization=quantize, quant_group_size=group_size
+        )
+    except ConfigError as e:
+        raise ConvertError(f"--quantize {quantize} --group_size {group_size}: {e}") from None
     output = Path(output_dir)
     stream = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115
     with staged_output(output, force) as staging:
@@ -127,7 +140,7 @@ def convert(
         summary = {
             "layout": source.layout,
             "parameters": count,
-            "bytes": count * config.weight_dtype.itemsize,
+            "bytes": _stored_bytes(staging),
             "seconds": progress.seconds,
             "gb_per_s": source.num_bytes / max(progress.seconds, 1e-9) / 1e9,
         }
@@ -136,7 +149,8 @@ def convert(
     if not quiet:
         print(
             f"wrote {output}: {summary['parameters']:,} parameters, "
-            f"{summary['bytes'] / 1e9:.2f} GB {dtype}, {summary['seconds']:.1f} s, "
+            f"{summary['bytes'] / 1e9:.2f} GB on disk ({quantize or dtype}), "
+            f"{summary['seconds']:.1f} s, "
             f"{summary['gb_per_s']:.2f} GB/s read"
             + (f"; verified {summary['verified_tensors']} tensors bit for bit" if verify else "")
         )
@@ -148,11 +162,17 @@ def _copy_tokenizer(source: Path, destination: Path) -> None:
         shutil.copy(source / "tokenizer.model", destination / "tokenizer.model")
 
 
+def _stored_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
 def _write(source: sources.Source, config: ModelConfig, directory: Path, progress: Progress) -> int:
-    """Streams the source into `directory` in `config.param_dtype`; returns the parameter count."""
-    shapes = weights.param_shapes(config)
+    """Streams the source into `directory` in `config.param_dtype` (quantized as the
+    config says); returns the parameter count."""
+    float_config = config.replace(quantization=None)
+    shapes = weights.param_shapes(float_config)
     writer = checkpoint.LayerWriter(directory, config, config.weight_dtype)
-    coverage = weights.Coverage(config, shapes)
+    coverage = weights.Coverage(float_config, shapes)
     count = 0
     for key, tensor in source.tensors():
         for s in weights.hub_to_slices(key, tensor, config, shapes):
@@ -167,28 +187,29 @@ def _write(source: sources.Source, config: ModelConfig, directory: Path, progres
 
 def verify_against_source(directory: Path, source: sources.Source, config: ModelConfig) -> int:
     """Re-reads the written checkpoint and compares every tensor with the source, exactly
-    (after casting the source to `config.param_dtype`). Returns the tensors compared."""
-    shapes = weights.param_shapes(config)
-    written = checkpoint.Stored(config, config.param_dtype, shapes)
+    (after casting the source to `config.param_dtype`, or quantizing it as the config
+    says). Returns the tensors compared."""
+    float_config = config.replace(quantization=None)
+    shapes = weights.param_shapes(float_config)
+    written = checkpoint.Stored.of(config, config.param_dtype)
     cached_layer, cached = None, None
     other = checkpoint.read_other(directory, written)
     compared = 0
     for key, tensor in source.tensors():
-        for s in weights.hub_to_slices(key, tensor, config, shapes):
+        for s in weights.hub_to_slices(key, tensor, float_config, shapes):
             if s.path[0] == "layers":
                 layer = s.index[0]
                 if layer != cached_layer:
                     cached = checkpoint.read_layer(directory, layer, written)
                     cached_layer = layer
-                stored = cached[s.path][s.index[1:]]
-            else:
-                stored = other[s.path]
-            expected = np.ascontiguousarray(np.asarray(s.value).astype(config.weight_dtype))
-            stored = np.ascontiguousarray(stored)
-            if stored.shape != expected.shape or stored.tobytes() != expected.tobytes():
-                raise checkpoint.CheckpointError(
-                    f"verification failed: {key} differs in the written checkpoint"
-                )
+            for path, value in quantize.quantize_slice(config, s.path, s.value).items():
+                expected = np.ascontiguousarray(np.asarray(value).astype(written.dtypes[path]))
+                stored = cached[path][s.index[1:]] if path[0] == "layers" else other[path]
+                stored = np.ascontiguousarray(stored)
+                if stored.shape != expected.shape or stored.tobytes() != expected.tobytes():
+                    raise checkpoint.CheckpointError(
+                        f"verification failed: {key} differs in the written checkpoint"
+                    )
             compared += 1
     return compared
 
@@ -200,6 +221,11 @@ def export_hf(
     import json
 
     config, dtype = checkpoint.read_config(checkpoint_dir)
+    if config.quantization is not None:
+        raise ConvertError(
+            f"{checkpoint_dir} is quantized ({config.quantization}); the Hub layout has no "
+            "integer weights: export the float checkpoint it was converted from"
+        )
     output = Path(output_dir)
     rules = {}
     for key, rule, index in weights.hub_keys(config):

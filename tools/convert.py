@@ -1,6 +1,7 @@
 """Convert PyTorch Mixtral checkpoints to mixtral_jax (Orbax) checkpoints, and back.
 
     python tools/convert.py SOURCE_DIR OUTPUT_DIR [--dtype bfloat16|float32] [--force] [--verify]
+        [--quantize int8|int4 [--group_size 128]]
     python tools/convert.py --to-hf CHECKPOINT_DIR HF_DIR [--force]
 
 SOURCE_DIR is a Hugging Face download (config.json + model*.safetensors or
@@ -8,6 +9,10 @@ pytorch_model*.bin), Mistral's original release (params.json +
 consolidated.NN.pt) or a mistral-inference directory (params.json +
 consolidated.safetensors); the layout is detected. Tensors are read lazily and
 written an expert at a time; the output appears only when complete.
+
+--quantize stores the attention projections and the experts as int8 (one scale
+per output channel) or int4 (one scale per --group_size inputs, two values per
+byte); the router, norms, embedding and LM head stay in --dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ def main(argv=None) -> int:
         help="re-read the output and compare every tensor with the source",
     )
     parser.add_argument(
+        "--quantize", default=None, help="int8 or int4: weight-only quantization (qwix)"
+    )
+    parser.add_argument(
+        "--group_size", type=int, default=128, help="int4: inputs per scale (default 128)"
+    )
+    parser.add_argument(
         "--to-hf",
         action="store_true",
         help="export a mixtral_jax checkpoint to Hub-layout safetensors",
@@ -55,7 +66,13 @@ def main(argv=None) -> int:
             convert.export_hf(args.source, args.output, force=args.force)
         else:
             convert.convert(
-                args.source, args.output, dtype=args.dtype, force=args.force, verify=args.verify
+                args.source,
+                args.output,
+                dtype=args.dtype,
+                force=args.force,
+                verify=args.verify,
+                quantize=args.quantize,
+                group_size=args.group_size,
             )
     except ERRORS as e:
         print(f"\nerror: {e}", file=sys.stderr)
