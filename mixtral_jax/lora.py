@@ -5,17 +5,22 @@ einsum(einsum(x, A), B); only A and B (`layers.LoRAParam`) are trained. The
 targets are among the attention projections (q_proj, k_proj, v_proj, o_proj) and
 the experts' w1, w2, w3, where each of the E experts gets its own adapter.
 Merging writes W + (alpha / r) A B into the base weights and drops the adapters:
-the merged model is an ordinary Mixtral that computes the same function.
+the merged model is an ordinary Mixtral that computes the same function. The base
+may be quantized (QLoRA, `config.quantization`): it stays frozen as integers and
+scales while the adapters train in float32, and merges into float weights.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.layers import Adapter, LoRAParam
+from mixtral_jax import quantize
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.layers import LoRAParam
 from mixtral_jax.model import Mixtral, with_config
 from mixtral_jax.weights import flat_params, set_params
 
@@ -36,16 +41,47 @@ def add_adapters(
 
 def merge(model: Mixtral) -> Mixtral:
     """The model with every adapter folded into its weight (W + alpha/r A B, in W's
-    dtype) and no adapters: its config has lora_rank 0."""
-    config = model.config.replace(lora_rank=0, lora_targets=())
+    dtype) and no adapters: its config has lora_rank 0.
+
+    A quantized base (QLoRA) merges into float weights of `config.param_dtype`:
+    the function that was trained, which re-quantizing would round away."""
+    config, slices = merged_slices(model)
     merged = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-    params = flat_params(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
-    for path in adapter_paths(model):
-        adapter: Adapter = functools.reduce(getattr, path, model)
-        weight = path[:-1] + (path[-1].removesuffix("_lora"),)
-        params[weight] = (params[weight] + adapter.delta()).astype(params[weight].dtype)
-    set_params(merged, params)
+    layers: dict = {}
+    params = {}
+    for path, index, value in slices:
+        if index:
+            layers.setdefault(path, []).append(value)
+        else:
+            params[path] = value
+    set_params(merged, params | {path: jnp.stack(values) for path, values in layers.items()})
     return merged
+
+
+def merged_slices(model: Mixtral) -> tuple[ModelConfig, Iterator]:
+    """`merge`'s config and parameters as (path, (layer,), value) one layer at a time,
+    then (path, (), value) for the rest (`checkpoint.save_slices` takes them): a
+    layer's merged weights exist only until the next layer is asked for, so a
+    quantized base exports as float without the whole float model in memory."""
+    config = model.config.replace(lora_rank=0, lora_targets=(), quantization=None)
+    params = flat_params(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
+    adapters = {
+        path[:-1] + (path[-1].removesuffix("_lora"),): functools.reduce(getattr, path, model)
+        for path in adapter_paths(model)
+    }
+
+    def slices():
+        for layer in range(config.num_layers):
+            one = {p: v[layer] for p, v in params.items() if p[0] == "layers"}
+            for path, value in quantize.dequantize_params(one, jnp.float32).items():
+                if path in adapters:
+                    value = value.astype(jnp.float32) + adapters[path].delta(layer)
+                yield path, (layer,), value.astype(config.weight_dtype)
+        for path, value in params.items():
+            if path[0] != "layers":
+                yield path, (), value
+
+    return config, slices()
 
 
 def adapter_paths(model: Mixtral) -> list[tuple[str, ...]]:

@@ -6,7 +6,9 @@
 A run lives in its work directory: `checkpoints/` (Orbax, every
 `checkpoint_every` steps, the last `keep_checkpoints` kept, saved asynchronously),
 `metrics.jsonl` and TensorBoard event files, and at the end `export/` (a
-checkpoint like tools/convert.py writes, LoRA merged into the weights). Run the
+checkpoint like tools/convert.py writes, LoRA merged into the weights). QLoRA:
+`config.model.quantization="int8"|"int4"` quantizes the frozen base as it loads
+(configs/finetune_qlora.py); the export is then float, merged. Run the
 same command again and it resumes from the latest checkpoint: parameters,
 optimizer state, step and the data position (epoch and batch), so the losses
 are those of a run that was never stopped. SIGTERM (a TPU preemption notice)
@@ -87,7 +89,13 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> M
     overrides = config.model.to_dict() if config.model is not None else {}
     if config.checkpoint:
         dtype = overrides.get("param_dtype")
-        model = checkpoint.load(config.checkpoint, dtype=dtype, mesh=mesh)
+        scheme = overrides.pop("quantization", None)  # QLoRA: quantize the base as it loads
+        group_size = overrides.pop("quant_group_size", 128)
+        if scheme and checkpoint.read_config(config.checkpoint)[0].quantization == scheme:
+            scheme = None  # already stored so
+        model = checkpoint.load(
+            config.checkpoint, dtype=dtype, mesh=mesh, quantize=scheme, group_size=group_size
+        )
         architecture = {k: v for k, v in overrides.items() if k in ARCHITECTURE_FIELDS}
         stored = model.config.to_dict()
         different = {k: (v, stored[k]) for k, v in architecture.items() if v != stored[k]}
@@ -110,6 +118,12 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> M
             out_shardings=shardings,
         )
         set_params(model, init())
+    if model.config.quantization and not config.lora.rank:
+        raise ConfigError(
+            f"the base model is quantized ({model.config.quantization}) and stays frozen: "
+            "train LoRA adapters on it (QLoRA, config.lora.rank > 0), or fine-tune the "
+            "float weights"
+        )
     if config.lora.rank:
         model = lora.add_adapters(
             model,
@@ -417,13 +431,15 @@ def _print_plan(config, c: ModelConfig, mesh, trained: int, total: int) -> None:
 def _export(train_step, state, tokenizer: Tokenizer, directory: Path) -> None:
     """The trained model (LoRA merged) as a checkpoint that `mixtral_jax.load` reads."""
     model = train_step.model(state)
-    if model.config.lora_rank:
-        model = lora.merge(model)
+    if model.config.lora_rank:  # merged a layer at a time as it is written
+        config, slices = lora.merged_slices(model)
+    else:
+        config, slices = model.config, checkpoint.layer_slices(flat_params(model), model.config)
     if directory.exists():  # the same command run again after the last step: export anew
         if jax.process_index() == 0:
             shutil.rmtree(directory)
         multihost_utils.sync_global_devices("mixtral_jax export")
-    checkpoint.save(directory, flat_params(model), model.config)
+    checkpoint.save_slices(directory, slices, config)
     if jax.process_index() == 0:
         (directory / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
         print(f"exported the model to {directory}", flush=True)
