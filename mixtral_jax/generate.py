@@ -1,6 +1,6 @@
 """Text generation: batched prefill, jitted decode steps over a KV cache, sampling.
 
-    python -m mixtral_jax.generate --checkpoint DIR --prompt "def fibonacci(n):"
+    python -m mixtral_jax.generate --checkpoint DIR --prompt "def fibonacci(n):" [--quantize int8]
 
 Prompts of different lengths share one batch: they are right-padded, the
 padding is its own segment (never attended to, never routed, never cached),
@@ -294,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as [INST] ... [/INST]")
     parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16")
     parser.add_argument(
+        "--quantize",
+        default=None,
+        help="int8 or int4: quantize a float checkpoint's projections and experts as it loads",
+    )
+    parser.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
+    parser.add_argument(
         "--tokenizer",
         default=None,
         help="a tokenizer.model file, or mistral-v1 / mistral-v3 (default: the checkpoint's)",
@@ -311,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         Sampling(args.temperature, args.top_k, args.top_p)
-        model = checkpoint.load(args.checkpoint, dtype=args.dtype)
+        model = checkpoint.load(
+            args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
+        )
         tokenizer = checkpoint.load_tokenizer(args.tokenizer or args.checkpoint)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -176,7 +176,7 @@ def jit_routing(
 
 @dataclasses.dataclass(frozen=True)
 class Eval:
-    """`evaluate(params, batch)` -> {"nll": summed NLL, "tokens": summed weights}."""
+    """`evaluate(params, batch)` -> e.g. {"nll": summed NLL, "tokens": summed weights}."""
 
     fn: Callable
     param_shardings: Any
@@ -191,18 +191,24 @@ class Eval:
         return sharding.place(nnx.state(model, nnx.Param), self.param_shardings)
 
 
-def jit_eval(model: Mixtral, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Eval:
-    """`token_nll` jitted for `mesh`; takes the parameters of `model`'s architecture
-    (`nnx.state(model, nnx.Param)`, e.g. of a model being trained) placed by the rules."""
+def jit_eval(
+    model: Mixtral,
+    mesh: Mesh,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+    fn: Callable[[Mixtral, Batch], dict[str, jax.Array]] = token_nll,
+) -> Eval:
+    """`fn` (default `token_nll`) jitted for `mesh`, its results replicated; takes the
+    parameters of `model`'s architecture (`nnx.state(model, nnx.Param)`, e.g. of a
+    model being trained) placed by the rules."""
     graphdef, _, rest, _, param_sh, batch_sh = _place(model, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def evaluate(params, batch):
         with sharding.use_rules(mesh, rules):
-            return token_nll(nnx.merge(graphdef, params, rest), batch)
+            return fn(nnx.merge(graphdef, params, rest), batch)
 
-    fn = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-    return Eval(fn, param_sh, batch_sh)
+    jitted = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+    return Eval(jitted, param_sh, batch_sh)
 
 
 class TrainState(NamedTuple):
