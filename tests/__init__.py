@@ -2,6 +2,7 @@
 `xla_flags()` (`conftest.py` sets it; the multi-device workers ask for more devices)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,4 +31,15 @@ def run_worker(module: str, *args: str) -> dict:
         timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_script(code: str, *args: str, devices: int = 8) -> dict:
+    """Runs `python -c code args` on `devices` virtual CPU devices (the flag must be set
+    before JAX starts) and returns the JSON of its last stdout line."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ import pytest
 from mixtral_jax import checkpoint, convert
 from mixtral_jax.sources import SafetensorsFile, SourceError
 from mixtral_jax.weights import WeightError, flat_params
-from tests import xla_flags
+from tests import run_script
 from tests.reference import hf_forward, hf_twin
 from tests.test_sources import CONFIG, LAYOUTS, hub_tensors, random_hub, write_layout
 
@@ -207,24 +207,13 @@ print(json.dumps({
 
 def test_load_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
     """8 virtual CPU devices (a subprocess: the flag must precede jax's import)."""
-    import os
-
     from flax import nnx
 
     from mixtral_jax import Mixtral
 
     model = Mixtral(CONFIG, rngs=nnx.Rngs(5))
     checkpoint.save(tmp_path / "ck", flat_params(model), CONFIG)
-    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "ck")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_script(MESH_SCRIPT, str(tmp_path / "ck"))
     # w1 [L, E, D, F] = ("layers", "expert", "embed", "mlp") -> (None, expert, fsdp, tensor)
     assert out["w1_spec"] == ["None", "expert", "fsdp", "tensor"]
     L, E, D, F = CONFIG.num_layers, CONFIG.num_experts, CONFIG.hidden_size, CONFIG.intermediate_size
