@@ -379,8 +379,15 @@ def load(
     def sharding(path: ParamPath, drop: int = 0):
         """The parameter's sharding, without its first `drop` axes (layers, expert);
         a float weight to be quantized is read as its integers will lie."""
-        s = shardings[path] if path in shardings else shardings[(*path, "qvalue")]
-        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[drop:]))
+        if path in shardings:
+            s = shardings[path]
+            spec = tuple(s.spec)
+        else:
+            s = shardings[(*path, "qvalue")]
+            spec = tuple(s.spec)
+            if config.quantization == "int4":
+                spec = quantization.without_within(spec, quantization.weight_specs()[path[-1]])
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec[drop:]))
 
     def read(piece: Path, paths, drop):
         """One piece restored into its shardings, quantized if asked."""

@@ -58,9 +58,10 @@ class ExpertWeight(NamedTuple):
         weight dequantized; `index` leads to it."""
 
         def one(a):
-            start = (*index, 0, 0)
-            size = (*(1,) * len(index), *a.shape[-2:])
-            return jax.lax.dynamic_slice(a, start, size).reshape(a.shape[-2:])
+            rest = a.shape[len(index) :]  # [X, Y], or int4's [X / g, g, Y] (or [X, Y / g, g])
+            start = (*index, *(0,) * len(rest))
+            size = (*(1,) * len(index), *rest)
+            return jax.lax.dynamic_slice(a, start, size).reshape(rest)
 
         if isinstance(self.w, quantize.QArray):  # only this expert's integers are read
             w = quantize.dequantize(one(self.w.qvalue), one(self.w.scale), dtype)
@@ -70,8 +71,13 @@ class ExpertWeight(NamedTuple):
         return ExpertWeight(w, *factors, self.scale)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [..., X] @ one expert's [X, Y] matrix (plus its adapter's term)."""
-        y = x @ self.w
+        """x [..., X] @ one expert's [X, Y] matrix (plus its adapter's term); an int4
+        weight's [X / g, g, Y] contracts with x split alike."""
+        if self.w.ndim == 3:
+            groups, g, _ = self.w.shape
+            y = jnp.einsum("...Gg,GgY->...Y", x.reshape(*x.shape[:-1], groups, g), self.w)
+        else:
+            y = x @ self.w
         if self.a is None:
             return y
         return y + ((x @ self.a) @ self.b) * jnp.asarray(self.scale, x.dtype)

@@ -49,10 +49,11 @@ def tokens() -> jax.Array:
 @pytest.mark.parametrize(
     "spec, shape, scale_shape",
     [
-        # w1 stacked [L, E, D, F]: one scale per layer, expert and output (per group).
-        ("EGCD,EDF->EGCF", (2, 3, 64, 8), {"int8": (2, 3, 1, 8), "int4": (2, 3, 4, 8)}),
-        # o_proj [N, H, D]: int8 per output; int4 per head and group of H.
-        ("BTNH,NHD->BTD", (4, 32, 8), {"int8": (1, 1, 8), "int4": (4, 2, 8)}),
+        # w1 stacked [L, E, D, F]: a scale per layer, expert and output; int4 stores
+        # [L, E, D / 16, 16, F], a scale per group of 16 inputs and output.
+        ("EGCD,EDF->EGCF", (2, 3, 64, 8), {"int8": (2, 3, 1, 8), "int4": (2, 3, 4, 1, 8)}),
+        # o_proj [N, H, D]: int8 per output; int4 per head, group of H and output.
+        ("BTNH,NHD->BTD", (4, 32, 8), {"int8": (1, 1, 8), "int4": (4, 2, 1, 8)}),
     ],
 )
 def test_rounding_error_is_within_half_a_step(scheme, spec, shape, scale_shape):
@@ -60,6 +61,8 @@ def test_rounding_error_is_within_half_a_step(scheme, spec, shape, scale_shape):
     q = quantize.quantize(w, spec, scheme, GROUP)
     assert q.qvalue.dtype == quantize.QTYPES[scheme] and q.scale.dtype == jnp.float32
     assert q.scale.shape == scale_shape[scheme]
+    if scheme == "int4":
+        w = quantize.split_groups(w, spec, GROUP)
     step = np.asarray(quantize.dequantize(jnp.ones_like(q.qvalue), q.scale, jnp.float32))
     error = np.abs(np.asarray(quantize.dequantize(q.qvalue, q.scale, jnp.float32)) - w)
     assert np.all(error <= step / 2 * (1 + 1e-4))  # rounding to nearest, float32 ulps
@@ -177,9 +180,9 @@ print(json.dumps({
 def test_sharded_quantized_model_equals_the_single_device_one(converted):
     """8 virtual CPU devices (a subprocess: the flag must precede jax's import)."""
     out = run_script(MESH_SCRIPT, str(converted["int4"]))
-    # w1 [L, E, D, F] and its scales [L, E, D / 16, F] split alike.
-    assert out["qvalue_spec"] == ["None", "expert", "fsdp", "tensor"]
-    assert out["scale_spec"] == ["None", "expert", "fsdp", "tensor"]
+    # w1 [L, E, D / 16, 16, F] and its scales [L, E, D / 16, 1, F] split alike.
+    assert out["qvalue_spec"] == ["None", "expert", "fsdp", "None", "tensor"]
+    assert out["scale_spec"] == ["None", "expert", "fsdp", "None", "tensor"]
     single = checkpoint.load(converted["int4"])
     tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 200)
     np.testing.assert_allclose(np.array(out["logits"]), single(tokens), atol=1e-5)
@@ -190,7 +193,7 @@ def test_qlora_trains_only_the_adapters_and_merges_to_float():
     from mixtral_jax import lora, sharding, steps, train
 
     config = finetune_tiny.get_config()
-    config.model.quantization = "int8"
+    config.model.update(quantization="int8", vocab_size=256, num_experts=4)
     config.lora.rank = 4
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     model = train.build_model(config, mesh)
@@ -205,8 +208,8 @@ def test_qlora_trains_only_the_adapters_and_merges_to_float():
     assert any(p[-1] == "qvalue" for p in base)  # the frozen base is integers
     rng = np.random.RandomState(0)
     batch = {
-        "tokens": jnp.asarray(rng.randint(0, 4096, (8, 32))),
-        "targets": jnp.asarray(rng.randint(0, 4096, (8, 32))),
+        "tokens": jnp.asarray(rng.randint(0, 256, (8, 32))),
+        "targets": jnp.asarray(rng.randint(0, 256, (8, 32))),
     }
     state = step.init(model)
     losses = []
@@ -294,7 +297,7 @@ def test_agreement_counts_tokens_and_expert_sets():
 def test_evaluate_compares_a_checkpoint_with_its_quantization(capsys):
     """The CLI on the embedded model (4 layers) and a little of its held-out data."""
     data = checkpoint.EMBEDDED.parent / "sample" / "eval_code.jsonl"
-    argv = ["--data", str(data), "--seq_len", "64", "--batch_size", "2", "--max_batches", "2"]
+    argv = ["--data", str(data), "--seq_len", "32", "--batch_size", "2", "--max_batches", "1"]
     assert (
         evaluate.main([*argv, "--checkpoint", str(checkpoint.EMBEDDED), "--quantize", "int8"]) == 0
     )
@@ -306,13 +309,8 @@ def test_evaluate_compares_a_checkpoint_with_its_quantization(capsys):
     assert len(per_layer) == 4 and all(p.endswith("%") for p in per_layer)
 
 
-def test_generate_cli_quantizes_as_it_loads(capsys):
+def test_generate_cli_names_a_bad_scheme(capsys):
     from mixtral_jax.generate import main
 
     assert main(["--prompt", "def f(", "--quantize", "int3"]) == 2
     assert "quantize='int3': choose one of int8, int4" in capsys.readouterr().err
-    argv = ["--prompt", "def fibonacci(n):", "--max_new_tokens", "8", "--quantize", "int8"]
-    assert main(argv) == 0
-    out, err = capsys.readouterr()
-    assert out.startswith("def fibonacci(n):") and len(out) > len("def fibonacci(n):")
-    assert "tokens/s" in err
