@@ -267,11 +267,17 @@ def make_mesh(sizes: Mapping[str, int], slice_: Slice) -> tuple[Mesh, dict[str, 
 
 
 def bytes_per_chip(tree: Any) -> int:
-    """Bytes one device holds of a tree of abstract arrays with shardings."""
+    """Bytes one device holds of a tree of abstract arrays with shardings (int4:
+    half a byte per element, as TPU v4 and later store it)."""
     return sum(
-        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        math.prod(x.sharding.shard_shape(x.shape)) * element_bits(x.dtype) // 8
         for x in jax.tree.leaves(tree)
     )
+
+
+def element_bits(dtype) -> int:
+    dtype = jnp.dtype(dtype)
+    return 4 if dtype in (jnp.int4, jnp.uint4) else 8 * dtype.itemsize
 
 
 def _compile(name: str, tokens: int, lowered, static_bytes: int) -> Program:
@@ -526,6 +532,11 @@ def make_plan(
             f"seq_len {seq_len} exceeds the model's max_position_embeddings="
             f"{config.max_position_embeddings}; plan a shorter context"
         )
+    if config.quantization and mode == "full":
+        raise PlanError(
+            f"a {config.quantization} model is frozen: plan --mode lora (QLoRA) or "
+            "inference with it, or full fine-tuning without --quantize"
+        )
     device_mesh, sizes = make_mesh(mesh, slice_)
     if mode == "inference":
         config = config.replace(capacity_factor=None)  # generation is dropless
@@ -548,7 +559,7 @@ def make_plan(
         sizes,
         batch,
         seq_len,
-        num_params(config),
+        num_params(config.replace(quantization=None)),
         planned.param_bytes,
         planned.optimizer_bytes,
         planned.cache_bytes,

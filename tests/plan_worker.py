@@ -48,7 +48,7 @@ def expected_param_bytes(config: ModelConfig, sizes: dict[str, int], only=nnx.Pa
     for path, value in flat_params(nnx.state(model, only)).items():
         spec = sharding.partition_spec(axes[path], value.shape, mesh)
         split = math.prod(sizes[a] for entry in spec for a in sharding.spec_axes(entry))
-        total += math.prod(value.shape) // split * jnp.dtype(value.dtype).itemsize
+        total += math.prod(value.shape) // split * plan.element_bits(value.dtype) // 8
     return total
 
 
@@ -76,9 +76,30 @@ def inference(config: ModelConfig) -> dict:
         "prefill_flops": prefill.flops,
         "unrolled_flops": flops,
         "decode_tokens": decode.tokens,
+        "num_params": result.num_params,
         "fits": result.fits,
         "report": plan.report(result),
         "collectives": prefill.collectives,
+    }
+
+
+def quantized(config: ModelConfig) -> dict:
+    """int4 inference: the weights' bytes are half a byte per integer plus the scales."""
+    import importlib.util
+
+    if importlib.util.find_spec("qwix") is None:
+        return {"skipped": "qwix is not installed (it needs Python 3.11+)"}
+    config = config.replace(quantization="int4", quant_group_size=16)
+    slice_ = plan.get_slice("cpu:8")
+    result = plan.make_plan(
+        config, slice_, mode="inference", batch=8, seq_len=64, mesh=MESH, costs=False
+    )
+    return {
+        "param_bytes": result.param_bytes,
+        "expected_param_bytes": expected_param_bytes(config, MESH),
+        "float_param_bytes": expected_param_bytes(config.replace(quantization=None), MESH),
+        "num_params": result.num_params,
+        "fits": result.fits,
     }
 
 
@@ -167,6 +188,7 @@ if __name__ == "__main__":
         json.dumps(
             {
                 "inference": inference(config),
+                "quantized": quantized(config),
                 "lora": lora(config),
                 "too_small": too_small(config),
                 "tpu": tpu(config),

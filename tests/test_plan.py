@@ -28,6 +28,16 @@ def test_parameter_and_cache_bytes_are_the_sharded_shapes(results):
         assert 0 <= extra <= 1024, (program, extra)
 
 
+def test_quantized_weights_take_their_integer_bytes(results):
+    got = results["quantized"]
+    if "skipped" in got:
+        pytest.skip(got["skipped"])
+    assert got["param_bytes"] == got["expected_param_bytes"] and got["fits"]
+    # float32 weights become int4 (an eighth) plus float32 scales (one per 16 inputs).
+    assert got["param_bytes"] < 0.35 * got["float_param_bytes"]
+    assert got["num_params"] == results["inference"]["num_params"]  # scales not counted
+
+
 def test_cost_twins_extrapolate_to_the_whole_model(results):
     got = results["inference"]
     assert got["prefill_flops"] == pytest.approx(got["unrolled_flops"], rel=1e-4)

@@ -4,6 +4,7 @@
     python tools/plan.py --config configs/mixtral_8x7b.py --topology v5e-16 --mode lora \
         --batch 16 --seq_len 4096 --mesh fsdp=2,expert=8
     python tools/plan.py --config configs/tiny.py --topology cpu:8 --mode full
+    python tools/plan.py --topology v6e-1 --quantize int4      # 8x7B in int4 on one chip
     python tools/plan.py --readme        # regenerates the table in README.md
 
 The project's own prefill, decode and train steps are compiled with abstract
@@ -72,6 +73,18 @@ TABLE = [
     for model in ("8x7b", "8x22b")
     for slice_ in ("v5e-8", "v5e-16", "v5p-8", "v4-16")
 ]
+# Quantized 8x7B (a 7th field): the largest batch x context found to fit, and QLoRA.
+QUANTIZED_TABLE = [
+    ("configs/mixtral_8x7b.py", slice_, "inference", batch, seq_len, scheme)
+    for slice_, batch, seq_len, scheme in (
+        ("v5e-4", 2, 4096, "int8"),
+        ("v5e-4", 1, 8192, "int8"),
+        ("v5e-8", 1, 4096, "int8"),
+        ("v5e-8", 1, 32768, "int8"),
+        ("v5e-8", 8, 4096, "int8"),
+        ("v6e-1", 1, 4096, "int4"),
+    )
+] + [("configs/mixtral_8x7b.py", "v5e-8", "lora", 8, 4096, "int8")]  # finetune_qlora.py
 
 
 def default_mesh(slice_: plan.Slice, mode: str, config: ModelConfig) -> dict[str, int]:
@@ -84,10 +97,23 @@ def default_mesh(slice_: plan.Slice, mode: str, config: ModelConfig) -> dict[str
 
 
 def make(
-    args_config, topology, mode, batch, seq_len, mesh, train_config, hbm_gib, costs=True, tries=6
+    args_config,
+    topology,
+    mode,
+    batch,
+    seq_len,
+    mesh,
+    train_config,
+    hbm_gib,
+    costs=True,
+    tries=6,
+    quantize=None,
+    group_size=128,
 ):
     """(plan, nearest fitting plan or None, whether a search ran)."""
     config = ModelConfig.from_dict(load_config_file(args_config))
+    if quantize:
+        config = config.replace(quantization=quantize, quant_group_size=group_size)
     slice_ = plan.get_slice(topology, hbm_gib)
     if mode != "inference":
         train_config = load_config_file(train_config or ROOT / f"configs/finetune_{mode}.py")
@@ -96,6 +122,8 @@ def make(
     batch, seq_len = batch or 1, seq_len or min(4096, config.max_position_embeddings)
     mesh = plan.parse_mesh(mesh) if mesh else default_mesh(slice_, mode, config)
     name = Path(args_config).stem.removeprefix("mixtral_").replace("b", "B")
+    if quantize or (train_config and train_config.model.get("quantization")):
+        name += f" {quantize or train_config.model.quantization}"
     kwargs = dict(mode=mode, seq_len=seq_len, train_config=train_config, name=name)
     result = plan.make_plan(config, slice_, batch=batch, mesh=mesh, costs=costs, **kwargs)
     nearest = None
@@ -112,7 +140,7 @@ def readme_table(fresh: bool = False) -> str:
     done = {}
     if CACHE.exists():
         done = {tuple(r["key"]): r["row"] for r in map(json.loads, CACHE.read_text().splitlines())}
-    jobs = [("row", *job) for job in TABLE]
+    jobs = [("row", *job) for job in TABLE + QUANTIZED_TABLE]
     jobs += [
         ("full", model, generation) for model in ("8x7b", "8x22b") for generation in GENERATIONS
     ]
@@ -131,9 +159,21 @@ def readme_table(fresh: bool = False) -> str:
     return "\n".join(rows)
 
 
-def table_row(config: str, slice_: str, mode: str, batch: int | None, seq_len: int) -> str:
+def table_row(
+    config: str, slice_: str, mode: str, batch: int | None, seq_len: int, quantize=None
+) -> str:
     result, _, _ = make(
-        config, slice_, mode, batch, seq_len, None, None, None, costs=False, tries=0
+        config,
+        slice_,
+        mode,
+        batch,
+        seq_len,
+        None,
+        None,
+        None,
+        costs=False,
+        tries=0,
+        quantize=quantize,
     )
     if not result.fits:
         print(plan.verdict(result), flush=True)
@@ -182,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_config", default=None, help="default configs/finetune_MODE.py")
     parser.add_argument("--hbm_gib", type=float, default=None, help="memory per chip (what-if)")
     parser.add_argument("--no_costs", action="store_true", help="memory only: skip cost twins")
+    parser.add_argument(
+        "--quantize", default=None, help="int8 or int4: plan the weight-quantized model"
+    )
+    parser.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
     parser.add_argument("--readme", action="store_true", help="regenerate README.md's table")
     parser.add_argument("--fresh", action="store_true", help="with --readme: ignore kept rows")
     args = parser.parse_args(argv)
@@ -201,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             args.train_config,
             args.hbm_gib,
             not args.no_costs,
+            quantize=args.quantize,
+            group_size=args.group_size,
         )
     except (plan.PlanError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
