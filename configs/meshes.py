@@ -21,6 +21,9 @@ RECIPES = {
     # On 16 GiB v5e chips, FSDP alone gathers all 8 experts of a layer on every chip
     # (18.2 GiB per chip, tools/plan.py); expert=8 gathers one (14.5 GiB).
     "v5e-16:lora": dict(fsdp=2, expert=8),
+    # A v5e-8 holds LoRA only on a quantized base (QLoRA, configs/finetune_qlora.py):
+    # int8 with expert=8 at 8 x 4k rows is 12.6 GiB per chip (16 x 4k: 16.0 GiB).
+    "v5e-8:lora": dict(fsdp=1, expert=8),
     "v5p-8:lora": dict(fsdp=4),
     "v4-32:lora": dict(fsdp=16),
     # Full fine-tuning with float32 master weights and AdamW: 16 bytes per parameter.
