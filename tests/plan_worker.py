@@ -48,7 +48,8 @@ def expected_param_bytes(config: ModelConfig, sizes: dict[str, int], only=nnx.Pa
     for path, value in flat_params(nnx.state(model, only)).items():
         spec = sharding.partition_spec(axes[path], value.shape, mesh)
         split = math.prod(sizes[a] for entry in spec for a in sharding.spec_axes(entry))
-        total += math.prod(value.shape) // split * plan.element_bits(value.dtype) // 8
+        bits = 4 if value.dtype == jnp.int4 else 8 * jnp.dtype(value.dtype).itemsize
+        total += math.prod(value.shape) // split * bits // 8
     return total
 
 
@@ -89,7 +90,7 @@ def quantized(config: ModelConfig) -> dict:
 
     if importlib.util.find_spec("qwix") is None:
         return {"skipped": "qwix is not installed (it needs Python 3.11+)"}
-    config = config.replace(quantization="int4", quant_group_size=16)
+    config = config.replace(quantization="int4", quant_group_size=8)
     slice_ = plan.get_slice("cpu:8")
     result = plan.make_plan(
         config, slice_, mode="inference", batch=8, seq_len=64, mesh=MESH, costs=False

@@ -33,8 +33,9 @@ def test_quantized_weights_take_their_integer_bytes(results):
     if "skipped" in got:
         pytest.skip(got["skipped"])
     assert got["param_bytes"] == got["expected_param_bytes"] and got["fits"]
-    # float32 weights become int4 (an eighth) plus float32 scales (one per 16 inputs).
-    assert got["param_bytes"] < 0.35 * got["float_param_bytes"]
+    # float32 weights become int4 (an eighth) plus float32 scales (one per 8 inputs);
+    # the embedding and LM head (a third of this tiny model) stay float32.
+    assert got["param_bytes"] < 0.45 * got["float_param_bytes"]
     assert got["num_params"] == results["inference"]["num_params"]  # scales not counted
 
 
