@@ -3,6 +3,7 @@
     python tools/bench.py                      # prefill + SMoE layer, configs/bench_1024.py
     python tools/bench.py --seq_len 2048 --sections prefill
     python tools/bench.py --sections decode    # generation: batch 1 and 16
+    python tools/bench.py --sections quantized # decode with bfloat16, int8, int4 weights
 
 Every figure is a median over repeats, taken in one run so that the figures
 can be compared (machines differ from day to day; compare ratios, not times).
@@ -29,10 +30,12 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixtral_jax import Mixtral, ModelConfig, weights  # noqa: E402
+from mixtral_jax import Mixtral, ModelConfig, plan, quantize, weights  # noqa: E402
 from mixtral_jax.config import load_config_file  # noqa: E402
 from mixtral_jax.generate import generate_tokens  # noqa: E402
 from mixtral_jax.moe import SparseMoE  # noqa: E402
+
+SECTIONS = ("prefill", "moe", "decode", "quantized")
 
 
 def load_config(path: str) -> ModelConfig:
@@ -265,6 +268,36 @@ def bench_decode(args, config: ModelConfig, peak: float):
             print(f"  {name:<34} {first * 1e3:9.1f} ms {rate:13.1f} {of_bound:>9} {ratio}")
 
 
+def bench_quantized(args, config: ModelConfig, peak: float):
+    """Decode tokens/s with the same random weights in bfloat16, int8 and int4 (one
+    scale per 128 inputs), computing in the config's dtype."""
+    prompt, new = args.prompt_len, args.new_tokens
+    base = Mixtral(config.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(args.seed))
+    models = {
+        "bfloat16": base,
+        "int8": quantize.quantize_model(base, "int8"),
+        "int4": quantize.quantize_model(base, "int4", 128),
+    }
+    print(f"\nQuantized weights: decode, prompt {prompt} tokens, {new} new tokens, greedy")
+    print(f"  {'':<12} {'weights':>9} {'decode tok/s':>13} {'vs bf16':>8}")
+    for batch in (1, 16):
+        prompts = np.random.RandomState(batch).randint(3, config.vocab_size, (batch, prompt))
+        print(f"  batch {batch}")
+        reference = None
+        for name, model in models.items():
+            generate_tokens(model, prompts.tolist(), max_new_tokens=new)  # compile
+            timings = [
+                generate_tokens(model, prompts.tolist(), max_new_tokens=new)[1]
+                for _ in range(max(1, args.repeats // 2))
+            ]
+            rate = statistics.median(batch * t.steps_per_s for t in timings)
+            reference = reference or rate
+            size = sum(
+                plan.element_bits(v.dtype) * v.size for v in weights.flat_params(model).values()
+            )
+            print(f"  {name:<12} {size / 8e6:6.0f} MB {rate:13.1f} {rate / reference:7.2f}x")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -281,7 +314,9 @@ def main(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--sections", default="prefill,moe,decode", help="comma-separated: prefill, moe, decode"
+        "--sections",
+        default="prefill,moe,decode,quantized",
+        help=f"comma-separated: {', '.join(SECTIONS)}",
     )
     parser.add_argument("--prompt_len", type=int, default=128, help="decode: prompt tokens")
     parser.add_argument("--new_tokens", type=int, default=32, help="decode: new tokens")
@@ -293,9 +328,9 @@ def main(argv=None):
             f"{config.max_position_embeddings}"
         )
     sections = args.sections.split(",")
-    unknown = set(sections) - {"prefill", "moe", "decode"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown section(s) {sorted(unknown)}; choose from prefill, moe, decode")
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
     peak, where = matmul_peak(args.repeats)
@@ -306,6 +341,8 @@ def main(argv=None):
         bench_moe_layer(args, config, peak)
     if "decode" in sections:
         bench_decode(args, config, peak)
+    if "quantized" in sections:
+        bench_quantized(args, config, peak)
 
 
 if __name__ == "__main__":
