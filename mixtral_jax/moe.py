@@ -58,7 +58,7 @@ class ExpertWeight(NamedTuple):
         weight dequantized; `index` leads to it."""
 
         def one(a):
-            rest = a.shape[len(index) :]  # [X, Y], or int4's [X / g, g, Y] (or [X, Y / g, g])
+            rest = a.shape[len(index) :]  # [X, Y], or int4's [X / g, g, Y]
             start = (*index, *(0,) * len(rest))
             size = (*(1,) * len(index), *rest)
             return jax.lax.dynamic_slice(a, start, size).reshape(rest)

@@ -4,12 +4,17 @@ store integers and scales; the router, norms, embedding and LM head stay float.
 A weight W used as einsum(spec, x, W) (attention.SPECS, moe.SPECS) is stored as
 qwix's QArray, W ~ qvalue * scale, with symmetric absmax scales:
 
-    qvalue  int8 | int4  W's shape                        w1 [L, E, D, F]
-    scale   float32      W's shape, input axes reduced:
-              int8: to 1, one scale per output channel    w1 [L, E, 1, F]
-              int4: the last input axis in groups of g    w1 [L, E, D/g, F]
-                    (`quant_group_size`), other input      o_proj [L, N, H/g, D]
-                    axes kept (per head for o_proj)
+    int8  qvalue  W's shape                               w1 [L, E, D, F]
+          scale   input axes reduced to 1: one scale      w1 [L, E, 1, F]
+                  per output channel
+    int4  qvalue  the last input axis split in groups     w1 [L, E, D/g, g, F]
+                  of g (`quant_group_size`)                o_proj [L, N, H/g, g, D]
+          scale   one per group and output (other input   w1 [L, E, D/g, 1, F]
+                  axes kept: per head for o_proj)         o_proj [L, N, H/g, 1, D]
+
+Scales are float32. int4 is stored split (not as W's shape with scales broadcast
+over groups) because only then does the TPU compiler fuse the dequantization into
+the matmul (see `quantize`).
 
 Axes in front of the spec's (the stacked layers) get their own scales, so a
 layer or an expert quantized alone gets the numbers it gets in the stack:
