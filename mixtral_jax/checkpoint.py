@@ -35,6 +35,7 @@ from flax import nnx
 
 from mixtral_jax import quantize as quantization
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.sharding import spec_axes
 from mixtral_jax.weights import Path as ParamPath
 from mixtral_jax.weights import is_expert, param_shapes, param_structs, set_params
 
@@ -268,8 +269,7 @@ def _packed(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     shape = (*target.shape[:-1], target.shape[-1] // 2)
     sharding = target.sharding
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) == len(shape):
-        last = sharding.spec[-1]
-        axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+        axes = spec_axes(sharding.spec[-1])
         if shape[-1] % int(np.prod([sharding.mesh.shape[a] for a in axes])):
             spec = jax.sharding.PartitionSpec(*sharding.spec[:-1], None)
             sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
@@ -379,14 +379,10 @@ def load(
     def sharding(path: ParamPath, drop: int = 0):
         """The parameter's sharding, without its first `drop` axes (layers, expert);
         a float weight to be quantized is read as its integers will lie."""
-        if path in shardings:
-            s = shardings[path]
-            spec = tuple(s.spec)
-        else:
-            s = shardings[(*path, "qvalue")]
-            spec = tuple(s.spec)
-            if config.quantization == "int4":
-                spec = quantization.without_within(spec, quantization.weight_specs()[path[-1]])
+        s = shardings[path] if path in shardings else shardings[(*path, "qvalue")]
+        spec = tuple(s.spec)
+        if path not in shardings and config.quantization == "int4":
+            spec = quantization.without_within(spec, quantization.weight_specs()[path[-1]])
         return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec[drop:]))
 
     def read(piece: Path, paths, drop):
