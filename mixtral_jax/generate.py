@@ -26,7 +26,7 @@ from flax import nnx
 
 from mixtral_jax import sharding
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.model import KVCache, Mixtral, init_cache
+from mixtral_jax.model import KVCache, LayerPieces, Mixtral, init_cache, layer_pieces
 from mixtral_jax.sampling import Sampling, sample
 from mixtral_jax.tokenizer import Tokenizer
 
@@ -73,11 +73,21 @@ def prefill_step(graphdef, params, tokens, lengths, cache: KVCache, key, samplin
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def decode_step(graphdef, params, tokens, positions, cache: KVCache, key, sampling, mesh_rules):
-    """tokens, positions [B] -> next tokens [B], cache."""
+def decode_step(
+    graphdef,
+    params,
+    tokens,
+    positions,
+    cache: KVCache,
+    key,
+    sampling,
+    mesh_rules,
+    pieces: LayerPieces | None = None,
+):
+    """tokens, positions [B] -> next tokens [B], cache. `pieces`: `model.layer_pieces`."""
     model = nnx.merge(graphdef, params)
     with _rules(mesh_rules):
-        out = model.forward(tokens[:, None], positions[:, None], cache=cache)
+        out = model.forward(tokens[:, None], positions[:, None], cache=cache, pieces=pieces)
     return sample(out.logits[:, 0], key, sampling), out.cache
 
 
@@ -158,6 +168,9 @@ def generate_tokens(
         tokens[row, : len(prompt)] = prompt
 
     graphdef, params = nnx.split(model)
+    # On one CPU device a decode step reads each layer's and expert's weights from
+    # buffers of their own (views, no copy): XLA:CPU would copy every slice it takes.
+    pieces = layer_pieces(model) if mesh is None else None
     cache = empty_cache(c, B, T + max_new_tokens, mesh, rules)
     keys = iter(jax.random.split(jax.random.key(seed), max_new_tokens))
     start = time.perf_counter()
@@ -174,10 +187,25 @@ def generate_tokens(
     )
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
-    positions = lengths.copy()
     marks = []  # when each step's tokens reached the host
     for step in range(max_new_tokens):
-        ids = np.asarray(next_tokens)
+        current = next_tokens
+        if step < max_new_tokens - 1:
+            # The next step is dispatched before this one's tokens are read, so the
+            # host's work (streaming, stop checks) overlaps the device's. Past the last
+            # row's end, one step is computed for nothing.
+            next_tokens, cache = decode_step(
+                graphdef,
+                params,
+                current,
+                jnp.asarray(lengths + step),
+                cache,
+                next(keys),
+                sampling,
+                mesh_rules,
+                pieces,
+            )
+        ids = np.asarray(current)
         marks.append(time.perf_counter())
         for row in np.flatnonzero(~done):
             token = int(ids[row])
@@ -189,19 +217,8 @@ def generate_tokens(
                 on_token(int(row), token)
             if should_stop is not None and should_stop(int(row), out[row]):
                 done[row] = True
-        if done.all() or step == max_new_tokens - 1:
+        if done.all():
             break
-        next_tokens, cache = decode_step(
-            graphdef,
-            params,
-            next_tokens,
-            jnp.asarray(positions),
-            cache,
-            next(keys),
-            sampling,
-            mesh_rules,
-        )
-        positions += 1
     timed = marks[1:]  # the first decode step compiles on a first call
     decode_s = timed[-1] - timed[0] if len(timed) > 1 else 0.0
     return out, Timing(marks[0] - start, max(len(timed) - 1, 0), decode_s)

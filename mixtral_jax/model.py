@@ -4,14 +4,18 @@ The L blocks are built once with `nnx.vmap`, so every block parameter carries
 a leading `layers` axis [L, ...]. The forward pass either scans over that axis
 (`scan_layers=True`, one compiled block) or unrolls a Python loop over slices
 of it; both read the same parameters, so a checkpoint serves either setting.
+On a CPU a decode step reads them from `layer_pieces` instead: each layer's and
+each expert's weights as a buffer of its own, views of the same memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax import routing
@@ -50,15 +54,23 @@ class DecoderBlock(nnx.Module):
         layer: jax.Array | None = None,
         cache: LayerCache | None = None,
         sorted_: bool = False,
+        experts: Sequence[nnx.State] | None = None,
     ):
         """`layer` indexes expert weights still stacked over layers (sorted dispatch).
 
         With a cache (inference) the SMoE layer never drops a token. `sorted_`
-        forces the sorted dispatch (decode steps; see `Mixtral._run_layers`)."""
+        forces the sorted dispatch (decode steps; see `Mixtral._run_layers`).
+        `experts`: each expert's parameters in buffers of their own (`LayerPieces`),
+        used in place of the stacked ones."""
         attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache)
         h = x + attn
         out = self.moe(
-            self.moe_norm(h), token_mask, layer=layer, dropless=cache is not None, sorted_=sorted_
+            self.moe_norm(h),
+            token_mask,
+            layer=layer,
+            dropless=cache is not None,
+            sorted_=sorted_,
+            experts=experts,
         )
         return h + out.y, out, kv
 
@@ -180,6 +192,7 @@ class Mixtral(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        pieces: LayerPieces | None = None,
     ) -> ModelOutput:
         """Logits and each layer's routing (and the updated cache).
 
@@ -190,6 +203,8 @@ class Mixtral(nnx.Module):
         cache: with T > 1, a prefill into an empty cache (`init_cache`); with
         T = 1, a decode step that attends over the cache. Positions must stay
         below the cache length unless the cache is a sliding window's buffer.
+        pieces: `layer_pieces(self)`, the blocks' parameters in buffers of their
+        own; a decode step then reads them instead of slicing the stacked ones.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -204,7 +219,7 @@ class Mixtral(nnx.Module):
             slots, key_positions = cache_slots(cache, positions, token_mask)
             kv = (cache.k, cache.v)
         x, (stats, weights, experts), kv = self._run_layers(
-            x, positions, segment_ids, token_mask, kv, slots, key_positions
+            x, positions, segment_ids, token_mask, kv, slots, key_positions, pieces
         )
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
@@ -212,7 +227,7 @@ class Mixtral(nnx.Module):
         new_cache = None if cache is None else KVCache(*kv, key_positions)
         return ModelOutput(logits, LayerRouting(stats, weights, experts), new_cache)
 
-    def _run_layers(self, x, positions, segment_ids, token_mask, kv, slots, key_positions):
+    def _run_layers(self, x, positions, segment_ids, token_mask, kv, slots, key_positions, pieces):
         c = self.config
         # The sorted dispatch reads each expert's weights at [layer, expert] itself:
         # slicing a whole layer out first would copy every expert's weights (XLA:CPU
@@ -224,18 +239,33 @@ class Mixtral(nnx.Module):
         keep_stacked = nnx.PathContains("experts") if sorted_ else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
 
-        def block(x, scanned):
+        def block(x, scanned, experts=None):
             layer_params, layer, layer_kv = scanned
             module = nnx.merge(graphdef, stacked, layer_params)
             cache = None if layer_kv is None else LayerCache(*layer_kv, slots, key_positions)
             x, out, new_kv = module(
-                x, positions, segment_ids, token_mask, layer=layer, cache=cache, sorted_=decode
+                x,
+                positions,
+                segment_ids,
+                token_mask,
+                layer=layer,
+                cache=cache,
+                sorted_=decode,
+                experts=experts,
             )
             return x, ((out.stats, out.weights, out.experts), new_kv)
 
         if c.remat_policy != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat_policy])
         layers = jnp.arange(c.num_layers)
+        if decode and pieces is not None:
+            outs = []
+            for i in range(c.num_layers):
+                layer_kv = (kv[0][i], kv[1][i])
+                x, out = block(x, (pieces.layers[i], None, layer_kv), pieces.experts[i])
+                outs.append(out)
+            routes, kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            return x, routes, kv
         if c.scan_layers:
             x, (routes, kv) = jax.lax.scan(block, x, (params, layers, kv))
             return x, routes, kv
@@ -246,6 +276,51 @@ class Mixtral(nnx.Module):
             outs.append(out)
         routes, kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, routes, kv
+
+
+class LayerPieces(NamedTuple):
+    """The blocks' parameters in buffers of their own (`layer_pieces`): layers[l] holds
+    layer l's attention, norms and router, experts[l][e] expert e of layer l."""
+
+    layers: tuple[nnx.State, ...]
+    experts: tuple[tuple[nnx.State, ...], ...]
+
+
+def layer_pieces(model: Mixtral) -> LayerPieces | None:
+    """The blocks' parameters as one buffer per layer and per (layer, expert), views of
+    the stacked [L, (E,) ...] parameters' memory, so nothing is copied; None unless
+    every one lies whole on one CPU device in a dtype numpy can view (not int4).
+
+    Why: XLA:CPU copies a slice of an array before a matmul reads it, so a decode step
+    over stacked parameters reads each weight three times where it needs it once. The
+    TPU compiler reads a slice in place; there the stacked, scanned path is the one.
+    """
+    c = model.config
+    _, experts, rest = nnx.split(model.layers, nnx.PathContains("experts"), ...)
+    arrays = jax.tree.leaves((experts, rest))
+    if not all(_host_view(a) is not None for a in arrays):
+        return None
+    device = next(iter(arrays[0].devices()))
+    hosts = jax.tree.map(_host_view, (experts, rest))
+
+    def views(tree, *index):
+        return jax.tree.map(lambda h: jax.device_put(h[index], device), tree)
+
+    return LayerPieces(
+        tuple(views(hosts[1], i) for i in range(c.num_layers)),
+        tuple(
+            tuple(views(hosts[0], i, e) for e in range(c.num_experts)) for i in range(c.num_layers)
+        ),
+    )
+
+
+def _host_view(a: jax.Array) -> np.ndarray | None:
+    """The array's memory as numpy, when it is one CPU buffer numpy reads in place."""
+    devices = a.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return None
+    host = np.asarray(a)
+    return host if host.ctypes.data == a.unsafe_buffer_pointer() else None
 
 
 def with_config(model: Mixtral, config: ModelConfig, seed: int = 0) -> Mixtral:

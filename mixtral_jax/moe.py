@@ -26,6 +26,7 @@ Both give the reference's numbers; they differ in how the work is laid out.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -58,6 +59,8 @@ class ExpertWeight(NamedTuple):
         weight dequantized; `index` leads to it."""
 
         def one(a):
+            if not index:  # already one expert's
+                return a
             rest = a.shape[len(index) :]  # [X, Y], or int4's [X / g, g, Y]
             start = (*index, *(0,) * len(rest))
             size = (*(1,) * len(index), *rest)
@@ -136,20 +139,24 @@ class Experts(nnx.Module):
         return constrain(y, ("expert", "group", "capacity", "embed"))
 
 
+# One expert's w1, w2, w3 (with their adapters), ready to multiply.
+ExpertWeights = tuple[ExpertWeight, ExpertWeight, ExpertWeight]
+
+
 def sorted_experts(
     x: jax.Array,
     routes: routing.Routes,
     token_mask: jax.Array,
-    w1: ExpertWeight,
-    w2: ExpertWeight,
-    w3: ExpertWeight,
-    layer: jax.Array | None = None,
+    expert: Callable[[int | jax.Array], ExpertWeights],
+    num_experts: int,
+    unroll: bool = False,
 ) -> jax.Array:
     """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
 
-    w1/w3: [E, D, F], w2: [E, F, D] (with their adapters); or all with a leading
-    layers axis [L, ...] and `layer` saying which, so that only the experts used
-    are ever sliced out.
+    `expert(e)` gives expert e's weights in x's dtype (w1/w3 [D, F], w2 [F, D]); it
+    is called with a traced index in a loop over the experts, or with each Python
+    int when `unroll` (weights in buffers of their own, one per expert). Either
+    way an expert no token chose is never read.
 
     Row j of the sorted order is choice order[j] (token order[j] // k); expert
     e owns rows [start[e], start[e] + count[e]). Padding tokens sort last and
@@ -157,17 +164,17 @@ def sorted_experts(
     """
     N, D = x.shape
     k = routes.experts.shape[-1]
-    E = w1.w.shape[-3]
+    E = num_experts
     n = N * k
     choice_expert = jnp.where(token_mask[:, None], routes.experts, E).reshape(n)
     order = jnp.argsort(choice_expert, stable=True)  # [n]
     count = jnp.bincount(choice_expert, length=E + 1)[:E]  # [E]
     start = jnp.cumsum(count) - count  # [E]
-    tile = min(TILE, max(8, next_power_of_two(n)))
+    tile = min(TILE, next_power_of_two(n))
     # Every piece streams the expert's weights once, which costs about as much as
     # ~30 rows of work: an expert's rows are full tiles plus ONE last piece, a
-    # multiple of `grain` rows (waste < grain rows per expert).
-    grain = max(8, tile // 16)
+    # multiple of `grain` rows (waste < grain rows per expert; a row or two at decode).
+    grain = max(1, tile // 16)
     xs = jnp.pad(x[order // k], ((0, tile), (0, 0)))  # [n + tile, D] sorted rows + slack
 
     def rows_of_expert(ys, r0, size, w):
@@ -177,9 +184,7 @@ def sorted_experts(
         return jax.lax.dynamic_update_slice_in_dim(ys, out, r0, 0)
 
     def one_expert(e, ys):
-        # e is the loop's traced index: one compiled body serves every expert.
-        index = (e,) if layer is None else (layer, e)
-        w = tuple(weight.take(index, x.dtype) for weight in (w1, w2, w3))
+        w = expert(e)
         begin = start[e]
         full, rest = count[e] // tile, count[e] % tile
 
@@ -200,9 +205,17 @@ def sorted_experts(
         return jax.lax.switch((rest + grain - 1) // grain, last, ys)
 
     def maybe_expert(e, ys):
+        if unroll:
+            return jax.lax.cond(count[e] > 0, functools.partial(one_expert, e), lambda ys: ys, ys)
+        # e is the loop's traced index: one compiled body serves every expert.
         return jax.lax.cond(count[e] > 0, one_expert, lambda e, ys: ys, e, ys)
 
-    ys = jax.lax.fori_loop(0, E, maybe_expert, jnp.zeros((n + tile, D), x.dtype))
+    ys = jnp.zeros((n + tile, D), x.dtype)
+    if unroll:
+        for e in range(E):
+            ys = maybe_expert(e, ys)
+    else:
+        ys = jax.lax.fori_loop(0, E, maybe_expert, ys)
     per_choice = jnp.zeros((n, D), x.dtype).at[order].set(ys[:n], unique_indices=True)
     weights = (routes.weights * token_mask[:, None]).astype(jnp.float32)  # [N, k]
     # An elementwise weighted sum: as an einsum XLA:CPU makes it N tiny matmuls.
@@ -247,13 +260,16 @@ class SparseMoE(nnx.Module):
         *,
         dropless: bool = False,
         sorted_: bool = False,
+        experts: Sequence[nnx.State] | None = None,
     ) -> MoEOutput:
         """x: [B, T, D]; token_mask: [B, T] bool, False on padding.
 
         `layer`: with the sorted dispatch, the experts' weights may still carry the
         model's leading layers axis; `layer` selects the layer (see model.py).
         `dropless`: ignore the config's capacity factor (inference). `sorted_`: use
-        the sorted dispatch whatever the config says (decode steps).
+        the sorted dispatch whatever the config says (decode steps). `experts`: one
+        state per expert (`model.LayerPieces`), read in place of `self.experts`' stacked
+        weights by the sorted dispatch.
         """
         c = self.config
         B, T, D = x.shape
@@ -279,7 +295,8 @@ class SparseMoE(nnx.Module):
 
         if impl == "sorted":
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
-            y = sorted_experts(xg[0], flat, mask[0], *self.experts.weights(), layer=layer)[None]
+            y = sorted_experts(xg[0], flat, mask[0], *self._expert_weights(x.dtype, layer, experts))
+            y = y[None]
             kept = jnp.ones(routes.experts.shape, bool)
         elif capacity_factor is None:
             y, kept = self._dropless_dense(xg, routes, mask)
@@ -295,6 +312,19 @@ class SparseMoE(nnx.Module):
             return a.reshape(G * S, *a.shape[2:])[:num_tokens].reshape(B, T, *a.shape[2:])
 
         return MoEOutput(ungroup(y), stats, ungroup(routes.weights), ungroup(routes.experts))
+
+    def _expert_weights(self, dtype, layer, experts):
+        """sorted_experts' `expert`, `num_experts` and `unroll`: expert e's weights sliced
+        from the stacked ones (at `layer` if they are stacked over layers too), or
+        taken from its own state in `experts`."""
+        E = self.config.num_experts
+        if experts is None:
+            stacked = self.experts.weights()
+            at = (lambda e: (e,)) if layer is None else (lambda e: (layer, e))
+            return (lambda e: tuple(w.take(at(e), dtype) for w in stacked)), E, False
+        graphdef = nnx.graphdef(self.experts)
+        own = [nnx.merge(graphdef, state).weights() for state in experts]
+        return (lambda e: tuple(w.take((), dtype) for w in own[e])), E, True
 
     def _dense(
         self, x: jax.Array, routes: routing.Routes, mask: jax.Array, capacity: int

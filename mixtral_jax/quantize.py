@@ -149,12 +149,31 @@ class QuantizedWeight(nnx.Module):
 def einsum(spec: str, x: jax.Array, weight: nnx.Param | QuantizedWeight) -> jax.Array:
     """einsum(spec, x, W) in x's dtype for a float or a quantized W."""
     if not isinstance(weight, QuantizedWeight):
-        return jnp.einsum(spec, x, weight[...].astype(x.dtype))
+        return contract(spec, x, weight[...].astype(x.dtype))
     if weight.scheme == "int4":  # contract over (groups, within) as the weight is stored
         spec, x = grouped_spec(spec, x, weight.qvalue.shape)
     # qwix dequantizes W into the matmul's operand (XLA fuses it on TPU) because x is
     # float: the weights are read as integers, the math is in x's dtype.
     return qwix.einsum(spec, x, weight.qarray(x.dtype))
+
+
+def contract(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w), contracting w's axes in the order they are stored.
+
+    jnp.einsum contracts in alphabetical order: "BTNH,NHD->BTD" as (H, N), against the
+    layout of both operands, and XLA:CPU then transposes the whole weight on every call.
+    """
+    x_sub, w_sub, out = _split(spec)
+    contracted = [a for a in w_sub if a in x_sub and a not in out]
+    batch = [a for a in w_sub if a in x_sub and a in out]
+    dims = (
+        ([x_sub.index(a) for a in contracted], [w_sub.index(a) for a in contracted]),
+        ([x_sub.index(a) for a in batch], [w_sub.index(a) for a in batch]),
+    )
+    y = jax.lax.dot_general(x, w, dims)
+    # dot_general's axes: the batch ones, then x's and w's remaining ones in order
+    got = batch + [a for a in x_sub + w_sub if a not in contracted and a not in batch]
+    return jnp.transpose(y, [got.index(a) for a in out])
 
 
 def grouped_spec(spec: str, x: jax.Array, stored_shape: tuple[int, ...]):

@@ -16,7 +16,7 @@ from flax import nnx
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.generate import generate, generate_tokens
-from mixtral_jax.model import init_cache
+from mixtral_jax.model import init_cache, layer_pieces
 from mixtral_jax.sampling import Sampling, allowed, sample
 from tests.reference import hf_twin, torch_and_transformers
 
@@ -28,23 +28,51 @@ def tiny_config(**changes) -> ModelConfig:
     return ModelConfig.from_dict(tiny.get_config()).replace(**changes)
 
 
+@pytest.mark.parametrize("weights", ["stacked", "pieces"])
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
-def test_cached_decode_equals_the_full_forward(window):
-    """Prefill 7 tokens, then decode one at a time past the window (rolling buffer)."""
+def test_cached_decode_equals_the_full_forward(window, weights):
+    """Prefill 7 tokens, then decode one at a time past the window (rolling buffer),
+    reading the stacked weights (a scan, as on TPUs) or each layer's and expert's
+    own buffers (as generation on a CPU does)."""
     config = tiny_config(sliding_window=window)
     model = Mixtral(config, rngs=nnx.Rngs(1))
+    pieces = layer_pieces(model) if weights == "pieces" else None
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (3, 16)))
     full = np.asarray(model(tokens))
-    forward = nnx.jit(lambda m, t, p, c: m.forward(t, p, cache=c))
+    forward = nnx.jit(lambda m, t, p, c, pieces: m.forward(t, p, cache=c, pieces=pieces))
     positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
-    out = forward(model, tokens[:, :7], positions, init_cache(config, 3, 16))
+    out = forward(model, tokens[:, :7], positions, init_cache(config, 3, 16), pieces)
     assert out.cache.length == (16 if window is None else window)
     np.testing.assert_allclose(np.asarray(out.logits), full[:, :7], atol=1e-4)
     cache = out.cache
     for t in range(7, 16):
-        out = forward(model, tokens[:, t : t + 1], jnp.full((3, 1), t), cache)
+        out = forward(model, tokens[:, t : t + 1], jnp.full((3, 1), t), cache, pieces)
         cache = out.cache
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, t], atol=1e-4)
+
+
+def test_layer_pieces_are_views_of_the_stacked_weights():
+    """Each layer's and each expert's buffer is the stacked parameter's own memory at
+    its offset: generation on a CPU reads the weights in place and copies nothing."""
+    model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
+    pieces = layer_pieces(model)
+    stacked = model.layers
+    layer, expert = 1, 5
+    checks = [
+        (stacked.attention.q_proj[...], pieces.layers[layer]["attention"]["q_proj"], (layer,)),
+        (stacked.moe.gate[...], pieces.layers[layer]["moe"]["gate"], (layer,)),
+        (
+            stacked.moe.experts.w2[...],
+            pieces.experts[layer][expert]["moe"]["experts"]["w2"],
+            (layer, expert),
+        ),
+    ]
+    for whole, piece, index in checks:
+        piece = piece[...]
+        np.testing.assert_array_equal(np.asarray(piece), np.asarray(whole[index]))
+        offset = np.ravel_multi_index(index + (0,) * piece.ndim, whole.shape) * 4
+        assert piece.unsafe_buffer_pointer() == whole.unsafe_buffer_pointer() + offset
+    assert len(pieces.layers) == 2 and all(len(e) == 8 for e in pieces.experts)
 
 
 def test_batched_prompts_get_what_they_would_get_alone():

@@ -13,7 +13,7 @@ from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig, lora, sharding, steps
 from mixtral_jax.config import ConfigError
 from mixtral_jax.layers import Adapter, LoRAParam
-from mixtral_jax.model import init_cache
+from mixtral_jax.model import init_cache, layer_pieces
 from mixtral_jax.weights import flat_params
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
@@ -37,12 +37,13 @@ def logits(model: Mixtral, tokens: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def prefill_then_decode(model: Mixtral, tokens: jax.Array) -> jax.Array:
-    """Logits of the last token from a decode step after a prefill of the others."""
+def prefill_then_decode(model: Mixtral, tokens: jax.Array, pieces=None) -> jax.Array:
+    """Logits of the last token from a decode step after a prefill of the others; the
+    step reads `pieces` (`layer_pieces`) when given."""
     cache = init_cache(model.config, tokens.shape[0], 16, jnp.float32)
     out = model.forward(tokens[:, :-1], cache=cache)
     positions = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
-    return model.forward(tokens[:, -1:], positions, cache=out.cache).logits[:, 0]
+    return model.forward(tokens[:, -1:], positions, cache=out.cache, pieces=pieces).logits[:, 0]
 
 
 def perturbed(model: Mixtral, seed: int = 1) -> Mixtral:
@@ -99,8 +100,11 @@ def test_merged_model_computes_the_adapted_function(base, tokens, targets):
     expected = logits(adapted, tokens)
     assert float(jnp.max(jnp.abs(expected - logits(base, tokens)))) > 1e-2  # adapters act
     np.testing.assert_allclose(logits(merged, tokens), expected, atol=2e-5)
-    # Prefill with a cache, then a decode step (the sorted dispatch, experts by slice).
-    np.testing.assert_allclose(prefill_then_decode(adapted, tokens), expected[:, -1], atol=2e-5)
+    # Prefill with a cache, then a decode step (the sorted dispatch), with the experts
+    # sliced from the stacked weights and with each in its own buffer.
+    for pieces in (None, layer_pieces(adapted)):
+        decoded = prefill_then_decode(adapted, tokens, pieces)
+        np.testing.assert_allclose(decoded, expected[:, -1], atol=2e-5)
 
 
 def test_sorted_and_dense_dispatch_agree_with_adapters(base, tokens):

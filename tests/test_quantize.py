@@ -20,6 +20,7 @@ pytest.importorskip("qwix", reason="qwix needs Python 3.11+")
 from configs import tiny  # noqa: E402
 from mixtral_jax import Mixtral, ModelConfig, checkpoint, convert, evaluate, quantize
 from mixtral_jax.config import ConfigError
+from mixtral_jax.model import layer_pieces
 from mixtral_jax.weights import flat_params
 from tests import run_script
 from tests.test_lora import prefill_then_decode
@@ -98,7 +99,13 @@ def test_only_projections_and_experts_are_quantized(model):
 
 def test_cached_decode_of_a_quantized_model_equals_its_forward(model, tokens):
     q = quantize.quantize_model(model, "int8", GROUP)
-    np.testing.assert_allclose(prefill_then_decode(q, tokens), q(tokens)[:, -1], atol=1e-4)
+    # Sliced from the stacked integers, and from each layer's and expert's own buffer.
+    for pieces in (None, layer_pieces(q)):
+        np.testing.assert_allclose(
+            prefill_then_decode(q, tokens, pieces), q(tokens)[:, -1], atol=1e-4
+        )
+    # numpy cannot view int4 in place: its decode keeps the stacked weights (no copy).
+    assert layer_pieces(quantize.quantize_model(model, "int4", GROUP)) is None
 
 
 @pytest.fixture(scope="module")

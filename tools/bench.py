@@ -202,11 +202,29 @@ def bench_moe_layer(args, config: ModelConfig, peak: float):
             print(f"  {'':<34} dropped {100 * dropped:.2f}% of token choices")
 
 
-def read_bandwidth(repeats: int) -> float:
-    """Bytes/s of a jitted reduction over a 1 GiB float32 array: what decode can hope for."""
+def read_bandwidth(repeats: int) -> tuple[float, str]:
+    """Bytes/s of the fastest of three jitted reads of 1 GiB of float32 (and which):
+    a sum of everything, a sum over the leading axes, and vector-matrix products over
+    64 separate 16 MiB matrices (what a decode step does). The bound for decode."""
     a = jnp.ones((256, 1024, 1024), jnp.float32)
-    total = jax.jit(lambda a: jnp.sum(a, axis=(0, 1)))
-    return a.nbytes / median_seconds(lambda: total(a).block_until_ready(), repeats)
+    matrices = [jnp.ones((1024, 4096), jnp.float32) for _ in range(64)]
+    x = jnp.ones((1, 1024), jnp.float32)
+    reads = {
+        "sum": jax.jit(jnp.sum),
+        "column sum": jax.jit(lambda a: jnp.sum(a, axis=(0, 1))),
+        "vector-matrix": jax.jit(lambda ms: [x @ m for m in ms]),
+    }
+    seconds = interleaved(
+        {
+            name: lambda f=f, name=name: jax.block_until_ready(
+                f(matrices if name == "vector-matrix" else a)
+            )
+            for name, f in reads.items()
+        },
+        repeats,
+    )
+    fastest = min(seconds, key=seconds.get)
+    return a.nbytes / seconds[fastest], fastest
 
 
 def active_weight_bytes(c: ModelConfig) -> int:
@@ -220,12 +238,12 @@ def active_weight_bytes(c: ModelConfig) -> int:
 def bench_decode(args, config: ModelConfig, peak: float):
     torch, _ = torch_or_none()
     prompt, new = args.prompt_len, args.new_tokens
-    bandwidth = read_bandwidth(args.repeats)
+    bandwidth, kernel = read_bandwidth(args.repeats)
     active = active_weight_bytes(config)
     print(
         f"\nDecode: prompt {prompt} tokens, {new} new tokens, greedy; read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s; a batch-1 token reads {active / 1e6:.0f} MB of weights "
-        f"(bound: {bandwidth / active:.1f} tokens/s)"
+        f"{bandwidth / 1e9:.1f} GB/s ({kernel}); a batch-1 token reads {active / 1e6:.0f} MB "
+        f"of weights (bound: {bandwidth / active:.1f} tokens/s)"
     )
     print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
     if torch is not None:
