@@ -42,10 +42,6 @@ def load_config(path: str) -> ModelConfig:
     return ModelConfig.from_dict(load_config_file(path))
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    return interleaved({"": fn}, repeats)[""]
-
-
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each function, timed in alternation so that drifts in the
     machine's speed hit all of them alike."""
@@ -202,29 +198,30 @@ def bench_moe_layer(args, config: ModelConfig, peak: float):
             print(f"  {'':<34} dropped {100 * dropped:.2f}% of token choices")
 
 
-def read_bandwidth(repeats: int) -> tuple[float, str]:
-    """Bytes/s of the fastest of three jitted reads of 1 GiB of float32 (and which):
-    a sum of everything, a sum over the leading axes, and vector-matrix products over
-    64 separate 16 MiB matrices (what a decode step does). The bound for decode."""
+def bandwidth_probe() -> Callable[[], float]:
+    """A function that reads 1 GiB of float32 three ways (a sum of everything, a sum
+    over the leading axes, vector-matrix products over 64 separate 16 MiB matrices, as
+    a decode step does) and returns the fastest rate, bytes/s: the bound for decode."""
     a = jnp.ones((256, 1024, 1024), jnp.float32)
     matrices = [jnp.ones((1024, 4096), jnp.float32) for _ in range(64)]
     x = jnp.ones((1, 1024), jnp.float32)
-    reads = {
-        "sum": jax.jit(jnp.sum),
-        "column sum": jax.jit(lambda a: jnp.sum(a, axis=(0, 1))),
-        "vector-matrix": jax.jit(lambda ms: [x @ m for m in ms]),
-    }
-    seconds = interleaved(
-        {
-            name: lambda f=f, name=name: jax.block_until_ready(
-                f(matrices if name == "vector-matrix" else a)
-            )
-            for name, f in reads.items()
-        },
-        repeats,
-    )
-    fastest = min(seconds, key=seconds.get)
-    return a.nbytes / seconds[fastest], fastest
+    reads = [
+        (jax.jit(jnp.sum), a),
+        (jax.jit(lambda a: jnp.sum(a, axis=(0, 1))), a),
+        (jax.jit(lambda ms: [x @ m for m in ms]), matrices),
+    ]
+    for read, arg in reads:
+        jax.block_until_ready(read(arg))  # compile
+
+    def probe() -> float:
+        seconds = []
+        for read, arg in reads:
+            start = time.perf_counter()
+            jax.block_until_ready(read(arg))
+            seconds.append(time.perf_counter() - start)
+        return a.nbytes / min(seconds)
+
+    return probe
 
 
 def active_weight_bytes(c: ModelConfig) -> int:
@@ -236,14 +233,16 @@ def active_weight_bytes(c: ModelConfig) -> int:
 
 
 def bench_decode(args, config: ModelConfig, peak: float):
+    """Rounds of (read bandwidth, transformers' generate, ours), so that the machine's
+    drifts hit all three alike; medians over the rounds."""
     torch, _ = torch_or_none()
     prompt, new = args.prompt_len, args.new_tokens
-    bandwidth, kernel = read_bandwidth(args.repeats)
+    probe = bandwidth_probe()
     active = active_weight_bytes(config)
     print(
-        f"\nDecode: prompt {prompt} tokens, {new} new tokens, greedy; read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s ({kernel}); a batch-1 token reads {active / 1e6:.0f} MB "
-        f"of weights (bound: {bandwidth / active:.1f} tokens/s)"
+        f"\nDecode: prompt {prompt} tokens, {new} new tokens, greedy; a batch-1 token reads "
+        f"{active / 1e6:.0f} MB of weights; the bound is that over the read bandwidth, "
+        "the fastest of three reads of 1 GiB, measured in every round"
     )
     print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
     if torch is not None:
@@ -253,37 +252,50 @@ def bench_decode(args, config: ModelConfig, peak: float):
         print("  (torch/transformers not installed: no reference rows)")
         model = Mixtral(config, rngs=nnx.Rngs(args.seed))
     for batch in (1, 16):
-        rng = np.random.RandomState(batch)
-        prompts = rng.randint(3, config.vocab_size, (batch, prompt))
+        prompts = np.random.RandomState(batch).randint(3, config.vocab_size, (batch, prompt))
+        ids = prompts.tolist()
+
+        def hf_generate(n, prompts=prompts):
+            with torch.no_grad():
+                kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+                return hf.generate(
+                    torch.as_tensor(prompts), max_new_tokens=n, min_new_tokens=n, **kw
+                )
+
+        generate_tokens(model, ids, max_new_tokens=new)  # compile
+        if torch is not None:
+            hf_generate(2)  # warm up
+        bandwidth, hf_first, hf_full, ours = [], [], [], []
+        for _ in range(args.repeats):
+            bandwidth.append(probe())
+            if torch is not None:
+                hf_first.append(seconds(lambda: hf_generate(1)))
+                hf_full.append(seconds(lambda: hf_generate(new)))
+            ours.append(generate_tokens(model, ids, max_new_tokens=new)[1])
         rows = {}
         if torch is not None:
-            ids = torch.as_tensor(prompts)
-
-            def hf_generate(n, ids=ids):
-                with torch.no_grad():
-                    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-                    return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-
-            hf_generate(2)  # warm up
-            first = median_seconds(lambda: hf_generate(1), args.repeats)
-            full = median_seconds(lambda: hf_generate(new), max(1, args.repeats // 2))
+            first, full = statistics.median(hf_first), statistics.median(hf_full)
             rows["transformers generate (eager)"] = (first, batch * (new - 1) / (full - first))
-        generate_tokens(model, prompts.tolist(), max_new_tokens=new)  # compile
-        timings = [
-            generate_tokens(model, prompts.tolist(), max_new_tokens=new)[1]
-            for _ in range(max(1, args.repeats // 2))
-        ]
-        first = statistics.median(t.first_token_s for t in timings)
-        rate = statistics.median(batch * t.steps_per_s for t in timings)
-        rows["mixtral_jax generate"] = (first, rate)
+        rows["mixtral_jax generate"] = (
+            statistics.median(t.first_token_s for t in ours),
+            statistics.median(batch * t.steps_per_s for t in ours),
+        )
+        bound = statistics.median(bandwidth)
+        print(
+            f"  batch {batch} (read bandwidth {bound / 1e9:.1f} GB/s, "
+            f"{min(bandwidth) / 1e9:.1f}-{max(bandwidth) / 1e9:.1f} over the rounds)"
+        )
         reference = rows.get("transformers generate (eager)")
-        print(f"  batch {batch}")
         for name, (first, rate) in rows.items():
-            of_bound = (
-                f"{100 * rate / batch * active / bandwidth:7.1f}%" if batch == 1 else "      -"
-            )
+            of_bound = f"{100 * rate / batch * active / bound:7.1f}%" if batch == 1 else "      -"
             ratio = f"{rate / reference[1]:5.2f}x" if reference else "    -"
             print(f"  {name:<34} {first * 1e3:9.1f} ms {rate:13.1f} {of_bound:>9} {ratio}")
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench_quantized(args, config: ModelConfig, peak: float):
