@@ -81,13 +81,19 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
 
 
 class LayerCache(NamedTuple):
-    """One layer's view of the KV cache for one call."""
+    """The KV cache as one layer's call sees it: every layer's buffers, written in
+    place at `layer` (a decode step moves its own keys, never the whole cache)."""
 
-    k: jax.Array  # [B, S, K, H]
-    v: jax.Array  # [B, S, K, H]
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    layer: int | jax.Array  # which layer's slots this call writes and reads
     slots: jax.Array  # [B, T] int32: where this call's tokens go; S = not stored
     key_positions: jax.Array  # [B, S] int32: the position of each slot's key after
     # this call's writes, -1 where empty
+
+
+# Logical axes of the KV cache's keys and values: per layer, like attention's.
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", None)
 
 
 def cached_attention_mask(
@@ -138,7 +144,7 @@ class Attention(nnx.Module):
         cache: LayerCache | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
-        and the updated cache keys and values [B, S, K, H] when a cache is given."""
+        and the updated cache keys and values [L, B, S, K, H] when a cache is given."""
         c = self.config
         dtype = x.dtype
         B, T, _ = x.shape
@@ -154,15 +160,14 @@ class Attention(nnx.Module):
 
         kv = None
         if cache is not None:
-            rows = jnp.arange(B)[:, None]
-            cached = ("batch", "length", "kv_heads", None)
-            k_cache = cache.k.at[rows, cache.slots].set(k.astype(cache.k.dtype), mode="drop")
-            v_cache = cache.v.at[rows, cache.slots].set(v.astype(cache.v.dtype), mode="drop")
-            k_cache, v_cache = constrain(k_cache, cached), constrain(v_cache, cached)
-            kv = (k_cache, v_cache)
-            if T == 1:  # decode: attend over the cache
+            at = (cache.layer, jnp.arange(B)[:, None], cache.slots)
+            k_all = cache.k.at[at].set(k.astype(cache.k.dtype), mode="drop")
+            v_all = cache.v.at[at].set(v.astype(cache.v.dtype), mode="drop")
+            kv = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)
+            if T == 1:  # decode: attend over this layer's cache
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
-                out = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+                keys, values = (a[cache.layer].astype(dtype) for a in kv)  # [B, S, K, H]
+                out = _attend(q, keys, values, mask)
                 return self._project(out.reshape(B, T, K * G, H)), kv
 
         outs = []

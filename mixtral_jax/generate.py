@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import sharding
+from mixtral_jax import attention, sharding
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.model import KVCache, LayerPieces, Mixtral, init_cache, layer_pieces
 from mixtral_jax.sampling import Sampling, sample
@@ -92,11 +92,7 @@ def decode_step(
 
 
 # Logical axes of the KV cache: like the keys and values of attention, per layer.
-CACHE_AXES = KVCache(
-    ("layers", "batch", "length", "kv_heads", None),
-    ("layers", "batch", "length", "kv_heads", None),
-    ("batch", "length"),
-)
+CACHE_AXES = KVCache(attention.CACHE_AXES, attention.CACHE_AXES, ("batch", "length"))
 
 
 def cache_shardings(

@@ -239,11 +239,12 @@ class Mixtral(nnx.Module):
         keep_stacked = nnx.PathContains("experts") if sorted_ else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
 
-        def block(x, scanned, experts=None):
-            layer_params, layer, layer_kv = scanned
+        def block(carry, scanned, experts=None):
+            x, kv = carry
+            layer_params, layer = scanned
             module = nnx.merge(graphdef, stacked, layer_params)
-            cache = None if layer_kv is None else LayerCache(*layer_kv, slots, key_positions)
-            x, out, new_kv = module(
+            cache = None if kv is None else LayerCache(*kv, layer, slots, key_positions)
+            x, out, kv = module(
                 x,
                 positions,
                 segment_ids,
@@ -253,29 +254,23 @@ class Mixtral(nnx.Module):
                 sorted_=decode,
                 experts=experts,
             )
-            return x, ((out.stats, out.weights, out.experts), new_kv)
+            return (x, kv), (out.stats, out.weights, out.experts)
 
         if c.remat_policy != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat_policy])
-        layers = jnp.arange(c.num_layers)
-        if decode and pieces is not None:
-            outs = []
-            for i in range(c.num_layers):
-                layer_kv = (kv[0][i], kv[1][i])
-                x, out = block(x, (pieces.layers[i], None, layer_kv), pieces.experts[i])
-                outs.append(out)
-            routes, kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-            return x, routes, kv
-        if c.scan_layers:
-            x, (routes, kv) = jax.lax.scan(block, x, (params, layers, kv))
+        # The cache is carried from layer to layer, not scanned over: each layer writes
+        # its keys in place, so a step never copies the whole cache.
+        if c.scan_layers and not (decode and pieces is not None):
+            (x, kv), routes = jax.lax.scan(block, (x, kv), (params, jnp.arange(c.num_layers)))
             return x, routes, kv
         outs = []
         for i in range(c.num_layers):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-            x, out = block(x, (jax.tree.map(lambda p, i=i: p[i], params), layers[i], layer_kv))
+            if decode and pieces is not None:
+                (x, kv), out = block((x, kv), (pieces.layers[i], i), pieces.experts[i])
+            else:
+                (x, kv), out = block((x, kv), (jax.tree.map(lambda p, i=i: p[i], params), i))
             outs.append(out)
-        routes, kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, routes, kv
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs), kv
 
 
 class LayerPieces(NamedTuple):
