@@ -224,11 +224,13 @@ def bandwidth_probe() -> Callable[[], float]:
     return probe
 
 
-def active_weight_bytes(c: ModelConfig) -> int:
-    """Bytes of the weights one decoded token reads: attention, router, k experts, head."""
+def active_weight_bytes(c: ModelConfig, experts: int | None = None) -> int:
+    """Bytes of the weights one decoded token reads: attention, router, its k experts
+    (or `experts` of them), head."""
     D, H, F = c.hidden_size, c.head_dim, c.intermediate_size
+    experts = c.num_experts_per_tok if experts is None else experts
     attention = D * H * (2 * c.num_heads + 2 * c.num_kv_heads)
-    per_layer = attention + D * c.num_experts + 3 * D * F * c.num_experts_per_tok + 2 * D
+    per_layer = attention + D * c.num_experts + 3 * D * F * experts + 2 * D
     return (c.num_layers * per_layer + D * c.vocab_size + D) * jnp.dtype(c.weight_dtype).itemsize
 
 
@@ -239,10 +241,13 @@ def bench_decode(args, config: ModelConfig, peak: float):
     prompt, new = args.prompt_len, args.new_tokens
     probe = bandwidth_probe()
     active = active_weight_bytes(config)
+    every = active_weight_bytes(config, config.num_experts)
     print(
         f"\nDecode: prompt {prompt} tokens, {new} new tokens, greedy; a batch-1 token reads "
         f"{active / 1e6:.0f} MB of weights; the bound is that over the read bandwidth, "
-        "the fastest of three reads of 1 GiB, measured in every round"
+        "the fastest of three reads of 1 GiB, measured in every round. A step that read "
+        f"all {config.num_experts} experts ({every / 1e6:.0f} MB) would reach at most "
+        f"{100 * active / every:.0f}% of it"
     )
     print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
     if torch is not None:
