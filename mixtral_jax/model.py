@@ -258,14 +258,15 @@ class Mixtral(nnx.Module):
 
         if c.remat_policy != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat_policy])
+        own_buffers = decode and pieces is not None
         # The cache is carried from layer to layer, not scanned over: each layer writes
         # its keys in place, so a step never copies the whole cache.
-        if c.scan_layers and not (decode and pieces is not None):
+        if c.scan_layers and not own_buffers:
             (x, kv), routes = jax.lax.scan(block, (x, kv), (params, jnp.arange(c.num_layers)))
             return x, routes, kv
         outs = []
         for i in range(c.num_layers):
-            if decode and pieces is not None:
+            if own_buffers:
                 (x, kv), out = block((x, kv), (pieces.layers[i], i), pieces.experts[i])
             else:
                 (x, kv), out = block((x, kv), (jax.tree.map(lambda p, i=i: p[i], params), i))
@@ -292,11 +293,10 @@ def layer_pieces(model: Mixtral) -> LayerPieces | None:
     """
     c = model.config
     _, experts, rest = nnx.split(model.layers, nnx.PathContains("experts"), ...)
-    arrays = jax.tree.leaves((experts, rest))
-    if not all(_host_view(a) is not None for a in arrays):
-        return None
-    device = next(iter(arrays[0].devices()))
     hosts = jax.tree.map(_host_view, (experts, rest))
+    if any(h is None for h in jax.tree.leaves(hosts, is_leaf=lambda h: h is None)):
+        return None
+    device = next(iter(jax.tree.leaves(rest)[0].devices()))
 
     def views(tree, *index):
         return jax.tree.map(lambda h: jax.device_put(h[index], device), tree)
