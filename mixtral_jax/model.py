@@ -84,7 +84,7 @@ class LayerRouting(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """Every layer's keys and values [L, B, S, K, H] and each slot's key position
+    """Every layer's keys and values [L, B, K, S, H] and each slot's key position
     [B, S] (-1: empty). S is the maximum length, or the sliding window if smaller
     (a rolling buffer). Build it with `init_cache`."""
 
@@ -94,7 +94,7 @@ class KVCache(NamedTuple):
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(
@@ -103,7 +103,7 @@ def init_cache(
     """An empty cache for `batch_size` sequences of up to `max_length` tokens."""
     c = config
     S = max_length if c.sliding_window is None else min(max_length, c.sliding_window)
-    shape = (c.num_layers, batch_size, S, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, c.num_kv_heads, S, c.head_dim)
     dtype = dtype or c.compute_dtype
     empty = jnp.full((batch_size, S), -1, jnp.int32)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), empty)

@@ -69,7 +69,7 @@ def inference(config: ModelConfig) -> dict:
         "param_bytes": result.param_bytes,
         "expected_param_bytes": expected_param_bytes(config, MESH),
         "cache_bytes": result.cache_bytes,
-        # [L, B, S, K, H] keys and values split by batch (fsdp x expert) and KV heads
+        # [L, B, K, S, H] keys and values split by batch (fsdp x expert) and KV heads
         # (tensor), float32; slot positions [B, S] int32 split by batch.
         "expected_cache_bytes": 2 * 4 * (8 // 4) * 64 * (2 // 2) * 16 * 4 + (8 // 4) * 64 * 4,
         "prefill_arguments": prefill.arguments,
