@@ -58,11 +58,22 @@ def allowed(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return keep
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """[B, V] -> [B] int32, as `jnp.argmax` (the first maximum; a NaN counts as one).
+
+    Two plain reductions: XLA:CPU runs argmax's (value, index) reduction at about
+    1 GB/s, 1.2 ms a step for 16 rows of Mixtral's vocabulary (0.2 ms this way)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V] -> next tokens [B] int32."""
     logits = logits.astype(jnp.float32)
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     logits = logits / sampling.temperature
     logits = jnp.where(allowed(logits, sampling), logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -17,7 +17,7 @@ from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.generate import generate, generate_tokens
 from mixtral_jax.model import init_cache, layer_pieces
-from mixtral_jax.sampling import Sampling, allowed, sample
+from mixtral_jax.sampling import Sampling, allowed, argmax, sample
 from tests.reference import hf_twin, torch_and_transformers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,17 @@ def test_top_k_and_top_p_never_draw_outside_their_set():
         drawn = np.asarray(draw(keys))  # [400, 2]
         for row in range(2):
             assert set(drawn[:, row].tolist()) == ok[row]  # all of the set, nothing else
+
+
+def test_greedy_argmax_is_jnp_argmax():
+    """Random rows, ties (the first maximum wins), NaN (counts as the maximum), -inf."""
+    logits = np.random.RandomState(0).standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [10, 500]] = 9.0
+    logits[2, [3, 700]] = np.nan
+    logits[3] = -np.inf
+    logits[4, 999] = 50.0
+    np.testing.assert_array_equal(argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    assert argmax(jnp.asarray(logits)).tolist()[1:5] == [10, 3, 0, 999]
 
 
 @pytest.mark.parametrize(
