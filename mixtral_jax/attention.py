@@ -89,9 +89,9 @@ class LayerCache(NamedTuple):
     """The KV cache as one layer's call sees it: every layer's buffers, written in
     place at `layer` (a decode step moves its own keys, never the whole cache)."""
 
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
-    layer: int | jax.Array  # which layer's slots this call writes and reads
+    k: jax.Array  # [L, B, K, S, H], or [B, K, S, H]: this layer's buffer of its own
+    v: jax.Array  # as k
+    layer: int | jax.Array  # which layer's slots this call writes and reads (of [L, ...])
     slots: jax.Array  # [B, T] int32: where this call's tokens go; S = not stored
     key_positions: jax.Array  # [B, S] int32: the position of each slot's key after
     # this call's writes, -1 where empty
@@ -152,7 +152,7 @@ class Attention(nnx.Module):
         cache: LayerCache | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
-        and the updated cache keys and values [L, B, K, S, H] when a cache is given."""
+        and the updated cache keys and values (shaped as given) when a cache is given."""
         c = self.config
         dtype = x.dtype
         B, T, _ = x.shape
@@ -168,14 +168,21 @@ class Attention(nnx.Module):
 
         kv = None
         if cache is not None:
-            # Indices split by a slice index [B, T] first: the update is k's [B, T, K, H].
-            at = (cache.layer, jnp.arange(B)[:, None], slice(None), cache.slots)
-            k_all = cache.k.at[at].set(k.astype(cache.k.dtype), mode="drop")
-            v_all = cache.v.at[at].set(v.astype(cache.v.dtype), mode="drop")
-            kv = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)
+            # Every axis but H indexed (B, K, T), H the one window: a slice among the
+            # indices made the TPU compiler copy the whole cache to scatter into it.
+            rows, heads = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
+            own = cache.k.ndim == 4  # the layer's own buffers, not every layer's
+            at = (rows, heads, cache.slots[:, None, :])
+            at = at if own else (cache.layer, *at)
+            new_keys, new_values = (a.swapaxes(1, 2) for a in (k, v))  # [B, K, T, H]
+            k_all = cache.k.at[at].set(new_keys.astype(cache.k.dtype), mode="drop")
+            v_all = cache.v.at[at].set(new_values.astype(cache.v.dtype), mode="drop")
+            axes = CACHE_AXES[1:] if own else CACHE_AXES
+            kv = constrain(k_all, axes), constrain(v_all, axes)
             if T == 1:  # decode: attend over this layer's cache
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
-                keys, values = (a[cache.layer].astype(dtype) for a in kv)  # [B, K, S, H]
+                keys, values = (a if own else a[cache.layer] for a in kv)  # [B, K, S, H]
+                keys, values = keys.astype(dtype), values.astype(dtype)
                 out = _attend(q, keys, values, mask, kv_axes="BKSH")
                 return self._project(out.reshape(B, T, K * G, H)), kv
 

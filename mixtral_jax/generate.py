@@ -26,7 +26,7 @@ from flax import nnx
 
 from mixtral_jax import attention, sharding
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.model import KVCache, LayerPieces, Mixtral, init_cache, layer_pieces
+from mixtral_jax.model import KVCache, LayerPieces, Mixtral, init_cache, layer_pieces, per_layer
 from mixtral_jax.sampling import Sampling, sample
 from mixtral_jax.tokenizer import Tokenizer
 
@@ -181,6 +181,8 @@ def generate_tokens(
         sampling,
         mesh_rules,
     )
+    if pieces is not None:
+        cache = per_layer(cache)  # as the weights: each layer's own buffers
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     marks = []  # when each step's tokens reached the host

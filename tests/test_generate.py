@@ -16,7 +16,7 @@ from flax import nnx
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.generate import generate, generate_tokens
-from mixtral_jax.model import init_cache, layer_pieces
+from mixtral_jax.model import init_cache, layer_pieces, per_layer
 from mixtral_jax.sampling import Sampling, allowed, argmax, sample
 from tests.reference import hf_twin, torch_and_transformers
 
@@ -32,8 +32,8 @@ def tiny_config(**changes) -> ModelConfig:
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
 def test_cached_decode_equals_the_full_forward(window, weights):
     """Prefill 7 tokens, then decode one at a time past the window (rolling buffer),
-    reading the stacked weights (a scan, as on TPUs) or each layer's and expert's
-    own buffers (as generation on a CPU does)."""
+    reading the stacked weights and cache (a scan, as on TPUs) or each layer's and
+    expert's own buffers and each layer's own cache (as generation on a CPU does)."""
     config = tiny_config(sliding_window=window)
     model = Mixtral(config, rngs=nnx.Rngs(1))
     pieces = layer_pieces(model) if weights == "pieces" else None
@@ -44,7 +44,7 @@ def test_cached_decode_equals_the_full_forward(window, weights):
     out = forward(model, tokens[:, :7], positions, init_cache(config, 3, 16), pieces)
     assert out.cache.length == (16 if window is None else window)
     np.testing.assert_allclose(np.asarray(out.logits), full[:, :7], atol=1e-4)
-    cache = out.cache
+    cache = out.cache if pieces is None else per_layer(out.cache)  # as generation does
     for t in range(7, 16):
         out = forward(model, tokens[:, t : t + 1], jnp.full((3, 1), t), cache, pieces)
         cache = out.cache
