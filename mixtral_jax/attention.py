@@ -87,7 +87,8 @@ def _attend(
 
 class LayerCache(NamedTuple):
     """The KV cache as one layer's call sees it: every layer's buffers, written in
-    place at `layer` (a decode step moves its own keys, never the whole cache)."""
+    place at `layer`, or this layer's own (a decode step moves its own keys, never
+    the whole cache)."""
 
     k: jax.Array  # [L, B, K, S, H], or [B, K, S, H]: this layer's buffer of its own
     v: jax.Array  # as k
