@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixtral_jax import Mixtral, ModelConfig, plan, quantize, weights  # noqa: E402
 from mixtral_jax.config import load_config_file  # noqa: E402
-from mixtral_jax.generate import generate_tokens  # noqa: E402
+from mixtral_jax.generate import CPU_DECODE_OPTIONS, generate_tokens  # noqa: E402
 from mixtral_jax.moe import SparseMoE  # noqa: E402
 
 SECTIONS = ("prefill", "moe", "decode", "quantized")
@@ -203,16 +203,17 @@ def bandwidth_probe(tries: int = 7) -> Callable[[], float]:
     """A function that reads 1 GiB of float32 and returns the rate, bytes/s: the bound
     for decode. It reads it the fastest of three ways (a sum of everything, a sum over
     the leading axes, vector-matrix products over 64 separate 16 MiB matrices, as a
-    decode step does), chosen here by the median of `tries` interleaved reads. Chosen
-    once: the fastest of three reads taken anew each time would measure the machine's
-    upward jitter, not its bandwidth."""
+    decode step does), compiled as a CPU decode step is and chosen here by the median
+    of `tries` interleaved reads. Chosen once: the fastest of three reads taken anew
+    each time would measure the machine's upward jitter, not its bandwidth."""
     a = jnp.ones((256, 1024, 1024), jnp.float32)
     matrices = [jnp.ones((1024, 4096), jnp.float32) for _ in range(64)]
     x = jnp.ones((1, 1024), jnp.float32)
+    jit = functools.partial(jax.jit, compiler_options=CPU_DECODE_OPTIONS)  # as decode's
     reads = {
-        "sum": (jax.jit(jnp.sum), a),
-        "column sum": (jax.jit(lambda a: jnp.sum(a, axis=(0, 1))), a),
-        "vector-matrix products": (jax.jit(lambda ms: [x @ m for m in ms]), matrices),
+        "sum": (jit(jnp.sum), a),
+        "column sum": (jit(lambda a: jnp.sum(a, axis=(0, 1))), a),
+        "vector-matrix products": (jit(lambda ms: [x @ m for m in ms]), matrices),
     }
 
     def rate(name: str) -> float:
