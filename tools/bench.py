@@ -256,6 +256,9 @@ def experts_touched(c: ModelConfig, batch: int) -> float:
     return E * (1 - (1 - k / E) ** batch)
 
 
+HF_ROW = "transformers generate (eager)"
+
+
 def bench_decode(args, config: ModelConfig, peak: float):
     """Rounds of transformers' generate and ours, with the read bandwidth probed before,
     between and after them; medians over the rounds."""
@@ -296,7 +299,7 @@ def bench_decode(args, config: ModelConfig, peak: float):
 
         contenders = {"mixtral_jax generate": our_run}
         if torch is not None:
-            contenders = {"transformers generate (eager)": hf_run, **contenders}
+            contenders = {HF_ROW: hf_run, **contenders}
             hf_generate(2)  # warm up
         our_run()  # compile
         runs = {name: [] for name in contenders}  # (first token s, tokens/s, bandwidth)
@@ -310,20 +313,21 @@ def bench_decode(args, config: ModelConfig, peak: float):
 
         step_bytes = active_weight_bytes(config, experts_touched(config, batch))
         bandwidths = [b for r in runs.values() for _, _, b in r]
-        bound = batch * statistics.median(bandwidths) / step_bytes  # tokens/s
+        bandwidth = statistics.median(bandwidths)
+        bound = batch * bandwidth / step_bytes  # tokens/s
         print(
             f"  batch {batch}: a step reads {step_bytes / 1e6:.0f} MB of weights; read "
-            f"bandwidth {statistics.median(bandwidths) / 1e9:.1f} GB/s "
+            f"bandwidth {bandwidth / 1e9:.1f} GB/s "
             f"({min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}): "
             f"at most {bound:.0f} tokens/s"
         )
         rates = {name: statistics.median(rate for _, rate, _ in r) for name, r in runs.items()}
-        reference = rates.get("transformers generate (eager)")
+        reference = rates.get(HF_ROW)
         for name, r in runs.items():
             first = statistics.median(f for f, _, _ in r)
-            share = statistics.median(rate * step_bytes / batch / b for _, rate, b in r)
-            ratio = f"{rates[name] / reference:5.2f}x" if reference else "    -"
+            share = statistics.median(run_rate * step_bytes / batch / b for _, run_rate, b in r)
             rate = rates[name]
+            ratio = f"{rate / reference:5.2f}x" if reference else "    -"
             print(f"  {name:<34} {first * 1e3:9.1f} ms {rate:13.1f} {100 * share:8.1f}% {ratio}")
         if reference and batch > 1:
             print(
