@@ -13,7 +13,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
-    package_data={"mixtral_jax": ["assets/*.model", "assets/sample/*.jsonl", "assets/model/**/*"]},
+    package_data={
+        "mixtral_jax": ["csrc/*.cc", "assets/*.model", "assets/sample/*.jsonl", "assets/model/**/*"]
+    },
     install_requires=[
         "jax>=0.6.2",
         "flax>=0.10.7",  # the last Flax for Python 3.10; 3.11+ get the newest

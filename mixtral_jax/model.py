@@ -5,7 +5,8 @@ a leading `layers` axis [L, ...]. The forward pass either scans over that axis
 (`scan_layers=True`, one compiled block) or unrolls a Python loop over slices
 of it; both read the same parameters, so a checkpoint serves either setting.
 On a CPU a decode step reads them from `layer_pieces` instead: each layer's and
-each expert's weights as a buffer of its own, views of the same memory.
+each expert's weights as a buffer of its own, views of the same memory, or the
+experts as a packed copy that the CPU kernel reads (`cpu_moe`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import routing
+from mixtral_jax import cpu_moe, routing
 from mixtral_jax.attention import Attention, LayerCache
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import Embed, RMSNorm, param
@@ -54,13 +55,13 @@ class DecoderBlock(nnx.Module):
         layer: jax.Array | None = None,
         cache: LayerCache | None = None,
         sorted_: bool = False,
-        experts: Sequence[nnx.State] | None = None,
+        experts: Sequence[nnx.State] | cpu_moe.PackedExperts | None = None,
     ):
         """`layer` indexes expert weights still stacked over layers (sorted dispatch).
 
         With a cache (inference) the SMoE layer never drops a token. `sorted_`
         forces the sorted dispatch (decode steps; see `Mixtral._run_layers`).
-        `experts`: each expert's parameters in buffers of their own (`LayerPieces`),
+        `experts`: the experts' parameters in buffers of their own (`LayerPieces`),
         used in place of the stacked ones."""
         attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache)
         h = x + attn
@@ -299,16 +300,19 @@ class Mixtral(nnx.Module):
 
 class LayerPieces(NamedTuple):
     """The blocks' parameters in buffers of their own (`layer_pieces`): layers[l] holds
-    layer l's attention, norms and router, experts[l][e] expert e of layer l."""
+    layer l's attention, norms and router; experts[l] layer l's experts, one state per
+    expert, or all of them packed for the CPU kernel (`cpu_moe`)."""
 
     layers: tuple[nnx.State, ...]
-    experts: tuple[tuple[nnx.State, ...], ...]
+    experts: tuple[tuple[nnx.State, ...] | cpu_moe.PackedExperts, ...]
 
 
-def layer_pieces(model: Mixtral) -> LayerPieces | None:
+def layer_pieces(model: Mixtral, pack_experts: bool = True) -> LayerPieces | None:
     """The blocks' parameters as one buffer per layer and per (layer, expert), views of
     the stacked [L, (E,) ...] parameters' memory, so nothing is copied; None unless
     every one lies whole on one CPU device in a dtype numpy can view (not int4).
+    With `pack_experts`, each layer's experts are instead a packed copy for the CPU
+    kernel (`cpu_moe`), where it applies: float32, no adapters, a C++ compiler.
 
     Why: XLA:CPU copies a slice of an array before a matmul reads it, so a decode step
     over stacked parameters reads each weight three times where it needs it once. The
@@ -324,12 +328,27 @@ def layer_pieces(model: Mixtral) -> LayerPieces | None:
     def views(tree, *index):
         return jax.tree.map(lambda h: jax.device_put(h[index], device), tree)
 
+    layers = tuple(views(hosts[1], i) for i in range(c.num_layers))
+    packed = _packed_experts(model) if pack_experts else None
+    if packed is not None:
+        return LayerPieces(layers, packed)
     return LayerPieces(
-        tuple(views(hosts[1], i) for i in range(c.num_layers)),
+        layers,
         tuple(
             tuple(views(hosts[0], i, e) for e in range(c.num_experts)) for i in range(c.num_layers)
         ),
     )
+
+
+def _packed_experts(model: Mixtral) -> tuple[cpu_moe.PackedExperts, ...] | None:
+    """Every layer's experts packed for `cpu_moe`'s kernel, where it computes them as
+    the model would and could be built; else None."""
+    experts = model.layers.moe.experts
+    if not isinstance(experts.w1, nnx.Param) or not cpu_moe.supports(model.config, experts.w1[...]):
+        return None
+    if not cpu_moe.available():
+        return None
+    return cpu_moe.packed_layers(experts.w1[...], experts.w2[...], experts.w3[...])
 
 
 def _host_view(a: jax.Array) -> np.ndarray | None:

@@ -20,7 +20,8 @@ Both give the reference's numbers; they differ in how the work is laid out.
   own rows in tiles of `TILE` rows and one last piece (a multiple of TILE / 16
   rows). The work is the routed work plus under TILE / 16 rows per expert,
   whatever the balance of the router, and an expert that no token chose is
-  never read: a decoded token touches k experts, not E.
+  never read: a decoded token touches k experts, not E. A decode step on a CPU
+  hands the sorted rows to one kernel call per layer instead (cpu_moe.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import quantize, routing
+from mixtral_jax import cpu_moe, quantize, routing
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import attach_adapters, param, project, weight
 from mixtral_jax.sharding import constrain
@@ -150,13 +151,15 @@ def sorted_experts(
     expert: Callable[[int | jax.Array], ExpertWeights],
     num_experts: int,
     unroll: bool = False,
+    rows_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
 
     `expert(e)` gives expert e's weights in x's dtype (w1/w3 [D, F], w2 [F, D]); it
     is called with a traced index in a loop over the experts, or with each Python
     int when `unroll` (weights in buffers of their own, one per expert). Either
-    way an expert no token chose is never read.
+    way an expert no token chose is never read. `rows_fn(xs, start, count)`, if
+    given, computes every expert's rows in one call instead (`cpu_moe.experts`).
 
     Row j of the sorted order is choice order[j] (token order[j] // k); expert
     e owns rows [start[e], start[e] + count[e]). Padding tokens sort last and
@@ -170,6 +173,9 @@ def sorted_experts(
     order = jnp.argsort(choice_expert, stable=True)  # [n]
     count = jnp.bincount(choice_expert, length=E + 1)[:E]  # [E]
     start = jnp.cumsum(count) - count  # [E]
+    if rows_fn is not None:
+        ys = rows_fn(x[order // k], start.astype(jnp.int32), count.astype(jnp.int32))
+        return _combine(ys, order, routes.weights, token_mask)
     tile = min(TILE, next_power_of_two(n))
     # Every piece streams the expert's weights once, which costs about as much as
     # ~30 rows of work: an expert's rows are full tiles plus ONE last piece, a
@@ -216,11 +222,17 @@ def sorted_experts(
             ys = maybe_expert(e, ys)
     else:
         ys = jax.lax.fori_loop(0, E, maybe_expert, ys)
-    per_choice = jnp.zeros((n, D), x.dtype).at[order].set(ys[:n], unique_indices=True)
-    weights = (routes.weights * token_mask[:, None]).astype(jnp.float32)  # [N, k]
+    return _combine(ys[:n], order, routes.weights, token_mask)
+
+
+def _combine(ys: jax.Array, order: jax.Array, weights: jax.Array, token_mask: jax.Array):
+    """ys [n, D] in sorted order -> y [N, D], each token's choices summed by weight [N, k]."""
+    (n, D), (N, k) = ys.shape, weights.shape
+    per_choice = jnp.zeros((n, D), ys.dtype).at[order].set(ys, unique_indices=True)
+    weights = (weights * token_mask[:, None]).astype(jnp.float32)  # [N, k]
     # An elementwise weighted sum: as an einsum XLA:CPU makes it N tiny matmuls.
     y = jnp.sum(per_choice.reshape(N, k, D).astype(jnp.float32) * weights[..., None], axis=1)
-    return y.astype(x.dtype)
+    return y.astype(ys.dtype)
 
 
 def next_power_of_two(n: int) -> int:
@@ -260,7 +272,7 @@ class SparseMoE(nnx.Module):
         *,
         dropless: bool = False,
         sorted_: bool = False,
-        experts: Sequence[nnx.State] | None = None,
+        experts: Sequence[nnx.State] | cpu_moe.PackedExperts | None = None,
     ) -> MoEOutput:
         """x: [B, T, D]; token_mask: [B, T] bool, False on padding.
 
@@ -269,7 +281,8 @@ class SparseMoE(nnx.Module):
         `dropless`: ignore the config's capacity factor (inference). `sorted_`: use
         the sorted dispatch whatever the config says (decode steps). `experts`: one
         state per expert (`model.LayerPieces`), read in place of `self.experts`' stacked
-        weights by the sorted dispatch.
+        weights by the sorted dispatch; or all of them packed for the CPU kernel, which
+        then computes them (`cpu_moe`).
         """
         c = self.config
         B, T, D = x.shape
@@ -295,7 +308,12 @@ class SparseMoE(nnx.Module):
 
         if impl == "sorted":
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
-            y = sorted_experts(xg[0], flat, mask[0], *self._expert_weights(x.dtype, layer, experts))
+            if isinstance(experts, cpu_moe.PackedExperts):
+                expert = functools.partial(cpu_moe.experts, packed=experts)
+                y = sorted_experts(xg[0], flat, mask[0], None, c.num_experts, rows_fn=expert)
+            else:
+                weights = self._expert_weights(x.dtype, layer, experts)
+                y = sorted_experts(xg[0], flat, mask[0], *weights)
             y = y[None]
             kept = jnp.ones(routes.experts.shape, bool)
         elif capacity_factor is None:

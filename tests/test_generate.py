@@ -28,15 +28,18 @@ def tiny_config(**changes) -> ModelConfig:
     return ModelConfig.from_dict(tiny.get_config()).replace(**changes)
 
 
-@pytest.mark.parametrize("weights", ["stacked", "pieces"])
+@pytest.mark.parametrize("weights", ["stacked", "pieces", "packed"])
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
 def test_cached_decode_equals_the_full_forward(window, weights):
     """Prefill 7 tokens, then decode one at a time past the window (rolling buffer),
     reading the stacked weights and cache (a scan, as on TPUs) or each layer's and
-    expert's own buffers and each layer's own cache (as generation on a CPU does)."""
+    expert's own buffers and each layer's own cache, with the experts computed by
+    XLA or by the CPU kernel (as generation on a CPU does)."""
     config = tiny_config(sliding_window=window)
     model = Mixtral(config, rngs=nnx.Rngs(1))
-    pieces = layer_pieces(model) if weights == "pieces" else None
+    pieces = None
+    if weights != "stacked":
+        pieces = layer_pieces(model, pack_experts=weights == "packed")
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (3, 16)))
     full = np.asarray(model(tokens))
     forward = nnx.jit(lambda m, t, p, c, pieces: m.forward(t, p, cache=c, pieces=pieces))
@@ -55,7 +58,7 @@ def test_layer_pieces_are_views_of_the_stacked_weights():
     """Each layer's and each expert's buffer is the stacked parameter's own memory at
     its offset: generation on a CPU reads the weights in place and copies nothing."""
     model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
-    pieces = layer_pieces(model)
+    pieces = layer_pieces(model, pack_experts=False)
     stacked = model.layers
     layer, expert = 1, 5
     checks = [

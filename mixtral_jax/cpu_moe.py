@@ -1,0 +1,165 @@
+"""A CPU kernel for the experts of a decode step (csrc/cpu_moe.cc), built on first use.
+
+A decode step gives each expert a few rows: 1-2 at batch 1, about 4 at batch 16.
+XLA:CPU's library matmuls read an expert's weights at 60-80% of the machine's read
+bandwidth with 2-16 rows, and a decode step is little else. The kernel reads each
+weight once, in order, at about the bandwidth, from a copy of the experts' weights
+in column panels of `PANEL` floats:
+
+    w13 [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up), side by side
+    w2  [E, D/P, F, P]   panel j of w2 (down)
+
+with F and D rounded up to whole panels by zeros.
+
+The copy doubles the experts' memory while a model generates on a CPU; it is made
+once per set of weights (`packed_layers`). The shared library is compiled with the
+system's C++ compiler ($CXX, else c++) for the machine it runs on, against the
+XLA FFI headers that jaxlib ships, and cached in $MIXTRAL_JAX_CACHE (default
+~/.cache/mixtral_jax). Without a compiler, decode falls back to XLA's matmuls
+with one warning; MIXTRAL_JAX_CPU_MOE=0 turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax.config import ModelConfig
+
+PANEL = 16  # floats per column panel; csrc/cpu_moe.cc's P
+SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
+TARGET = "mixtral_jax_cpu_moe"
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
+
+
+class PackedExperts(NamedTuple):
+    """One layer's experts in the kernel's layout (see the module docstring)."""
+
+    w13: jax.Array  # [E, F/P, D, 2P]
+    w2: jax.Array  # [E, D/P, F, P]
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(
+            sorted({ln for ln in info.splitlines() if ln.startswith(("flags", "model name"))})
+        )
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(compiler: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The kernel's shared library, compiled unless the cache has it for this source,
+    jaxlib and CPU. Raises RuntimeError (with the compiler's message) if it fails."""
+    compiler = compiler or os.environ.get("CXX", "c++")
+    cache = Path(cache_dir or os.environ.get("MIXTRAL_JAX_CACHE", "~/.cache/mixtral_jax"))
+    cache = cache.expanduser()
+    include = jax.ffi.include_dir()
+    parts = (compiler, *_FLAGS, include, importlib.metadata.version("jaxlib"), _cpu_signature())
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(parts).encode()).hexdigest()
+    library = cache / f"cpu_moe-{key[:16]}.so"
+    if library.exists():
+        return library
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX to one)")
+    cache.mkdir(parents=True, exist_ok=True)
+    # Compiled under a temporary name and renamed: a failed or concurrent build never
+    # leaves a half-written library under the cached name.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        command = [compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", partial]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is on: built, loaded and registered with XLA (once per process)."""
+    if os.environ.get("MIXTRAL_JAX_CPU_MOE", "1") == "0":
+        return False
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        warnings.warn(
+            f"mixtral_jax: the CPU decode kernel could not be built, so CPU decode uses "
+            f"XLA's matmuls (slower at batch > 1): {error}. Install a C++ compiler, or set "
+            "MIXTRAL_JAX_CPU_MOE=0 to silence this.",
+            stacklevel=2,
+        )
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MixtralCpuMoE), platform="cpu")
+    return True
+
+
+def experts(xs: jax.Array, start: jax.Array, count: jax.Array, packed: PackedExperts) -> jax.Array:
+    """xs [n, D] float32 rows sorted by expert; expert e owns rows start[e]..+count[e]
+    (int32 [E]). -> ys [n, D]: each row through its expert's SwiGLU, 0 outside every
+    expert's rows."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
+    return call(xs, start.astype(jnp.int32), count.astype(jnp.int32), packed.w13, packed.w2)
+
+
+@jax.jit
+def pack(w1: jax.Array, w2: jax.Array, w3: jax.Array, layer: jax.Array) -> PackedExperts:
+    """Layer `layer` of the stacked w1/w3 [L, E, D, F] and w2 [L, E, F, D] in the
+    kernel's layout (the slice is read in place: only the packed copy is written)."""
+
+    def panels(w, pad_x=0):  # [L, E, X, Y] -> [E, Y/P, X + pad_x, P], zero padded
+        _, E, X, Y = w.shape
+        w = jnp.pad(w[layer], ((0, 0), (0, pad_x), (0, -Y % PANEL)))
+        return w.reshape(E, X + pad_x, -1, PANEL).transpose(0, 2, 1, 3)
+
+    F = w1.shape[-1]
+    w13 = jnp.concatenate([panels(w1), panels(w3)], axis=-1)
+    return PackedExperts(w13, panels(w2, pad_x=-F % PANEL))
+
+
+def supports(config: ModelConfig, w1: jax.Array) -> bool:
+    """Whether the kernel computes these experts as the model would: float32 weights
+    and activations, no adapters, no quantization."""
+    return (
+        config.compute_dtype == jnp.float32
+        and isinstance(w1, jax.Array)
+        and w1.dtype == jnp.float32
+        and not any(config.lora(name) or config.quantized(name) for name in ("w1", "w2", "w3"))
+    )
+
+
+# Packed copies by the identity of the stacked weights they came from (JAX arrays are
+# immutable, so the same arrays mean the same values); dropped with those arrays.
+_PACKED: dict[tuple[int, int, int], tuple[tuple[weakref.ref, ...], tuple[PackedExperts, ...]]] = {}
+
+
+def packed_layers(w1: jax.Array, w2: jax.Array, w3: jax.Array) -> tuple[PackedExperts, ...]:
+    """Every layer's packed experts from the stacked [L, E, ...] weights, made once."""
+    key = (id(w1), id(w2), id(w3))
+    hit = _PACKED.get(key)
+    if hit is not None and all(ref() is w for ref, w in zip(hit[0], (w1, w2, w3), strict=True)):
+        return hit[1]
+    layers = tuple(pack(w1, w2, w3, jnp.int32(i)) for i in range(w1.shape[0]))
+    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in (w1, w2, w3))
+    _PACKED[key] = (refs, layers)
+    return layers

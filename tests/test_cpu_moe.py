@@ -1,0 +1,112 @@
+"""The CPU decode kernel (cpu_moe.py, csrc/cpu_moe.cc) against the experts in JAX:
+every tile size, padded widths, saturated gates, idle experts; its build and cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from mixtral_jax import ModelConfig, cpu_moe
+from mixtral_jax.model import Mixtral, layer_pieces
+from mixtral_jax.moe import SparseMoE
+
+pytestmark = pytest.mark.skipif(not cpu_moe.available(), reason="no C++ compiler")
+
+
+def reference(xs, start, count, w1, w2, w3):
+    """Each expert's rows through its SwiGLU in JAX, HIGHEST precision; 0 elsewhere."""
+    ys = np.zeros_like(xs)
+    for e, (s, c) in enumerate(zip(start, count, strict=True)):
+        x = jnp.asarray(xs[s : s + c])
+        with jax.default_matmul_precision("highest"):
+            ys[s : s + c] = np.asarray(jax.nn.silu(x @ w1[e]) * (x @ w3[e]) @ w2[e])
+    return ys
+
+
+@pytest.mark.parametrize("D, F", [(64, 96), (40, 52)], ids=["whole-panels", "padded"])
+def test_kernel_equals_the_experts(D, F):
+    """Rows per expert from 0 to 19 cover every tile (up to 8 rows for w1/w3, 16 for
+    w2, then a second tile); 52 and 40 are not multiples of the 16-float panel; the
+    last rows belong to no expert (padding tokens) and must come out 0."""
+    rng = np.random.RandomState(0)
+    E = 7
+    w1, w3 = rng.randn(2, 1, E, D, F).astype(np.float32) * 0.3
+    w2 = rng.randn(1, E, F, D).astype(np.float32) * 0.3
+    count = np.array([3, 0, 19, 1, 9, 0, 16], np.int32)
+    start = (np.cumsum(count) - count).astype(np.int32)
+    n = int(count.sum()) + 4
+    xs = rng.randn(n, D).astype(np.float32)
+    xs[0] *= 40  # gates far into silu's saturation, both ways
+    packed = cpu_moe.pack(w1, w2, w3, jnp.int32(0))
+    assert packed.w13.shape == (E, -(-F // 16), D, 32)
+    assert packed.w2.shape == (E, -(-D // 16), -(-F // 16) * 16, 16)
+    ys = np.asarray(jax.jit(cpu_moe.experts)(xs, start, count, packed))
+    want = reference(xs, start, count, w1[0], w2[0], w3[0])
+    np.testing.assert_allclose(ys, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    assert np.all(ys[count.sum() :] == 0)
+    assert np.all(np.isfinite(ys))
+
+
+def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch():
+    """A decode step's MoE layer (one token per row, one padded row) gives the same
+    output through the kernel as through XLA's per-expert matmuls."""
+    config = ModelConfig.from_dict(tiny.get_config()).replace(initializer_range=0.3)
+    moe = SparseMoE(config, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.RandomState(1).randn(5, 1, config.hidden_size), jnp.float32)
+    mask = jnp.asarray([[True], [True], [False], [True], [True]])
+    e = moe.experts
+    stacked = (e.w1[...][None], e.w2[...][None], e.w3[...][None])  # one layer
+    packed = cpu_moe.pack(*stacked, jnp.int32(0))
+    run = nnx.jit(lambda m, x, experts: m(x, mask, sorted_=True, dropless=True, experts=experts))
+    kernel, xla = run(moe, x, packed), run(moe, x, None)
+    np.testing.assert_allclose(np.asarray(kernel.y), np.asarray(xla.y), rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(kernel.y)[2] == 0)
+
+
+def test_experts_are_packed_once_per_set_of_weights():
+    """generate_tokens asks for the pieces on every call: the packed copy is made once,
+    and made again only when the weights are new arrays."""
+    model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(0))
+    first = layer_pieces(model).experts
+    assert all(isinstance(p, cpu_moe.PackedExperts) for p in first)
+    assert layer_pieces(model).experts is first
+    w1 = model.layers.moe.experts.w1
+    w1[...] = w1[...] * 2
+    again = layer_pieces(model).experts
+    assert again is not first
+    np.testing.assert_array_equal(
+        np.asarray(again[0].w13[..., :16]), 2 * np.asarray(first[0].w13[..., :16])
+    )
+    unpacked = layer_pieces(model, pack_experts=False).experts
+    assert all(isinstance(p, tuple) and len(p) == 8 for p in unpacked)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(dtype="bfloat16"), dict(param_dtype="bfloat16"), dict(lora_rank=2, lora_targets="w2")],
+    ids=["bf16-compute", "bf16-weights", "lora"],
+)
+def test_the_kernel_is_only_used_where_it_computes_what_the_model_does(changes):
+    config = ModelConfig.from_dict(tiny.get_config()).replace(**changes)
+    model = Mixtral(config, rngs=nnx.Rngs(0))
+    assert not any(isinstance(p, cpu_moe.PackedExperts) for p in layer_pieces(model).experts)
+
+
+def test_a_failed_build_names_the_problem_and_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="no C.. compiler 'no-such-c..' on PATH"):
+        cpu_moe.build(compiler="no-such-c++", cache_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_moe.build(compiler="false", cache_dir=tmp_path)  # a compiler that fails
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_build_is_cached(tmp_path):
+    library = cpu_moe.build(cache_dir=tmp_path)
+    built = library.stat().st_mtime_ns
+    assert cpu_moe.build(cache_dir=tmp_path) == library
+    assert library.stat().st_mtime_ns == built
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]
