@@ -43,6 +43,10 @@ from mixtral_jax.config import ModelConfig
 PANEL = 16  # floats per column panel; csrc/cpu_moe.cc's P
 SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
 TARGET = "mixtral_jax_cpu_moe"
+# Past this many rows per expert on average (batch x k / E) the step is compute-bound
+# and XLA's library matmuls are as fast: 32 rows took 120 ms against XLA's 111 for
+# configs/bench_1024.py's experts, 16 rows 67 against 81.
+MAX_MEAN_ROWS = 16
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -135,6 +139,11 @@ def pack(w1: jax.Array, w2: jax.Array, w3: jax.Array, layer: jax.Array) -> Packe
     F = w1.shape[-1]
     w13 = jnp.concatenate([panels(w1), panels(w3)], axis=-1)
     return PackedExperts(w13, panels(w2, pad_x=-F % PANEL))
+
+
+def suits(config: ModelConfig, batch: int) -> bool:
+    """Whether a decode step of `batch` rows gives the experts few enough rows each."""
+    return batch * config.num_experts_per_tok <= MAX_MEAN_ROWS * config.num_experts
 
 
 def supports(config: ModelConfig, w1: jax.Array) -> bool:

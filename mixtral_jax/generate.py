@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import attention, sharding
+from mixtral_jax import attention, cpu_moe, sharding
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.model import KVCache, LayerPieces, Mixtral, init_cache, layer_pieces, per_layer
 from mixtral_jax.sampling import Sampling, sample
@@ -177,8 +177,9 @@ def generate_tokens(
     graphdef, params = nnx.split(model)
     # On one CPU device a decode step reads each layer's and expert's weights from
     # buffers of their own (views, no copy): XLA:CPU would copy every slice it takes.
-    # The experts come packed for the CPU kernel where it applies (cpu_moe.py).
-    pieces = layer_pieces(model) if mesh is None else None
+    # The experts come packed for the CPU kernel where it applies and the batch gives
+    # each expert few rows (cpu_moe.py).
+    pieces = layer_pieces(model, cpu_moe.suits(c, B)) if mesh is None else None
     platforms = {d.platform for d in jax.tree.leaves(params)[0].devices()}
     step_fn = cpu_decode_step if platforms == {"cpu"} else decode_step
     cache = empty_cache(c, B, T + max_new_tokens, mesh, rules)
