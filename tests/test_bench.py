@@ -39,3 +39,9 @@ def test_experts_touched_is_the_mean_of_uniform_routing(config, batch):
     assert bench.experts_touched(config, batch) == pytest.approx(mean, abs=0.03)
     if batch == 1:
         assert bench.experts_touched(config, batch) == pytest.approx(k)
+
+
+def test_a_decode_rate_needs_three_new_tokens(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "decode", "--new_tokens", "2"])
+    assert "at least 3 new tokens" in capsys.readouterr().err
