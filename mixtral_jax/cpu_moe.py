@@ -11,12 +11,15 @@ in column panels of `PANEL` floats:
 
 with F and D rounded up to whole panels by zeros.
 
-The copy doubles the experts' memory while a model generates on a CPU; it is made
-once per set of weights (`packed_layers`). The shared library is compiled with the
-system's C++ compiler ($CXX, else c++) for the machine it runs on, against the
-XLA FFI headers that jaxlib ships, and cached in $MIXTRAL_JAX_CACHE (default
-~/.cache/mixtral_jax). Without a compiler, decode falls back to XLA's matmuls
-with one warning; MIXTRAL_JAX_CPU_MOE=0 turns the kernel off.
+The copy is float32: it doubles float32 experts' memory (triples bfloat16 ones')
+while a model generates on a CPU. It is made once per set of weights, and only if
+it takes at most `MAX_FREE_FRACTION` of the memory available (`packed_experts`).
+
+The shared library is compiled with the system's C++ compiler ($CXX, else c++)
+for the machine it runs on, against the XLA FFI headers that jaxlib ships, and
+cached in $MIXTRAL_JAX_CACHE (default ~/.cache/mixtral_jax). Without a compiler,
+decode falls back to XLA's matmuls with one warning; MIXTRAL_JAX_CPU_MOE=0 turns
+the kernel off.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ TARGET = "mixtral_jax_cpu_moe"
 # and XLA's library matmuls are as fast: 32 rows took 120 ms against XLA's 111 for
 # configs/bench_1024.py's experts, 16 rows 67 against 81.
 MAX_MEAN_ROWS = 16
+# The packed copy may take at most this fraction of the memory available when made.
+MAX_FREE_FRACTION = 0.5
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -129,11 +134,11 @@ def experts(xs: jax.Array, start: jax.Array, count: jax.Array, packed: PackedExp
 @jax.jit
 def pack(w1: jax.Array, w2: jax.Array, w3: jax.Array, layer: jax.Array) -> PackedExperts:
     """Layer `layer` of the stacked w1/w3 [L, E, D, F] and w2 [L, E, F, D] in the
-    kernel's layout (the slice is read in place: only the packed copy is written)."""
+    kernel's layout, float32 (the slice is read in place: only the copy is written)."""
 
     def panels(w, pad_x=0):  # [L, E, X, Y] -> [E, Y/P, X + pad_x, P], zero padded
         _, E, X, Y = w.shape
-        w = jnp.pad(w[layer], ((0, 0), (0, pad_x), (0, -Y % PANEL)))
+        w = jnp.pad(w[layer].astype(jnp.float32), ((0, 0), (0, pad_x), (0, -Y % PANEL)))
         return w.reshape(E, X + pad_x, -1, PANEL).transpose(0, 2, 1, 3)
 
     F = w1.shape[-1]
@@ -147,14 +152,64 @@ def suits(config: ModelConfig, batch: int) -> bool:
 
 
 def supports(config: ModelConfig, w1: jax.Array) -> bool:
-    """Whether the kernel computes these experts as the model would: float32 weights
-    and activations, no adapters, no quantization."""
+    """Whether the kernel computes these experts as the model would: float32
+    activations, float weights (the model casts bfloat16 ones to float32 before its
+    matmuls, and the packing does the same, exactly), no adapters, no quantization."""
     return (
         config.compute_dtype == jnp.float32
         and isinstance(w1, jax.Array)
-        and w1.dtype == jnp.float32
+        and jnp.issubdtype(w1.dtype, jnp.floating)
         and not any(config.lora(name) or config.quantized(name) for name in ("w1", "w2", "w3"))
     )
+
+
+def packed_bytes(w1: jax.Array) -> int:
+    """The packed copy's size for stacked w1 [L, E, D, F] (and w2, w3 alike)."""
+    L, E, D, F = w1.shape
+    return 3 * L * E * (-(-D // PANEL) * PANEL) * (-(-F // PANEL) * PANEL) * 4
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable: free memory plus page cache
+    it can reclaim, such as a checkpoint just read); None where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def packed_experts(
+    config: ModelConfig, w1: jax.Array, w2: jax.Array, w3: jax.Array
+) -> tuple[PackedExperts, ...] | None:
+    """Every layer's packed experts from the stacked [L, E, ...] weights (made once),
+    if the kernel applies (`supports`), the copy fits and the kernel builds; else None."""
+    if not supports(config, w1):
+        return None
+    hit = _cached(w1, w2, w3)
+    if hit is not None:
+        return hit
+    need, free = packed_bytes(w1), available_memory()
+    if free is not None and need > MAX_FREE_FRACTION * free:
+        warnings.warn(
+            f"mixtral_jax: the experts are not packed for the CPU decode kernel: the copy "
+            f"would take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB available, so decode "
+            "uses XLA's matmuls (slower at batch > 1)",
+            stacklevel=2,
+        )
+        return None
+    if not available():
+        return None
+    layers = tuple(pack(w1, w2, w3, jnp.int32(i)) for i in range(w1.shape[0]))
+    key = (id(w1), id(w2), id(w3))
+    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in (w1, w2, w3))
+    _PACKED[key] = (refs, layers)
+    return layers
 
 
 # Packed copies by the identity of the stacked weights they came from (JAX arrays are
@@ -162,13 +217,8 @@ def supports(config: ModelConfig, w1: jax.Array) -> bool:
 _PACKED: dict[tuple[int, int, int], tuple[tuple[weakref.ref, ...], tuple[PackedExperts, ...]]] = {}
 
 
-def packed_layers(w1: jax.Array, w2: jax.Array, w3: jax.Array) -> tuple[PackedExperts, ...]:
-    """Every layer's packed experts from the stacked [L, E, ...] weights, made once."""
-    key = (id(w1), id(w2), id(w3))
-    hit = _PACKED.get(key)
+def _cached(w1: jax.Array, w2: jax.Array, w3: jax.Array) -> tuple[PackedExperts, ...] | None:
+    hit = _PACKED.get((id(w1), id(w2), id(w3)))
     if hit is not None and all(ref() is w for ref, w in zip(hit[0], (w1, w2, w3), strict=True)):
         return hit[1]
-    layers = tuple(pack(w1, w2, w3, jnp.int32(i)) for i in range(w1.shape[0]))
-    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in (w1, w2, w3))
-    _PACKED[key] = (refs, layers)
-    return layers
+    return None

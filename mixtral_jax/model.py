@@ -341,14 +341,12 @@ def layer_pieces(model: Mixtral, pack_experts: bool = True) -> LayerPieces | Non
 
 
 def _packed_experts(model: Mixtral) -> tuple[cpu_moe.PackedExperts, ...] | None:
-    """Every layer's experts packed for `cpu_moe`'s kernel, where it computes them as
-    the model would and could be built; else None."""
+    """Every layer's experts packed for `cpu_moe`'s kernel where it applies, else None."""
     experts = model.layers.moe.experts
-    if not isinstance(experts.w1, nnx.Param) or not cpu_moe.supports(model.config, experts.w1[...]):
+    if not isinstance(experts.w1, nnx.Param):  # quantized
         return None
-    if not cpu_moe.available():
-        return None
-    return cpu_moe.packed_layers(experts.w1[...], experts.w2[...], experts.w3[...])
+    weights = experts.w1[...], experts.w2[...], experts.w3[...]
+    return cpu_moe.packed_experts(model.config, *weights)
 
 
 def _host_view(a: jax.Array) -> np.ndarray | None:
