@@ -312,7 +312,8 @@ def layer_pieces(model: Mixtral, pack_experts: bool = True) -> LayerPieces | Non
     the stacked [L, (E,) ...] parameters' memory, so nothing is copied; None unless
     every one lies whole on one CPU device in a dtype numpy can view (not int4).
     With `pack_experts`, each layer's experts are instead a packed copy for the CPU
-    kernel (`cpu_moe`), where it applies: float32, no adapters, a C++ compiler.
+    kernel where it applies (`cpu_moe.packed_experts`: float32 activations, float
+    weights, no adapters, room for the copy, a C++ compiler).
 
     Why: XLA:CPU copies a slice of an array before a matmul reads it, so a decode step
     over stacked parameters reads each weight three times where it needs it once. The

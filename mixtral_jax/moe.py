@@ -309,8 +309,8 @@ class SparseMoE(nnx.Module):
         if impl == "sorted":
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
             if isinstance(experts, cpu_moe.PackedExperts):
-                expert = functools.partial(cpu_moe.experts, packed=experts)
-                y = sorted_experts(xg[0], flat, mask[0], None, c.num_experts, rows_fn=expert)
+                rows_fn = functools.partial(cpu_moe.experts, packed=experts)
+                y = sorted_experts(xg[0], flat, mask[0], None, c.num_experts, rows_fn=rows_fn)
             else:
                 weights = self._expert_weights(x.dtype, layer, experts)
                 y = sorted_experts(xg[0], flat, mask[0], *weights)

@@ -33,7 +33,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t P = 16;  // panel width: one 512-bit vector of floats
+constexpr int64_t P = 16;  // panel width: one 512-bit vector of floats (cpu_moe.PANEL)
 constexpr int kGateUpRows = 8;  // rows per tile: 2 x 8 sums in registers
 constexpr int kDownRows = 16;  // 16 sums
 
@@ -201,5 +201,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoE, Experts,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-extern "C" int MixtralCpuMoEPanel() { return P; }
