@@ -174,7 +174,7 @@ def sorted_experts(
     count = jnp.bincount(choice_expert, length=E + 1)[:E]  # [E]
     start = jnp.cumsum(count) - count  # [E]
     if rows_fn is not None:
-        ys = rows_fn(x[order // k], start.astype(jnp.int32), count.astype(jnp.int32))
+        ys = rows_fn(x[order // k], start, count)  # cpu_moe.experts casts them to int32
         return _combine(ys, order, routes.weights, token_mask)
     tile = min(TILE, next_power_of_two(n))
     # Every piece streams the expert's weights once, which costs about as much as
