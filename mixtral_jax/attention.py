@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import cpu_moe
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import apply_rope, attach_adapters, project, weight
 from mixtral_jax.sharding import constrain
@@ -151,17 +152,26 @@ class Attention(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None,
         cache: LayerCache | None = None,
+        packed: cpu_moe.PackedAttention | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
-        and the updated cache keys and values (shaped as given) when a cache is given."""
+        and the updated cache keys and values (shaped as given) when a cache is given.
+        `packed`: this layer's projections for the CPU kernel, which a decode step
+        (T = 1, with a cache) then multiplies by instead (`cpu_moe.dense`)."""
         c = self.config
         dtype = x.dtype
-        B, T, _ = x.shape
-        K, G, H = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        B, T, D = x.shape
+        N, K, G, H = c.num_heads, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        packed = packed if cache is not None and T == 1 else None
 
-        q = project(SPECS["q_proj"], x, self.q_proj, self.q_proj_lora)
-        k = project(SPECS["k_proj"], x, self.k_proj, self.k_proj_lora)
-        v = project(SPECS["v_proj"], x, self.v_proj, self.v_proj_lora)
+        if packed is None:
+            q = project(SPECS["q_proj"], x, self.q_proj, self.q_proj_lora)
+            k = project(SPECS["k_proj"], x, self.k_proj, self.k_proj_lora)
+            v = project(SPECS["v_proj"], x, self.v_proj, self.v_proj_lora)
+        else:  # one kernel call for q, k and v: [B, D] -> [B, (N + 2K) H]
+            qkv = cpu_moe.dense(x.reshape(B, D), packed.qkv, (N + 2 * K) * H)
+            q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+            q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", None))
         k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", None))
         v = constrain(v, ("batch", "length", "kv_heads", None))
@@ -185,6 +195,9 @@ class Attention(nnx.Module):
                 keys, values = (a if own else a[cache.layer] for a in kv)  # [B, K, S, H]
                 keys, values = keys.astype(dtype), values.astype(dtype)
                 out = _attend(q, keys, values, mask, kv_axes="BKSH")
+                if packed is not None:
+                    out = cpu_moe.dense(out.reshape(B, N * H), packed.o, D)
+                    return constrain(out[:, None], ("batch", "length", "embed")), kv
                 return self._project(out.reshape(B, T, K * G, H)), kv
 
         outs = []

@@ -1,25 +1,28 @@
-"""A CPU kernel for the experts of a decode step (csrc/cpu_moe.cc), built on first use.
+"""CPU kernels for a decode step (csrc/cpu_moe.cc), built on first use.
 
-A decode step gives each expert a few rows: 1-2 at batch 1, about 4 at batch 16.
-XLA:CPU's library matmuls read an expert's weights at 60-80% of the machine's read
-bandwidth with 2-16 rows, and a decode step is little else. The kernel reads each
-weight once, in order, at about the bandwidth, from a copy of the experts' weights
-in column panels of `PANEL` floats:
+A decode step multiplies few rows by every weight: at batch 16, 16 rows by each
+attention projection and the LM head, about 4 by each expert. XLA:CPU's library
+matmuls read a weight at 60-80% of the machine's read bandwidth with 2-4 rows and
+at about half with 16 (they are then compute-bound). The kernels read each weight
+once, in order, from a copy in column panels of `PANEL` floats, with the rows' sums
+in registers:
 
-    w13 [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up), side by side
-    w2  [E, D/P, F, P]   panel j of w2 (down)
+    experts  w13 [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up), side by side
+             w2  [E, D/P, F, P]   panel j of w2 (down)       (`experts`, `pack`)
+    dense    w   [N/P, K, P]      panel j of a [K, N] weight  (`dense`, `pack_dense`):
+             the LM head, and each layer's q, k and v side by side, and o
 
-with F and D rounded up to whole panels by zeros.
+with widths rounded up to whole panels by zeros.
 
-The copy is float32: it doubles float32 experts' memory (triples bfloat16 ones')
-while a model generates on a CPU. It is made once per set of weights, and only if
-it takes at most `MAX_FREE_FRACTION` of the memory available (`packed_experts`).
+The copies are float32: they double float32 weights' memory (triple bfloat16
+ones') while a model generates on a CPU. Each is made once per set of weights, and
+only if it takes at most `MAX_FREE_FRACTION` of the memory available (`_packed`).
 
 The shared library is compiled with the system's C++ compiler ($CXX, else c++)
 for the machine it runs on, against the XLA FFI headers that jaxlib ships, and
 cached in $MIXTRAL_JAX_CACHE (default ~/.cache/mixtral_jax). Without a compiler,
 decode falls back to XLA's matmuls with one warning; MIXTRAL_JAX_CPU_MOE=0 turns
-the kernel off.
+the kernels off.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from mixtral_jax.config import ModelConfig
 PANEL = 16  # floats per column panel; csrc/cpu_moe.cc's P
 SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
 TARGET = "mixtral_jax_cpu_moe"
+DENSE_TARGET = "mixtral_jax_cpu_dense"
 # Past this many rows per expert on average (batch x k / E) the step is compute-bound
 # and XLA's library matmuls are as fast: 32 rows took 120 ms against XLA's 111 for
 # configs/bench_1024.py's experts, 16 rows 67 against 81.
@@ -53,6 +57,13 @@ MAX_MEAN_ROWS = 16
 # The packed copy may take at most this fraction of the memory available when made.
 MAX_FREE_FRACTION = 0.5
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
+
+
+class PackedAttention(NamedTuple):
+    """One layer's attention projections in the dense kernel's layout (`pack_dense`)."""
+
+    qkv: jax.Array  # [(N + 2K) H / P, D, P]: q, k and v side by side
+    o: jax.Array  # [D / P, N H, P]
 
 
 class PackedExperts(NamedTuple):
@@ -120,6 +131,9 @@ def available() -> bool:
         )
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MixtralCpuMoE), platform="cpu")
+    jax.ffi.register_ffi_target(
+        DENSE_TARGET, jax.ffi.pycapsule(library.MixtralCpuDense), platform="cpu"
+    )
     return True
 
 
@@ -129,6 +143,19 @@ def experts(xs: jax.Array, start: jax.Array, count: jax.Array, packed: PackedExp
     expert's rows."""
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
     return call(xs, start.astype(jnp.int32), count.astype(jnp.int32), packed.w13, packed.w2)
+
+
+def dense(x: jax.Array, packed: jax.Array, width: int) -> jax.Array:
+    """x [n, K] float32 @ w [K, width], from w packed by `pack_dense` -> [n, width]."""
+    call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32))
+    return call(x, packed)
+
+
+@jax.jit
+def pack_dense(w: jax.Array) -> jax.Array:
+    """w [K, N] -> [N/P, K, P] float32, N rounded up to whole panels by zeros."""
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, -w.shape[1] % PANEL)))
+    return w.reshape(w.shape[0], -1, PANEL).transpose(1, 0, 2)
 
 
 @jax.jit
@@ -147,19 +174,21 @@ def pack(w1: jax.Array, w2: jax.Array, w3: jax.Array, layer: jax.Array) -> Packe
 
 
 def suits(config: ModelConfig, batch: int) -> bool:
-    """Whether a decode step of `batch` rows gives the experts few enough rows each."""
+    """Whether a decode step of `batch` rows gives the experts few enough rows each
+    (the dense kernel beat XLA's library matmuls at every batch from 1 to 64)."""
     return batch * config.num_experts_per_tok <= MAX_MEAN_ROWS * config.num_experts
 
 
-def supports(config: ModelConfig, w1: jax.Array) -> bool:
-    """Whether the kernel computes these experts as the model would: float32
+def supports(config: ModelConfig, w: jax.Array, names=("w1", "w2", "w3")) -> bool:
+    """Whether the kernels compute with these weights as the model would: float32
     activations, float weights (the model casts bfloat16 ones to float32 before its
-    matmuls, and the packing does the same, exactly), no adapters, no quantization."""
+    matmuls, and the packing does the same, exactly), and for the weights `names`
+    no adapters and no quantization."""
     return (
         config.compute_dtype == jnp.float32
-        and isinstance(w1, jax.Array)
-        and jnp.issubdtype(w1.dtype, jnp.floating)
-        and not any(config.lora(name) or config.quantized(name) for name in ("w1", "w2", "w3"))
+        and isinstance(w, jax.Array)
+        and jnp.issubdtype(w.dtype, jnp.floating)
+        and not any(config.lora(name) or config.quantized(name) for name in names)
     )
 
 
@@ -191,34 +220,76 @@ def packed_experts(
     if the kernel applies (`supports`), the copy fits and the kernel builds; else None."""
     if not supports(config, w1):
         return None
-    hit = _cached(w1, w2, w3)
-    if hit is not None:
-        return hit
-    need, free = packed_bytes(w1), available_memory()
+    return _packed(
+        (w1, w2, w3),
+        packed_bytes(w1),
+        "the experts",
+        lambda: tuple(pack(w1, w2, w3, jnp.int32(i)) for i in range(w1.shape[0])),
+    )
+
+
+def packed_lm_head(config: ModelConfig, w: jax.Array) -> jax.Array | None:
+    """The LM head w [D, V] packed for `dense` (made once), if the kernel applies
+    (`supports`), the copy fits and the kernel builds; else None."""
+    if not supports(config, w, names=()):
+        return None
+    return _packed((w,), _dense_bytes(*w.shape), "the LM head", lambda: pack_dense(w))
+
+
+def packed_attention(
+    config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, o: jax.Array
+) -> tuple[PackedAttention, ...] | None:
+    """Every layer's attention projections from the stacked q/k/v [L, D, _, H] and
+    o [L, N, H, D] packed for `dense` (made once), if the kernel applies (`supports`),
+    the copy fits and the kernel builds; else None."""
+    if not supports(config, q, names=("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    L, D = q.shape[:2]
+    width = sum(w[0, 0].size for w in (q, k, v))
+    need = L * (_dense_bytes(D, width) + _dense_bytes(width - 2 * k[0, 0].size, D))
+    return _packed(
+        (q, k, v, o),
+        need,
+        "the attention projections",
+        lambda: tuple(_pack_attention(q, k, v, o, jnp.int32(i)) for i in range(L)),
+    )
+
+
+@jax.jit
+def _pack_attention(q, k, v, o, layer) -> PackedAttention:
+    D = q.shape[1]
+    qkv = jnp.concatenate([w[layer].reshape(D, -1) for w in (q, k, v)], axis=1)
+    return PackedAttention(pack_dense(qkv), pack_dense(o[layer].reshape(-1, D)))
+
+
+def _dense_bytes(K: int, N: int) -> int:
+    return K * (-(-N // PANEL) * PANEL) * 4
+
+
+def _packed(weights: tuple[jax.Array, ...], need: int, what: str, make):
+    """make()'s packed copy of `weights`, made once per set of weights; None where the
+    copy would not fit in memory (with a warning) or the kernel does not build."""
+    key = tuple(id(w) for w in weights)
+    hit = _PACKED.get(key)
+    if hit is not None and all(ref() is w for ref, w in zip(hit[0], weights, strict=True)):
+        return hit[1]
+    free = available_memory()
     if free is not None and need > MAX_FREE_FRACTION * free:
         warnings.warn(
-            f"mixtral_jax: the experts are not packed for the CPU decode kernel: the copy "
-            f"would take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB available, so decode "
-            "uses XLA's matmuls (slower at batch > 1)",
-            stacklevel=2,
+            f"mixtral_jax: {what} are not packed for the CPU decode kernel: the copy would "
+            f"take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB available, so decode "
+            "uses XLA's matmuls there (slower at batch > 1)",
+            stacklevel=3,
         )
         return None
     if not available():
         return None
-    layers = tuple(pack(w1, w2, w3, jnp.int32(i)) for i in range(w1.shape[0]))
-    key = (id(w1), id(w2), id(w3))
-    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in (w1, w2, w3))
-    _PACKED[key] = (refs, layers)
-    return layers
+    packed = make()
+    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in weights)
+    _PACKED[key] = (refs, packed)
+    return packed
 
 
-# Packed copies by the identity of the stacked weights they came from (JAX arrays are
+# Packed copies by the identity of the weights they came from (JAX arrays are
 # immutable, so the same arrays mean the same values); dropped with those arrays.
-_PACKED: dict[tuple[int, int, int], tuple[tuple[weakref.ref, ...], tuple[PackedExperts, ...]]] = {}
-
-
-def _cached(w1: jax.Array, w2: jax.Array, w3: jax.Array) -> tuple[PackedExperts, ...] | None:
-    hit = _PACKED.get((id(w1), id(w2), id(w3)))
-    if hit is not None and all(ref() is w for ref, w in zip(hit[0], (w1, w2, w3), strict=True)):
-        return hit[1]
-    return None
+_PACKED: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], object]] = {}

@@ -177,8 +177,8 @@ def generate_tokens(
     graphdef, params = nnx.split(model)
     # On one CPU device a decode step reads each layer's and expert's weights from
     # buffers of their own (views, no copy): XLA:CPU would copy every slice it takes.
-    # The experts come packed for the CPU kernel where it applies and the batch gives
-    # each expert few rows (cpu_moe.py).
+    # The experts, the attention projections and the LM head come packed for the CPU
+    # kernels where they apply and the batch is small enough (cpu_moe.py).
     pieces = layer_pieces(model, cpu_moe.suits(c, B)) if mesh is None else None
     platforms = {d.platform for d in jax.tree.leaves(params)[0].devices()}
     step_fn = cpu_decode_step if platforms == {"cpu"} else decode_step

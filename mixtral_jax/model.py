@@ -5,8 +5,9 @@ a leading `layers` axis [L, ...]. The forward pass either scans over that axis
 (`scan_layers=True`, one compiled block) or unrolls a Python loop over slices
 of it; both read the same parameters, so a checkpoint serves either setting.
 On a CPU a decode step reads them from `layer_pieces` instead: each layer's and
-each expert's weights as a buffer of its own, views of the same memory, or the
-experts as a packed copy that the CPU kernel reads (`cpu_moe`).
+each expert's weights as a buffer of its own, views of the same memory, and the
+experts, attention projections and LM head as packed copies that the CPU kernels
+read (`cpu_moe`).
 """
 
 from __future__ import annotations
@@ -56,14 +57,16 @@ class DecoderBlock(nnx.Module):
         cache: LayerCache | None = None,
         sorted_: bool = False,
         experts: Sequence[nnx.State] | cpu_moe.PackedExperts | None = None,
+        attention: cpu_moe.PackedAttention | None = None,
     ):
         """`layer` indexes expert weights still stacked over layers (sorted dispatch).
 
         With a cache (inference) the SMoE layer never drops a token. `sorted_`
         forces the sorted dispatch (decode steps; see `Mixtral._run_layers`).
         `experts`: the experts' parameters in buffers of their own (`LayerPieces`),
-        used in place of the stacked ones."""
-        attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache)
+        used in place of the stacked ones; `attention`: the attention projections
+        packed for the CPU kernel, used by a decode step (`LayerPieces`)."""
+        attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache, attention)
         h = x + attn
         out = self.moe(
             self.moe_norm(h),
@@ -238,7 +241,10 @@ class Mixtral(nnx.Module):
             x, positions, segment_ids, token_mask, kv, slots, key_positions, pieces
         )
         x = self.final_norm(x)
-        logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
+        if pieces is not None and pieces.lm_head is not None and T == 1:
+            logits = cpu_moe.dense(x[:, 0], pieces.lm_head, c.vocab_size)[:, None]
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
         logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None if cache is None else KVCache(*kv, key_positions)
         return ModelOutput(logits, LayerRouting(stats, weights, experts), new_cache)
@@ -255,7 +261,7 @@ class Mixtral(nnx.Module):
         keep_stacked = nnx.PathContains("experts") if sorted_ else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
 
-        def block(carry, scanned, experts=None):
+        def block(carry, scanned, experts=None, attention=None):
             x, kv = carry  # kv: every layer's [L, ...] buffers, or this layer's own
             layer_params, layer = scanned
             module = nnx.merge(graphdef, stacked, layer_params)
@@ -269,6 +275,7 @@ class Mixtral(nnx.Module):
                 cache=cache,
                 sorted_=decode,
                 experts=experts,
+                attention=attention,
             )
             return (x, kv), (out.stats, out.weights, out.experts)
 
@@ -283,15 +290,17 @@ class Mixtral(nnx.Module):
             return x, routes, kv
         outs, layer_kv = [], []
         for i in range(c.num_layers):
+            packed = None
             if own_buffers:
                 scanned, experts = (pieces.layers[i], i), pieces.experts[i]
+                packed = pieces.attention and pieces.attention[i]
             else:
                 scanned, experts = (jax.tree.map(lambda p, i=i: p[i], params), i), None
             if per_layer_cache:
-                (x, kv_i), out = block((x, (kv[0][i], kv[1][i])), scanned, experts)
+                (x, kv_i), out = block((x, (kv[0][i], kv[1][i])), scanned, experts, packed)
                 layer_kv.append(kv_i)
             else:
-                (x, kv), out = block((x, kv), scanned, experts)
+                (x, kv), out = block((x, kv), scanned, experts, packed)
             outs.append(out)
         if per_layer_cache:
             kv = tuple(tuple(a) for a in zip(*layer_kv, strict=True))
@@ -301,19 +310,24 @@ class Mixtral(nnx.Module):
 class LayerPieces(NamedTuple):
     """The blocks' parameters in buffers of their own (`layer_pieces`): layers[l] holds
     layer l's attention, norms and router; experts[l] layer l's experts, one state per
-    expert, or all of them packed for the CPU kernel (`cpu_moe`)."""
+    expert, or all of them packed for the CPU kernel (`cpu_moe`); attention[l] and
+    lm_head, where given, layer l's projections and the LM head packed for it."""
 
     layers: tuple[nnx.State, ...]
     experts: tuple[tuple[nnx.State, ...] | cpu_moe.PackedExperts, ...]
+    # Packed for the CPU kernel (`cpu_moe.dense`) where it applies, else None:
+    attention: tuple[cpu_moe.PackedAttention, ...] | None = None
+    lm_head: jax.Array | None = None
 
 
-def layer_pieces(model: Mixtral, pack_experts: bool = True) -> LayerPieces | None:
+def layer_pieces(model: Mixtral, pack: bool = True) -> LayerPieces | None:
     """The blocks' parameters as one buffer per layer and per (layer, expert), views of
     the stacked [L, (E,) ...] parameters' memory, so nothing is copied; None unless
     every one lies whole on one CPU device in a dtype numpy can view (not int4).
-    With `pack_experts`, each layer's experts are instead a packed copy for the CPU
+    With `pack`, each layer's experts are instead a packed copy for the CPU
     kernel where it applies (`cpu_moe.packed_experts`: float32 activations, float
-    weights, no adapters, room for the copy, a C++ compiler).
+    weights, no adapters, room for the copy, a C++ compiler), and so are the attention
+    projections and the LM head (`cpu_moe.packed_attention`, `packed_lm_head`).
 
     Why: XLA:CPU copies a slice of an array before a matmul reads it, so a decode step
     over stacked parameters reads each weight three times where it needs it once. The
@@ -330,15 +344,15 @@ def layer_pieces(model: Mixtral, pack_experts: bool = True) -> LayerPieces | Non
         return jax.tree.map(lambda h: jax.device_put(h[index], device), tree)
 
     layers = tuple(views(hosts[1], i) for i in range(c.num_layers))
-    packed = _packed_experts(model) if pack_experts else None
-    if packed is not None:
-        return LayerPieces(layers, packed)
-    return LayerPieces(
-        layers,
-        tuple(
+    packed = _packed_experts(model) if pack else None
+    if packed is None:
+        packed = tuple(
             tuple(views(hosts[0], i, e) for e in range(c.num_experts)) for i in range(c.num_layers)
-        ),
-    )
+        )
+    if not pack:
+        return LayerPieces(layers, packed)
+    lm_head = cpu_moe.packed_lm_head(c, model.lm_head[...])
+    return LayerPieces(layers, packed, _packed_attention(model), lm_head)
 
 
 def _packed_experts(model: Mixtral) -> tuple[cpu_moe.PackedExperts, ...] | None:
@@ -348,6 +362,15 @@ def _packed_experts(model: Mixtral) -> tuple[cpu_moe.PackedExperts, ...] | None:
         return None
     weights = experts.w1[...], experts.w2[...], experts.w3[...]
     return cpu_moe.packed_experts(model.config, *weights)
+
+
+def _packed_attention(model: Mixtral) -> tuple[cpu_moe.PackedAttention, ...] | None:
+    """Every layer's attention projections packed for `cpu_moe.dense`, else None."""
+    attention = model.layers.attention
+    projections = [getattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if not all(isinstance(p, nnx.Param) for p in projections):  # quantized
+        return None
+    return cpu_moe.packed_attention(model.config, *(p[...] for p in projections))
 
 
 def _host_view(a: jax.Array) -> np.ndarray | None:

@@ -1,7 +1,10 @@
-"""The CPU decode kernel (cpu_moe.py, csrc/cpu_moe.cc) against the experts in JAX:
-every tile size, padded widths, saturated gates, idle experts; its build and cache."""
+"""The CPU decode kernels (cpu_moe.py, csrc/cpu_moe.cc) against JAX: the experts and
+the dense products, every tile size, padded widths, saturated gates, idle experts;
+where they apply; their build and cache."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,26 @@ def test_kernel_equals_the_experts(D, F):
     assert np.all(np.isfinite(ys))
 
 
+@pytest.mark.parametrize("K, N", [(64, 112), (40, 211)], ids=["whole-panels", "padded"])
+def test_dense_kernel_equals_a_matmul(K, N):
+    """Rows 1-19 cover every tile (up to 8 rows) and second and third ones; 112 columns
+    are 7 panels (groups of 3, 3, 1), 211 are 14 (3, 3, 3, 3, 2), the last padded."""
+    rng = np.random.RandomState(0)
+    w = rng.randn(K, N).astype(np.float32)
+    packed = cpu_moe.pack_dense(w)
+    assert packed.shape == (-(-N // 16), K, 16)
+    dense = jax.jit(cpu_moe.dense, static_argnums=2)
+    for n in (1, 3, 8, 9, 16, 19):
+        x = rng.randn(n, K).astype(np.float32)
+        x[-1] *= 1e3
+        want = x.astype(np.float64) @ w
+        np.testing.assert_allclose(
+            dense(x, packed, N), want, rtol=1e-5, atol=1e-5 * abs(want).max()
+        )
+    with pytest.raises(Exception, match="dense operand shapes do not fit together"):
+        dense(x, packed, N + 16)
+
+
 def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch():
     """A decode step's MoE layer (one token per row, one padded row) gives the same
     output through the kernel as through XLA's per-expert matmuls."""
@@ -72,9 +95,15 @@ def test_experts_are_packed_once_per_set_of_weights():
     """generate_tokens asks for the pieces on every call: the packed copy is made once,
     and made again only when the weights are new arrays."""
     model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(0))
-    first = layer_pieces(model).experts
+    pieces = layer_pieces(model)
+    first = pieces.experts
     assert all(isinstance(p, cpu_moe.PackedExperts) for p in first)
-    assert layer_pieces(model).experts is first
+    assert pieces.attention[0].qkv.shape == (5, 48, 16)  # q, k, v: (4 + 2 + 2) x 10 wide
+    assert pieces.attention[0].o.shape == (3, 40, 16)
+    assert pieces.lm_head.shape == (14, 48, 16)  # 211 -> 224
+    again = layer_pieces(model)
+    assert again.experts is first and again.attention is pieces.attention
+    assert again.lm_head is pieces.lm_head
     w1 = model.layers.moe.experts.w1
     w1[...] = w1[...] * 2
     again = layer_pieces(model).experts
@@ -82,20 +111,34 @@ def test_experts_are_packed_once_per_set_of_weights():
     np.testing.assert_array_equal(
         np.asarray(again[0].w13[..., :16]), 2 * np.asarray(first[0].w13[..., :16])
     )
-    unpacked = layer_pieces(model, pack_experts=False).experts
+    unpacked = layer_pieces(model, pack=False).experts
     assert all(isinstance(p, tuple) and len(p) == 8 for p in unpacked)
 
 
 @pytest.mark.parametrize(
-    "changes",
-    [dict(dtype="bfloat16"), dict(lora_rank=2, lora_targets="w2")],
-    ids=["bf16-compute", "lora"],
+    "changes, experts, attention, lm_head",
+    [
+        (dict(dtype="bfloat16"), False, False, False),
+        (dict(lora_rank=2, lora_targets="w2"), False, True, True),
+        (dict(lora_rank=2, lora_targets="v_proj"), True, False, True),
+        pytest.param(
+            dict(quantization="int8"),
+            False,
+            False,
+            True,
+            marks=pytest.mark.skipif(importlib.util.find_spec("qwix") is None, reason="no qwix"),
+        ),
+    ],
+    ids=["bf16-compute", "lora-experts", "lora-attention", "int8"],
 )
-def test_the_kernel_is_only_used_where_it_computes_what_the_model_does(changes):
+def test_the_kernels_are_only_used_where_they_compute_what_the_model_does(
+    changes, experts, attention, lm_head
+):
     config = ModelConfig.from_dict(tiny.get_config()).replace(**changes)
-    assert not cpu_moe.supports(config, jnp.zeros((1, 8, 48, 40), jnp.bfloat16))
-    model = Mixtral(config, rngs=nnx.Rngs(0))
-    assert not any(isinstance(p, cpu_moe.PackedExperts) for p in layer_pieces(model).experts)
+    pieces = layer_pieces(Mixtral(config, rngs=nnx.Rngs(0)))
+    assert all(isinstance(p, cpu_moe.PackedExperts) for p in pieces.experts) == experts
+    assert (pieces.attention is not None) == attention
+    assert (pieces.lm_head is not None) == lm_head
 
 
 def test_bfloat16_weights_decode_through_the_kernel_as_without_it():
@@ -111,7 +154,7 @@ def test_bfloat16_weights_decode_through_the_kernel_as_without_it():
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (3, 9)))
     forward = nnx.jit(lambda m, t, p, c, pieces: m.forward(t, p, cache=c, pieces=pieces))
     logits = []
-    for pieces in (packed, layer_pieces(model, pack_experts=False)):
+    for pieces in (packed, layer_pieces(model, pack=False)):
         out = forward(
             model,
             tokens[:, :8],

@@ -39,7 +39,7 @@ def test_cached_decode_equals_the_full_forward(window, weights):
     model = Mixtral(config, rngs=nnx.Rngs(1))
     pieces = None
     if weights != "stacked":
-        pieces = layer_pieces(model, pack_experts=weights == "packed")
+        pieces = layer_pieces(model, pack=weights == "packed")
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (3, 16)))
     full = np.asarray(model(tokens))
     forward = nnx.jit(lambda m, t, p, c, pieces: m.forward(t, p, cache=c, pieces=pieces))
@@ -58,7 +58,7 @@ def test_layer_pieces_are_views_of_the_stacked_weights():
     """Each layer's and each expert's buffer is the stacked parameter's own memory at
     its offset: generation on a CPU reads the weights in place and copies nothing."""
     model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
-    pieces = layer_pieces(model, pack_experts=False)
+    pieces = layer_pieces(model, pack=False)
     stacked = model.layers
     layer, expert = 1, 5
     checks = [

@@ -1,9 +1,11 @@
-// The experts of a sparse MoE layer on a CPU, for decode steps: few rows per expert.
+// CPU kernels for decode steps, where few rows multiply each weight (cpu_moe.py).
 //
-// XLA:CPU's library matmuls read a [D, F] weight at 60-80% of the machine's read
-// bandwidth when only 2-16 rows multiply it; here each weight is stored in column
-// panels of P floats ("packed", see cpu_moe.py), so one pass streams it in order
-// while the rows' sums stay in registers. One call computes every expert of a layer:
+// XLA:CPU's library matmuls read a weight at 60-80% of the machine's read bandwidth
+// when 2-4 rows multiply it, and at about half with 16, when they turn compute-bound;
+// here each weight is stored in column panels of P floats ("packed"), so one pass
+// streams it in order while the rows' sums stay in registers.
+//
+// The experts of a sparse MoE layer, every expert of a layer in one call:
 //
 //   xs    [n, D]           rows sorted by expert (expert e owns start[e]..+count[e])
 //   w13   [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up) side by side
@@ -12,6 +14,11 @@
 //
 // F and D are rounded up to whole panels, the padding zeros: a padded hidden unit is
 // silu(0) * 0 = 0, and a padded output column is not written.
+//
+// A dense product (an attention projection, the LM head), in tiles of 8 rows by 3
+// panels; a tile's panels stay in L2 while the next 8 rows read them:
+//
+//   x [n, K], w [N/P, K, P]  ->  y [n, N] = x w
 //
 // Work is split by panels over XLA's intra-op thread pool; the calling thread takes
 // chunks too, so the call never waits on a task that has not started.
@@ -36,6 +43,8 @@ namespace {
 constexpr int64_t P = 16;  // panel width: one 512-bit vector of floats (cpu_moe.PANEL)
 constexpr int kGateUpRows = 8;  // rows per tile: 2 x 8 sums in registers
 constexpr int kDownRows = 16;  // 16 sums
+constexpr int kDenseRows = 8, kDensePanels = 3;  // dense products: 8 x 3 sums
+constexpr int64_t kPrefetch = 64;  // vectors ahead in each panel
 
 typedef float vec __attribute__((vector_size(P * sizeof(float)), aligned(alignof(float))));
 typedef int32_t ivec __attribute__((vector_size(P * sizeof(int32_t)), aligned(alignof(int32_t))));
@@ -107,6 +116,34 @@ void DownTile(const float* hT, int64_t R, int64_t r0, int64_t F, const float* pa
   }
 }
 
+// y[r0 + r][n0 : n0 + NP P] = x[r0 + r] w for RT rows and NP panels from n0 (columns
+// below N): each weight vector loaded once feeds RT rows, RT x NP sums in registers.
+template <int RT, int NP>
+void DenseTile(const float* xT, int64_t R, int64_t r0, int64_t K, const float* panels,
+               float* y, int64_t N, int64_t n0) {
+  vec acc[RT][NP] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    vec w[NP];
+    for (int p = 0; p < NP; ++p) {
+      w[p] = load(panels + (p * K + k) * P);
+      // The first rows' pass reads the panels from memory: ask for them 4 KB ahead.
+      if (r0 == 0) __builtin_prefetch(panels + (p * K + k + kPrefetch) * P);
+    }
+    const float* x = xT + k * R + r0;
+    for (int r = 0; r < RT; ++r)
+      for (int p = 0; p < NP; ++p) acc[r][p] += x[r] * w[p];
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int p = 0; p < NP; ++p) {
+      float* out = y + (r0 + r) * N + n0 + p * P;
+      if (n0 + (p + 1) * P <= N) {
+        store(out, acc[r][p]);
+      } else {
+        for (int64_t j = 0; j < N - n0 - p * P; ++j) out[j] = acc[r][p][j];
+      }
+    }
+}
+
 template <typename Fn, int... I>
 constexpr auto Table(std::integer_sequence<int, I...>, Fn make) {
   return std::array{make(std::integral_constant<int, I + 1>{})...};
@@ -119,6 +156,15 @@ constexpr auto kGateUp = Table(std::make_integer_sequence<int, kGateUpRows>{},
                                [](auto rt) -> GateUpFn { return GateUpTile<rt()>; });
 constexpr auto kDown = Table(std::make_integer_sequence<int, kDownRows>{},
                              [](auto rt) -> DownFn { return DownTile<rt()>; });
+using DenseFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
+                         int64_t);
+template <int NP>
+constexpr auto DenseTiles() {
+  return Table(std::make_integer_sequence<int, kDenseRows>{},
+               [](auto rt) -> DenseFn { return DenseTile<rt(), NP>; });
+}
+// kDense[np - 1][rt - 1]: rt rows by np panels.
+constexpr std::array kDense = {DenseTiles<1>(), DenseTiles<2>(), DenseTiles<3>()};
 
 // fn(begin, end) over [0, n) in chunks, on the pool's threads and this one.
 template <typename Fn>
@@ -190,6 +236,33 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// y [n, N] = x [n, K] w, w packed as [ceil(N / P), K, P] (zero padded columns).
+ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
+                 ffi::ResultBuffer<ffi::F32> ys) {
+  const auto wd = w.dimensions();
+  const int64_t n = xs.dimensions()[0], K = xs.dimensions()[1], N = ys->dimensions()[1];
+  if (wd.size() != 3 || wd[1] != K || wd[2] != P || wd[0] != (N + P - 1) / P ||
+      ys->dimensions()[0] != n) {
+    return ffi::Error::InvalidArgument("cpu_moe: dense operand shapes do not fit together");
+  }
+  std::vector<float> xT(K * n);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < K; ++k) xT[k * n + r] = xs.typed_data()[r * K + k];
+  const int64_t panels = wd[0], groups = (panels + kDensePanels - 1) / kDensePanels;
+  // A group of panels (196 KB for K = 1024) stays in L2 while every 8 rows read it.
+  ParallelFor(pool, groups, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t j = g * kDensePanels, np = std::min<int64_t>(kDensePanels, panels - j);
+      for (int64_t r0 = 0; r0 < n; r0 += kDenseRows) {
+        const int64_t rt = std::min<int64_t>(kDenseRows, n - r0);
+        kDense[np - 1][rt - 1](xT.data(), n, r0, K, w.typed_data() + j * K * P,
+                               ys->typed_data(), N, j * P);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoE, Experts,
@@ -198,6 +271,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoE, Experts,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuDense, Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
