@@ -276,9 +276,9 @@ def _packed(weights: tuple[jax.Array, ...], need: int, what: str, make):
     free = available_memory()
     if free is not None and need > MAX_FREE_FRACTION * free:
         warnings.warn(
-            f"mixtral_jax: {what} are not packed for the CPU decode kernel: the copy would "
+            f"mixtral_jax: no packed copy of {what} for the CPU decode kernels: it would "
             f"take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB available, so decode "
-            "uses XLA's matmuls there (slower at batch > 1)",
+            "uses XLA's matmuls for them (slower at batch > 1)",
             stacklevel=3,
         )
         return None

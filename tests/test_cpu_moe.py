@@ -179,8 +179,25 @@ def test_no_packed_copy_where_it_would_not_fit(monkeypatch):
         pieces = layer_pieces(model)
         ids, _ = generate_tokens(model, [[1, 2, 3]], max_new_tokens=3)  # on XLA's matmuls
     assert all(isinstance(p, tuple) for p in pieces.experts)
+    # Each copy is judged on its own: the smaller ones still fit.
+    assert pieces.attention is not None and pieces.lm_head is not None
     monkeypatch.undo()
     assert generate_tokens(model, [[1, 2, 3]], max_new_tokens=3)[0] == ids  # on the kernel
+
+
+def test_no_packed_copies_at_all_without_memory(monkeypatch):
+    model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(6))
+    monkeypatch.setattr(cpu_moe, "available_memory", lambda: 0)
+    with pytest.warns(UserWarning) as caught:
+        pieces = layer_pieces(model)
+        ids, _ = generate_tokens(model, [[1, 2, 3], [4]], max_new_tokens=3)
+    copies = sorted({str(w.message).split(" for the CPU")[0] for w in caught})
+    whats = ("the LM head", "the attention projections", "the experts")
+    assert copies == sorted(f"mixtral_jax: no packed copy of {what}" for what in whats)
+    assert pieces.attention is None and pieces.lm_head is None
+    assert all(isinstance(p, tuple) for p in pieces.experts)
+    monkeypatch.undo()
+    assert generate_tokens(model, [[1, 2, 3], [4]], max_new_tokens=3)[0] == ids
 
 
 def test_a_failed_build_names_the_problem_and_leaves_nothing(tmp_path):
