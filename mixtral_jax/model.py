@@ -293,7 +293,7 @@ class Mixtral(nnx.Module):
             packed = None
             if own_buffers:
                 scanned, experts = (pieces.layers[i], i), pieces.experts[i]
-                packed = pieces.attention and pieces.attention[i]
+                packed = None if pieces.attention is None else pieces.attention[i]
             else:
                 scanned, experts = (jax.tree.map(lambda p, i=i: p[i], params), i), None
             if per_layer_cache:
