@@ -57,6 +57,16 @@ inline vec load(const float* p) {
 
 inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof v); }
 
+// The first `count` floats of v (a whole vector when count >= P): an output's last
+// panel may hold padding columns, which are not written.
+inline void store_first(float* p, const vec& v, int64_t count) {
+  if (count >= P) {
+    store(p, v);
+  } else {
+    for (int64_t j = 0; j < count; ++j) p[j] = v[j];
+  }
+}
+
 // exp(x) for float32 to ~1 ulp (Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln2 / 2).
 inline vec exp_vec(vec x) {
   x = x < 88.3762626647949f ? x : 88.3762626647949f;
@@ -106,14 +116,7 @@ void DownTile(const float* hT, int64_t R, int64_t r0, int64_t F, const float* pa
     const float* h = hT + f * R + r0;
     for (int r = 0; r < RT; ++r) acc[r] += h[r] * w;
   }
-  for (int r = 0; r < RT; ++r) {
-    float* y = ys + (r0 + r) * D + d0;
-    if (d0 + P <= D) {
-      store(y, acc[r]);
-    } else {
-      for (int64_t j = 0; j < D - d0; ++j) y[j] = acc[r][j];
-    }
-  }
+  for (int r = 0; r < RT; ++r) store_first(ys + (r0 + r) * D + d0, acc[r], D - d0);
 }
 
 // y[r0 + r][n0 : n0 + NP P] = x[r0 + r] w for RT rows and NP panels from n0 (columns
@@ -122,26 +125,24 @@ template <int RT, int NP>
 void DenseTile(const float* xT, int64_t R, int64_t r0, int64_t K, const float* panels,
                float* y, int64_t N, int64_t n0) {
   vec acc[RT][NP] = {};
+  // The first rows' pass reads the panels from memory: ask for them 4 KB ahead. A last
+  // pass after it reads them from L2, and asks for the next panels meanwhile.
+  const bool first = r0 == 0, last = r0 > 0 && r0 + RT == R;
+  const float* next = panels + NP * K * P;
   for (int64_t k = 0; k < K; ++k) {
     vec w[NP];
     for (int p = 0; p < NP; ++p) {
       w[p] = load(panels + (p * K + k) * P);
-      // The first rows' pass reads the panels from memory: ask for them 4 KB ahead.
-      if (r0 == 0) __builtin_prefetch(panels + (p * K + k + kPrefetch) * P);
+      if (first) __builtin_prefetch(panels + (p * K + k + kPrefetch) * P);
+      if (last) __builtin_prefetch(next + (p * K + k) * P, 0, 2);
     }
     const float* x = xT + k * R + r0;
     for (int r = 0; r < RT; ++r)
       for (int p = 0; p < NP; ++p) acc[r][p] += x[r] * w[p];
   }
   for (int r = 0; r < RT; ++r)
-    for (int p = 0; p < NP; ++p) {
-      float* out = y + (r0 + r) * N + n0 + p * P;
-      if (n0 + (p + 1) * P <= N) {
-        store(out, acc[r][p]);
-      } else {
-        for (int64_t j = 0; j < N - n0 - p * P; ++j) out[j] = acc[r][p][j];
-      }
-    }
+    for (int p = 0; p < NP; ++p)
+      store_first(y + (r0 + r) * N + n0 + p * P, acc[r][p], N - n0 - p * P);
 }
 
 template <typename Fn, int... I>
