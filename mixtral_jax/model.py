@@ -343,16 +343,19 @@ def layer_pieces(model: Mixtral, pack: bool = True) -> LayerPieces | None:
     def views(tree, *index):
         return jax.tree.map(lambda h: jax.device_put(h[index], device), tree)
 
+    def expert_views():
+        L, E = c.num_layers, c.num_experts
+        return tuple(tuple(views(hosts[0], i, e) for e in range(E)) for i in range(L))
+
     layers = tuple(views(hosts[1], i) for i in range(c.num_layers))
-    packed = _packed_experts(model) if pack else None
-    if packed is None:
-        packed = tuple(
-            tuple(views(hosts[0], i, e) for e in range(c.num_experts)) for i in range(c.num_layers)
-        )
     if not pack:
-        return LayerPieces(layers, packed)
-    lm_head = cpu_moe.packed_lm_head(c, model.lm_head[...])
-    return LayerPieces(layers, packed, _packed_attention(model), lm_head)
+        return LayerPieces(layers, expert_views())
+    return LayerPieces(
+        layers,
+        _packed_experts(model) or expert_views(),
+        _packed_attention(model),
+        cpu_moe.packed_lm_head(c, model.lm_head[...]),
+    )
 
 
 def _packed_experts(model: Mixtral) -> tuple[cpu_moe.PackedExperts, ...] | None:
