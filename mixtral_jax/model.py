@@ -350,12 +350,10 @@ def layer_pieces(model: Mixtral, pack: bool = True) -> LayerPieces | None:
     layers = tuple(views(hosts[1], i) for i in range(c.num_layers))
     if not pack:
         return LayerPieces(layers, expert_views())
-    return LayerPieces(
-        layers,
-        _packed_experts(model) or expert_views(),
-        _packed_attention(model),
-        cpu_moe.packed_lm_head(c, model.lm_head[...]),
-    )
+    # Packed in this order, each judged against the memory left by the ones before.
+    experts = _packed_experts(model) or expert_views()
+    lm_head = cpu_moe.packed_lm_head(c, model.lm_head[...])
+    return LayerPieces(layers, experts, _packed_attention(model), lm_head)
 
 
 def _packed_experts(model: Mixtral) -> tuple[cpu_moe.PackedExperts, ...] | None:
