@@ -14,7 +14,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
     package_data={
-        "mixtral_jax": ["csrc/*.cc", "assets/*.model", "assets/sample/*.jsonl", "assets/model/**/*"]
+        "mixtral_jax": [
+            "backends/cpu/csrc/*.cc",
+            "assets/*.model",
+            "assets/sample/*.jsonl",
+            "assets/model/**/*",
+        ]
     },
     install_requires=[
         "jax>=0.6.2",
@@ -25,17 +30,18 @@ setup(
         # context manager (newer JAX) when several processes save a replicated array.
         "orbax-checkpoint>=0.11,<0.11.30; python_version<'3.11'",
         "sentencepiece>=0.2",
-        # Mistral's own tokenizers and chat encoder (tokenizer.py); Python 3.11+ only.
+        # Mistral's own tokenizers and chat encoder (model/tokenizer.py); Python 3.11+ only.
         "mistral-common>=1.13; python_version>='3.11'",
         "ml-collections>=1.0",
-        # Weight quantization (quantize.py); qwix needs Flax 0.12, so Python 3.11+.
+        # Weight quantization (model/quantized.py); qwix needs Flax 0.12, so Python 3.11+.
         "qwix>=0.1.8; python_version>='3.11'",
         "numpy>=1.26",
-        "matplotlib>=3.8",  # the routing analysis's figures
+        "tensorboardX>=2.6",  # training's TensorBoard event files (training/metrics.py)
     ],
     extras_require={
         # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA wheel.
         "test": [
+            "matplotlib>=3.8",  # .[plots]: the routing analysis and the notebooks draw figures
             "pytest>=8",
             "torch==2.13.0; python_version == '3.11'",
             "transformers>=5.0; python_version == '3.11'",
@@ -48,6 +54,8 @@ setup(
             # libtpu, so that tests/test_plan.py compiles for a TPU slice (x86 Linux only).
             "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
+        # The routing analysis's figures (python -m mixtral_jax.routing, analysis/figures.py).
+        "plots": ["matplotlib>=3.8"],
         # tools/plan.py: compile for TPU topologies on any x86 Linux machine.
         "tpu": ["jax[tpu]"],
     },

@@ -24,8 +24,12 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from mixtral_jax import Mixtral, ModelConfig, sharding, steps  # noqa: E402
-from mixtral_jax.weights import flat_params  # noqa: E402
+from mixtral_jax import Mixtral, ModelConfig  # noqa: E402
+from mixtral_jax.parallel.mesh import make_mesh  # noqa: E402
+from mixtral_jax.parallel.placement import param_shardings, shard_model  # noqa: E402
+from mixtral_jax.parallel.rules import DEFAULT_RULES  # noqa: E402
+from mixtral_jax.params import flat_params  # noqa: E402
+from mixtral_jax.training import steps  # noqa: E402
 
 
 def tiny_config() -> ModelConfig:
@@ -62,7 +66,7 @@ def main(meshes: list[list[int]]) -> dict:
     ref_params = {p: np.asarray(v) for p, v in flat_params(reference).items()}
     results = {}
     for shape in meshes:
-        mesh = sharding.make_mesh(*shape)
+        mesh = make_mesh(*shape)
         model = Mixtral(config, rngs=nnx.Rngs(0))
         forward = steps.jit_forward(model, mesh)
         compiled = forward.fn.lower(forward.params, data["tokens"], None, None).compile()
@@ -74,7 +78,7 @@ def main(meshes: list[list[int]]) -> dict:
         state, metrics = train_step(state, data)
         new = flat_params(state.params)
         grads = {p: ref_params[p] - np.asarray(v) for p, v in new.items()}
-        expected = sharding.param_shardings(model, mesh)
+        expected = param_shardings(model, mesh)
         results[json.dumps(shape)] = {
             "logits": float(np.abs(np.asarray(logits) - ref_logits).max()),
             "loss": abs(float(metrics["loss"]) - float(ref_loss)),
@@ -90,7 +94,7 @@ def specs(meshes: list[list[int]]) -> dict:
     model = nnx.eval_shape(lambda: Mixtral(tiny_config(), rngs=nnx.Rngs(0)))
     results = {}
     for shape in meshes:
-        rules = sharding.param_shardings(model, sharding.make_mesh(*shape))
+        rules = param_shardings(model, make_mesh(*shape))
         results[json.dumps(shape)] = {".".join(p): str(tuple(s.spec)) for p, s in rules.items()}
     return results
 
@@ -98,7 +102,7 @@ def specs(meshes: list[list[int]]) -> dict:
 def optimizer_state_shardings() -> dict:
     """AdamW's moments on an FSDP mesh: sharded like their parameters."""
     model = Mixtral(tiny_config().replace(capacity_factor=2.0), rngs=nnx.Rngs(0))
-    mesh = sharding.make_mesh(fsdp=8)
+    mesh = make_mesh(fsdp=8)
     train_step = steps.jit_train_step(model, optax.adamw(1e-3), mesh)
     state, _ = train_step(train_step.init(model), batch())
     params = flat_params(state.params)
@@ -121,9 +125,9 @@ def optimizer_state_shardings() -> dict:
 def other_rules() -> float:
     """Different rules, same modules: experts split over their MLP dimension by tensor and
     expert together (no expert parallelism), heads not split at all."""
-    rules = dict(sharding.DEFAULT_RULES)
+    rules = dict(DEFAULT_RULES)
     rules.update(mlp=("tensor", "expert"), expert=None, heads=None, kv_heads=None)
-    mesh = sharding.make_mesh(data=2, tensor=2, expert=2, fsdp=1)
+    mesh = make_mesh(data=2, tensor=2, expert=2, fsdp=1)
     config, data = tiny_config(), batch()
     model = Mixtral(config, rngs=nnx.Rngs(0))
     forward = steps.jit_forward(model, mesh, rules=tuple(rules.items()))
@@ -136,14 +140,14 @@ def other_rules() -> float:
 def sharded_generation() -> dict:
     """Greedy generation on a tensor=4 x data=2 mesh (KV cache split by KV head) equals
     the single-device tokens."""
-    from mixtral_jax.generate import generate_tokens
+    from mixtral_jax.inference.generate import generate_tokens
 
     config = tiny_config()
     prompts = [[1, 17, 42, 99, 5], [1, 150], [1, 33, 34], [1, 7, 7, 7, 7, 7]]
     expected, _ = generate_tokens(Mixtral(config, rngs=nnx.Rngs(0)), prompts, max_new_tokens=8)
-    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    sharding.shard_model(model, mesh)
+    shard_model(model, mesh)
     got, _ = generate_tokens(model, prompts, max_new_tokens=8, mesh=mesh)
     return {"same_tokens": got == expected, "tokens": len(got[0])}
 
@@ -151,16 +155,16 @@ def sharded_generation() -> dict:
 def sharded_lora() -> dict:
     """A LoRA step with two accumulated micro-batches on fsdp=4 x expert=2 equals the
     same step on one device; the frozen base keeps its rule shardings."""
-    from mixtral_jax import lora
-    from mixtral_jax.layers import LoRAParam
+    from mixtral_jax.model.layers import LoRAParam
+    from mixtral_jax.training import lora
 
     base = Mixtral(tiny_config().replace(capacity_factor=2.0), rngs=nnx.Rngs(0))
     model = lora.add_adapters(base, rank=4, alpha=8.0, targets=("q_proj", "o_proj", "w1", "w2"))
     adapters = nnx.state(model, LoRAParam)
     nnx.update(model, jax.tree.map(lambda x: x + 0.1, adapters))  # B != 0: every factor learns
     updates = []
-    one_device = sharding.make_mesh(devices=jax.devices()[:1])
-    for mesh in (one_device, sharding.make_mesh(fsdp=4, expert=2)):
+    one_device = make_mesh(devices=jax.devices()[:1])
+    for mesh in (one_device, make_mesh(fsdp=4, expert=2)):
         step = steps.jit_train_step(model, optax.sgd(1.0), mesh, trainable=LoRAParam, accumulate=2)
         state, metrics = step(step.init(model), batch(16))  # 8 shards x 2 micro-batches
         updates.append({p: np.asarray(v) for p, v in flat_params(state.params).items()})
@@ -174,13 +178,13 @@ def sharded_lora() -> dict:
 
 def sharded_routing() -> dict:
     """The routing analysis on a data=2 x tensor=4 mesh records the single-device routes."""
-    from mixtral_jax.routing import analysis
+    from mixtral_jax.analysis import routing as analysis
 
     model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
     sequences = [list(range(1, 40)), [1, 5, 9], list(range(100, 130))]
     expected = analysis.record(model, sequences, seq_len=16, batch_size=2)
-    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
-    sharding.shard_model(model, mesh)
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    shard_model(model, mesh)
     got = analysis.record(model, sequences, seq_len=16, batch_size=4, mesh=mesh)
     return {
         "same_experts": all(

@@ -23,9 +23,22 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import finetune_tiny, tiny  # noqa: E402
-from mixtral_jax import plan, sharding  # noqa: E402
-from mixtral_jax.config import ModelConfig  # noqa: E402
-from mixtral_jax.weights import flat_params  # noqa: E402
+from mixtral_jax.model.config import ModelConfig  # noqa: E402
+from mixtral_jax.parallel.placement import logical_axes  # noqa: E402
+from mixtral_jax.parallel.rules import MESH_AXES, partition_spec, spec_axes  # noqa: E402
+from mixtral_jax.params import flat_params  # noqa: E402
+from mixtral_jax.planning.plan import (  # noqa: E402
+    HEADROOM,
+    _costs,
+    _twin,
+    abstract_model,
+    make_plan,
+    nearest_fit,
+    slice_mesh,
+    train_model_config,
+)
+from mixtral_jax.planning.report import report, tokens_per_s, verdict  # noqa: E402
+from mixtral_jax.planning.topology import GiB, PlanError, get_slice  # noqa: E402
 
 MESH = {"fsdp": 2, "tensor": 2, "expert": 2}
 
@@ -39,32 +52,32 @@ def tiny_config() -> ModelConfig:
 
 def expected_param_bytes(config: ModelConfig, sizes: dict[str, int], only=nnx.Param) -> int:
     """Per device, by hand: each dimension split by the mesh axes its rule names."""
-    model = plan.abstract_model(config)
+    model = abstract_model(config)
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1} | sizes
-    shape = tuple(sizes[a] for a in sharding.MESH_AXES)
-    mesh = jax.make_mesh(shape, sharding.MESH_AXES, devices=jax.devices()[: math.prod(shape)])
-    axes = sharding.logical_axes(model)
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    mesh = jax.make_mesh(shape, MESH_AXES, devices=jax.devices()[: math.prod(shape)])
+    axes = logical_axes(model)
     total = 0
     for path, value in flat_params(nnx.state(model, only)).items():
-        spec = sharding.partition_spec(axes[path], value.shape, mesh)
-        split = math.prod(sizes[a] for entry in spec for a in sharding.spec_axes(entry))
+        spec = partition_spec(axes[path], value.shape, mesh)
+        split = math.prod(sizes[a] for entry in spec for a in spec_axes(entry))
         bits = 4 if value.dtype == jnp.int4 else 8 * jnp.dtype(value.dtype).itemsize
         total += math.prod(value.shape) // split * bits // 8
     return total
 
 
 def inference(config: ModelConfig) -> dict:
-    slice_ = plan.get_slice("cpu:8")
-    result = plan.make_plan(config, slice_, mode="inference", batch=8, seq_len=64, mesh=MESH)
+    slice_ = get_slice("cpu:8")
+    result = make_plan(config, slice_, mode="inference", batch=8, seq_len=64, mesh=MESH)
     prefill, decode = result.programs
     # The cost twins' extrapolation against the cost of the whole model unrolled.
-    unrolled = plan.abstract_model(plan._twin(config, config.num_layers))
-    mesh, _ = plan.make_mesh(MESH, slice_)
-    from mixtral_jax import steps
+    unrolled = abstract_model(_twin(config, config.num_layers))
+    mesh, _ = slice_mesh(MESH, slice_)
+    from mixtral_jax.training import steps
 
     forward = steps.jit_forward(unrolled, mesh)
     tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=forward.batch_sharding)
-    flops, _ = plan._costs(forward.fn.lower(forward.params, tokens, None, None).compile())
+    flops, _ = _costs(forward.fn.lower(forward.params, tokens, None, None).compile())
     return {
         "param_bytes": result.param_bytes,
         "expected_param_bytes": expected_param_bytes(config, MESH),
@@ -79,7 +92,7 @@ def inference(config: ModelConfig) -> dict:
         "decode_tokens": decode.tokens,
         "num_params": result.num_params,
         "fits": result.fits,
-        "report": plan.report(result),
+        "report": report(result),
         "collectives": prefill.collectives,
     }
 
@@ -91,8 +104,8 @@ def quantized(config: ModelConfig) -> dict:
     if importlib.util.find_spec("qwix") is None:
         return {"skipped": "qwix is not installed (it needs Python 3.11+)"}
     config = config.replace(quantization="int4", quant_group_size=8)
-    slice_ = plan.get_slice("cpu:8")
-    result = plan.make_plan(
+    slice_ = get_slice("cpu:8")
+    result = make_plan(
         config, slice_, mode="inference", batch=8, seq_len=64, mesh=MESH, costs=False
     )
     return {
@@ -107,8 +120,8 @@ def quantized(config: ModelConfig) -> dict:
 def lora(config: ModelConfig) -> dict:
     train_config = finetune_tiny.get_config()
     train_config.lora.rank = 4
-    slice_ = plan.get_slice("cpu:8")
-    result = plan.make_plan(
+    slice_ = get_slice("cpu:8")
+    result = make_plan(
         config,
         slice_,
         mode="lora",
@@ -118,9 +131,9 @@ def lora(config: ModelConfig) -> dict:
         train_config=train_config,
         costs=False,
     )
-    from mixtral_jax.layers import LoRAParam
+    from mixtral_jax.model.layers import LoRAParam
 
-    adapted = plan.train_model_config(config, train_config)
+    adapted = train_model_config(config, train_config)
     return {
         "optimizer_bytes": result.optimizer_bytes,
         "adapter_bytes": expected_param_bytes(adapted, {"fsdp": 8}, LoRAParam),
@@ -140,11 +153,11 @@ def too_small(config: ModelConfig) -> dict:
         mode="full", batch=8, seq_len=32, costs=False, train_config=finetune_tiny.get_config()
     )
     split = {"fsdp": 8}
-    room = plan.make_plan(config, plan.get_slice("cpu:8"), mesh=split, **kwargs).peak
-    small_chip = plan.get_slice("cpu:8", hbm_gib=room / (1 - plan.HEADROOM) * 1.001 / plan.GiB)
-    squeezed = plan.make_plan(config, small_chip, mesh={"data": 8}, **kwargs)
-    nearest = plan.nearest_fit(squeezed, config, train_config=kwargs["train_config"])
-    hopeless = plan.make_plan(config, plan.get_slice("cpu:8", hbm_gib=1e-6), mesh=split, **kwargs)
+    room = make_plan(config, get_slice("cpu:8"), mesh=split, **kwargs).peak
+    small_chip = get_slice("cpu:8", hbm_gib=room / (1 - HEADROOM) * 1.001 / GiB)
+    squeezed = make_plan(config, small_chip, mesh={"data": 8}, **kwargs)
+    nearest = nearest_fit(squeezed, config, train_config=kwargs["train_config"])
+    hopeless = make_plan(config, get_slice("cpu:8", hbm_gib=1e-6), mesh=split, **kwargs)
     return {
         "squeezed_fits": squeezed.fits,
         "squeezed_programs": len(squeezed.programs),
@@ -153,23 +166,23 @@ def too_small(config: ModelConfig) -> dict:
         "nearest_fits": None if nearest is None else nearest.fits,
         "nearest_peak": None if nearest is None else nearest.peak,
         "usable": squeezed.usable,
-        "verdict": plan.verdict(squeezed, nearest, True),
+        "verdict": verdict(squeezed, nearest, True),
         "hopeless_fits": hopeless.fits,
         "hopeless_programs": len(hopeless.programs),
-        "hopeless_nearest": plan.nearest_fit(hopeless, config, train_config=kwargs["train_config"])
+        "hopeless_nearest": nearest_fit(hopeless, config, train_config=kwargs["train_config"])
         is not None,
-        "hopeless_verdict": plan.verdict(hopeless, None, True),
+        "hopeless_verdict": verdict(hopeless, None, True),
     }
 
 
 def tpu(config: ModelConfig) -> dict:
     """The same plan for a v5e-4 slice, compiled by the TPU compiler (needs libtpu)."""
     try:
-        slice_ = plan.get_slice("v5e-4")
-    except plan.PlanError as error:
+        slice_ = get_slice("v5e-4")
+    except PlanError as error:
         return {"skipped": str(error)}
     config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
-    result = plan.make_plan(
+    result = make_plan(
         config, slice_, mode="inference", batch=8, seq_len=64, mesh={"tensor": 2, "fsdp": 2}
     )
     return {
@@ -179,7 +192,7 @@ def tpu(config: ModelConfig) -> dict:
         "expected_param_bytes": expected_param_bytes(config, {"fsdp": 2, "tensor": 2}),
         "prefill_arguments": result.programs[0].arguments,
         "prefill_flops": result.programs[0].flops,
-        "tokens_per_s": plan.tokens_per_s(result.programs[1], slice_.chip),
+        "tokens_per_s": tokens_per_s(result.programs[1], slice_.chip),
     }
 
 

@@ -24,8 +24,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from mixtral_jax import Mixtral, checkpoint, distributed, sharding, steps  # noqa: E402
-from mixtral_jax.weights import flat_params  # noqa: E402
+from mixtral_jax import Mixtral  # noqa: E402
+from mixtral_jax.checkpoints.load import load  # noqa: E402
+from mixtral_jax.checkpoints.store import save  # noqa: E402
+from mixtral_jax.parallel import distributed  # noqa: E402
+from mixtral_jax.parallel.mesh import MeshConfig  # noqa: E402
+from mixtral_jax.params import flat_params  # noqa: E402
+from mixtral_jax.training import steps  # noqa: E402
 from tests.mesh_worker import batch, tiny_config  # noqa: E402
 
 
@@ -34,7 +39,7 @@ def main(directory: str) -> dict | None:
     assert jax.process_count() == 2 and len(jax.devices()) == 8
     # Two "slices" (one per process) doing data parallelism over DCN; inside each,
     # fsdp=2 x expert=2.
-    mesh = sharding.MeshConfig(fsdp=2, expert=2, dcn_data=2).make_mesh()
+    mesh = MeshConfig(fsdp=2, expert=2, dcn_data=2).make_mesh()
     config = tiny_config()
     data = batch()
 
@@ -48,8 +53,8 @@ def main(directory: str) -> dict | None:
     logits = multihost_utils.process_allgather(forward(forward.params, tokens), tiled=True)
 
     sharded = flat_params(forward.params)
-    checkpoint.save(directory, sharded, config)
-    restored = checkpoint.load(directory, mesh=mesh)
+    save(directory, sharded, config)
+    restored = load(directory, mesh=mesh)
     same_params = all(
         np.array_equal(
             multihost_utils.process_allgather(v, tiled=True),

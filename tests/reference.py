@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixtral_jax import ModelConfig, weights
+from mixtral_jax import ModelConfig
+from mixtral_jax.checkpoints import hub
 
 
 def torch_and_transformers():
@@ -31,7 +32,7 @@ def hf_twin(config: ModelConfig, seed: int = 0, init_std: float = 0.1):
         for name, p in hf.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    model = weights.from_hub_state_dict(hf.state_dict(), config)
+    model = hub.from_hub_state_dict(hf.state_dict(), config)
     return hf, model
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import Mixtral, weights
+from mixtral_jax import Mixtral
+from mixtral_jax.params import flat_params
 from tools import bench
 
 
@@ -17,7 +18,7 @@ def config():
 
 def test_a_step_over_every_expert_reads_every_weight_but_the_embedding(config):
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    params = weights.flat_params(model)
+    params = flat_params(model)
     read = sum(v.nbytes for name, v in params.items() if name != ("embed", "embedding"))
     assert bench.active_weight_bytes(config, config.num_experts) == read
     # One token reads k of the E experts' weights and all the rest.

@@ -8,7 +8,7 @@ import pytest
 
 from configs import mixtral_8x7b, mixtral_8x22b, tiny
 from mixtral_jax import ConfigError, ModelConfig
-from mixtral_jax.weights import param_shapes
+from mixtral_jax.model.mixtral import param_shapes
 
 
 def test_8x7b_is_the_published_architecture():

@@ -13,9 +13,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mixtral_jax import checkpoint, convert
-from mixtral_jax.sources import SafetensorsFile, SourceError
-from mixtral_jax.weights import WeightError, flat_params
+from mixtral_jax.checkpoints import convert
+from mixtral_jax.checkpoints.hub import WeightError
+from mixtral_jax.checkpoints.load import load, load_tokenizer
+from mixtral_jax.checkpoints.sources import SafetensorsFile, SourceError
+from mixtral_jax.checkpoints.store import CheckpointError, read_config, save
+from mixtral_jax.params import flat_params
 from tests import run_script
 from tests.reference import hf_forward, hf_twin
 from tests.test_sources import CONFIG, LAYOUTS, hub_tensors, random_hub, write_layout
@@ -35,7 +38,7 @@ def test_converted_checkpoint_gives_the_reference_logits(tmp_path, layout):
     summary = convert.convert(src, tmp_path / "out", dtype="float32", verify=True, quiet=True)
     assert summary["verified_tensors"] > 0
 
-    model = checkpoint.load(tmp_path / "out")
+    model = load(tmp_path / "out")
     tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 21))
     ref_logits, _, _ = hf_forward(hf, tokens)
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref_logits).max() <= 1e-4
@@ -64,7 +67,7 @@ def test_hub_to_checkpoint_to_hub_is_bit_exact_in_bfloat16(tmp_path):
 @pytest.mark.parity
 def test_exported_weights_load_in_transformers(tmp_path):
     hf, model = hf_twin(CONFIG, seed=9)
-    checkpoint.save(tmp_path / "ck", flat_params(model), CONFIG, dtype="float32")
+    save(tmp_path / "ck", flat_params(model), CONFIG, dtype="float32")
     convert.export_hf(tmp_path / "ck", tmp_path / "hf", quiet=True)
     import transformers
 
@@ -98,14 +101,14 @@ def test_existing_output_needs_force(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     convert.convert(src, tmp_path / "out", force=True, quiet=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
-    checkpoint.read_config(tmp_path / "out")
+    read_config(tmp_path / "out")
 
 
 def _break(kind: str, d: Path) -> None:
     if kind == "missing tensor":
         f = SafetensorsFile(d / "model.safetensors")
         tensors = {k: f.get(k) for k in f.entries if "experts.5.w3" not in k or "layers.1" not in k}
-        from mixtral_jax.sources import write_safetensors
+        from mixtral_jax.checkpoints.sources import write_safetensors
 
         write_safetensors(d / "model.safetensors", {k: np.array(v) for k, v in tensors.items()})
     elif kind == "wrong shape":
@@ -119,7 +122,7 @@ def _break(kind: str, d: Path) -> None:
         f = SafetensorsFile(d / "model.safetensors")
         tensors = {k: np.array(f.get(k)) for k in f.entries}
         tensors["model.layers.0.mlp.shared_expert.weight"] = np.zeros(4, np.float32)
-        from mixtral_jax.sources import write_safetensors
+        from mixtral_jax.checkpoints.sources import write_safetensors
 
         write_safetensors(d / "model.safetensors", tensors)
 
@@ -178,13 +181,13 @@ def test_cli_converts_and_summarises(tmp_path):
     assert result.returncode == 0, result.stderr
     assert " parameters, " in result.stdout and "verified" in result.stdout
     assert "converting mistral-inference: 100.0%" in result.stderr
-    config, dtype = checkpoint.read_config(tmp_path / "out")
+    config, dtype = read_config(tmp_path / "out")
     assert dtype == "float32" and config.num_layers == CONFIG.num_layers
 
 
 def test_not_a_checkpoint_is_named():
-    with pytest.raises(checkpoint.CheckpointError, match="not a mixtral_jax checkpoint"):
-        checkpoint.load(ROOT / "configs")
+    with pytest.raises(CheckpointError, match="not a mixtral_jax checkpoint"):
+        load(ROOT / "configs")
 
 
 MESH_SCRIPT = """
@@ -212,7 +215,7 @@ def test_load_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
     from mixtral_jax import Mixtral
 
     model = Mixtral(CONFIG, rngs=nnx.Rngs(5))
-    checkpoint.save(tmp_path / "ck", flat_params(model), CONFIG)
+    save(tmp_path / "ck", flat_params(model), CONFIG)
     out = run_script(MESH_SCRIPT, str(tmp_path / "ck"))
     # w1 [L, E, D, F] = ("layers", "expert", "embed", "mlp") -> (None, expert, fsdp, tensor)
     assert out["w1_spec"] == ["None", "expert", "fsdp", "tensor"]
@@ -223,8 +226,8 @@ def test_load_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
 
 
 def test_tokenizer_is_loaded_when_present(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="has no tokenizer.model"):
-        checkpoint.load_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="has no tokenizer.model"):
+        load_tokenizer(tmp_path)
 
 
 def test_ctrl_c_leaves_nothing_behind(tmp_path):

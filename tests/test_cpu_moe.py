@@ -1,10 +1,12 @@
-"""The CPU decode kernels (cpu_moe.py, csrc/cpu_moe.cc) against JAX: the experts and
-the dense products, every tile size, padded widths, saturated gates, idle experts;
-where they apply; their build and cache."""
+"""The CPU decode kernels (backends/cpu/kernels.py, csrc/cpu_moe.cc) against JAX: the
+experts and the dense products, every tile size, padded widths, saturated gates, idle
+experts; where they apply; their build and cache."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +15,24 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mixtral_jax import ModelConfig, cpu_moe
-from mixtral_jax.generate import generate_tokens
-from mixtral_jax.model import Mixtral, init_cache, layer_pieces, per_layer
-from mixtral_jax.moe import SparseMoE
+from mixtral_jax import ModelConfig
+from mixtral_jax.backends.cpu import kernels
+from mixtral_jax.backends.cpu.decode import ExpertBuffers, per_layer, unstacked
+from mixtral_jax.inference.generate import generate_tokens
+from mixtral_jax.model.kv_cache import init_cache
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.moe import SparseMoE
 
-pytestmark = pytest.mark.skipif(not cpu_moe.available(), reason="no C++ compiler")
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The kernels, built and registered (a compiler on PATH must build them: a failed
+    build fails the tests, only a machine without one skips them)."""
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler")
+    assert kernels.available(), "the kernels did not build (see the warning)"
 
 
 def reference(xs, start, count, w1, w2, w3):
@@ -32,7 +46,7 @@ def reference(xs, start, count, w1, w2, w3):
 
 
 @pytest.mark.parametrize("D, F", [(64, 96), (40, 52)], ids=["whole-panels", "padded"])
-def test_kernel_equals_the_experts(D, F):
+def test_kernel_equals_the_experts(D, F, built):
     """Rows per expert from 0 to 19 cover every tile (up to 8 rows for w1/w3, 16 for
     w2, then a second tile); 52 and 40 are not multiples of the 16-float panel; the
     last rows belong to no expert (padding tokens) and must come out 0."""
@@ -45,10 +59,10 @@ def test_kernel_equals_the_experts(D, F):
     n = int(count.sum()) + 4
     xs = rng.randn(n, D).astype(np.float32)
     xs[0] *= 40  # gates far into silu's saturation, both ways
-    packed = cpu_moe.pack(w1, w2, w3, jnp.int32(0))
+    packed = kernels.pack(w1, w2, w3, jnp.int32(0))
     assert packed.w13.shape == (E, -(-F // 16), D, 32)
     assert packed.w2.shape == (E, -(-D // 16), -(-F // 16) * 16, 16)
-    ys = np.asarray(jax.jit(cpu_moe.experts)(xs, start, count, packed))
+    ys = np.asarray(jax.jit(kernels.experts)(xs, start, count, packed))
     want = reference(xs, start, count, w1[0], w2[0], w3[0])
     np.testing.assert_allclose(ys, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     assert np.all(ys[count.sum() :] == 0)
@@ -56,14 +70,14 @@ def test_kernel_equals_the_experts(D, F):
 
 
 @pytest.mark.parametrize("K, N", [(64, 112), (40, 211)], ids=["whole-panels", "padded"])
-def test_dense_kernel_equals_a_matmul(K, N):
+def test_dense_kernel_equals_a_matmul(K, N, built):
     """Rows 1-19 cover every tile (up to 8 rows) and second and third ones; 112 columns
     are 7 panels (groups of 3, 3, 1), 211 are 14 (3, 3, 3, 3, 2), the last padded."""
     rng = np.random.RandomState(0)
     w = rng.randn(K, N).astype(np.float32)
-    packed = cpu_moe.pack_dense(w)
+    packed = kernels.pack_dense(w)
     assert packed.shape == (-(-N // 16), K, 16)
-    dense = jax.jit(cpu_moe.dense, static_argnums=2)
+    dense = jax.jit(kernels.dense, static_argnums=2)
     for n in (1, 3, 8, 9, 16, 19):
         x = rng.randn(n, K).astype(np.float32)
         x[-1] *= 1e3
@@ -75,7 +89,7 @@ def test_dense_kernel_equals_a_matmul(K, N):
         dense(x, packed, N + 16)
 
 
-def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch():
+def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch(built):
     """A decode step's MoE layer (one token per row, one padded row) gives the same
     output through the kernel as through XLA's per-expert matmuls."""
     config = ModelConfig.from_dict(tiny.get_config()).replace(initializer_range=0.3)
@@ -84,35 +98,36 @@ def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch():
     mask = jnp.asarray([[True], [True], [False], [True], [True]])
     e = moe.experts
     stacked = (e.w1[...][None], e.w2[...][None], e.w3[...][None])  # one layer
-    packed = cpu_moe.pack(*stacked, jnp.int32(0))
-    run = nnx.jit(lambda m, x, experts: m(x, mask, sorted_=True, dropless=True, experts=experts))
+    packed = kernels.pack(*stacked, jnp.int32(0))
+    run = nnx.jit(lambda m, x, fn: m(x, mask, impl="sorted", dropless=True, experts_fn=fn))
     kernel, xla = run(moe, x, packed), run(moe, x, None)
     np.testing.assert_allclose(np.asarray(kernel.y), np.asarray(xla.y), rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(kernel.y)[2] == 0)
 
 
-def test_experts_are_packed_once_per_set_of_weights():
-    """generate_tokens asks for the pieces on every call: the packed copy is made once,
+def test_experts_are_packed_once_per_set_of_weights(built):
+    """generate_tokens asks for the weights on every call: the packed copy is made once,
     and made again only when the weights are new arrays."""
     model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(0))
-    pieces = layer_pieces(model)
+    pieces = unstacked(model)
     first = pieces.experts
-    assert all(isinstance(p, cpu_moe.PackedExperts) for p in first)
-    assert pieces.attention[0].qkv.shape == (5, 48, 16)  # q, k, v: (4 + 2 + 2) x 10 wide
-    assert pieces.attention[0].o.shape == (3, 40, 16)
-    assert pieces.lm_head.shape == (14, 48, 16)  # 211 -> 224
-    again = layer_pieces(model)
+    assert all(isinstance(p, kernels.PackedExperts) for p in first)
+    assert pieces.attention[0].qkv.w.shape == (5, 48, 16)  # q, k, v: (4 + 2 + 2) x 10 wide
+    assert pieces.attention[0].qkv.width == 80 and pieces.attention[0].o.width == 48
+    assert pieces.attention[0].o.w.shape == (3, 40, 16)
+    assert pieces.lm_head.w.shape == (14, 48, 16) and pieces.lm_head.width == 211  # -> 224
+    again = unstacked(model)
     assert again.experts is first and again.attention is pieces.attention
     assert again.lm_head is pieces.lm_head
     w1 = model.layers.moe.experts.w1
     w1[...] = w1[...] * 2
-    again = layer_pieces(model).experts
+    again = unstacked(model).experts
     assert again is not first
     np.testing.assert_array_equal(
         np.asarray(again[0].w13[..., :16]), 2 * np.asarray(first[0].w13[..., :16])
     )
-    unpacked = layer_pieces(model, pack=False).experts
-    assert all(isinstance(p, tuple) and len(p) == 8 for p in unpacked)
+    unpacked = unstacked(model, pack=False).experts
+    assert all(isinstance(p, ExpertBuffers) and len(p.experts) == 8 for p in unpacked)
 
 
 @pytest.mark.parametrize(
@@ -132,29 +147,29 @@ def test_experts_are_packed_once_per_set_of_weights():
     ids=["bf16-compute", "lora-experts", "lora-attention", "int8"],
 )
 def test_the_kernels_are_only_used_where_they_compute_what_the_model_does(
-    changes, experts, attention, lm_head
+    changes, experts, attention, lm_head, built
 ):
     config = ModelConfig.from_dict(tiny.get_config()).replace(**changes)
-    pieces = layer_pieces(Mixtral(config, rngs=nnx.Rngs(0)))
-    assert all(isinstance(p, cpu_moe.PackedExperts) for p in pieces.experts) == experts
+    pieces = unstacked(Mixtral(config, rngs=nnx.Rngs(0)))
+    assert all(isinstance(p, kernels.PackedExperts) for p in pieces.experts) == experts
     assert (pieces.attention is not None) == attention
     assert (pieces.lm_head is not None) == lm_head
 
 
-def test_bfloat16_weights_decode_through_the_kernel_as_without_it():
+def test_bfloat16_weights_decode_through_the_kernel_as_without_it(built):
     """The model casts bfloat16 weights to float32 before its float32 matmuls; the
     packed copy is that cast, so a decode step's logits are the same either way."""
     config = ModelConfig.from_dict(tiny.get_config()).replace(
         param_dtype="bfloat16", initializer_range=0.2
     )
     model = Mixtral(config, rngs=nnx.Rngs(4))
-    packed = layer_pieces(model)
-    assert all(isinstance(p, cpu_moe.PackedExperts) for p in packed.experts)
+    packed = unstacked(model)
+    assert all(isinstance(p, kernels.PackedExperts) for p in packed.experts)
     assert packed.experts[0].w13.dtype == jnp.float32
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (3, 9)))
-    forward = nnx.jit(lambda m, t, p, c, pieces: m.forward(t, p, cache=c, pieces=pieces))
+    forward = nnx.jit(lambda m, t, p, c, u: m.forward(t, p, cache=c, unstacked=u))
     logits = []
-    for pieces in (packed, layer_pieces(model, pack=False)):
+    for pieces in (packed, unstacked(model, pack=False)):
         out = forward(
             model,
             tokens[:, :8],
@@ -167,60 +182,61 @@ def test_bfloat16_weights_decode_through_the_kernel_as_without_it():
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
-def test_no_packed_copy_where_it_would_not_fit(monkeypatch):
+def test_no_packed_copy_where_it_would_not_fit(monkeypatch, built):
     model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(5))
     e = model.layers.moe.experts
-    need = cpu_moe.packed_bytes(e.w1[...])
+    need = kernels.packed_bytes(e.w1[...])
     assert need == 3 * 2 * 8 * 48 * 48 * 4  # F = 40 rounded up to 48
     monkeypatch.setattr(
-        cpu_moe, "available_memory", lambda: int(need / cpu_moe.MAX_FREE_FRACTION) - 1
+        kernels, "available_memory", lambda: int(need / kernels.MAX_FREE_FRACTION) - 1
     )
     with pytest.warns(UserWarning, match="would take 0.0 GB of the 0.0 GB available"):
-        pieces = layer_pieces(model)
+        pieces = unstacked(model)
         ids, _ = generate_tokens(model, [[1, 2, 3]], max_new_tokens=3)  # on XLA's matmuls
-    assert all(isinstance(p, tuple) for p in pieces.experts)
+    assert all(isinstance(p, ExpertBuffers) for p in pieces.experts)
     # Each copy is judged on its own: the smaller ones still fit.
     assert pieces.attention is not None and pieces.lm_head is not None
     monkeypatch.undo()
     assert generate_tokens(model, [[1, 2, 3]], max_new_tokens=3)[0] == ids  # on the kernel
 
 
-def test_no_packed_copies_at_all_without_memory(monkeypatch):
+def test_no_packed_copies_at_all_without_memory(monkeypatch, built):
     model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(6))
-    monkeypatch.setattr(cpu_moe, "available_memory", lambda: 0)
+    monkeypatch.setattr(kernels, "available_memory", lambda: 0)
     with pytest.warns(UserWarning) as caught:
-        pieces = layer_pieces(model)
+        pieces = unstacked(model)
         ids, _ = generate_tokens(model, [[1, 2, 3], [4]], max_new_tokens=3)
     copies = sorted({str(w.message).split(" for the CPU")[0] for w in caught})
     whats = ("the LM head", "the attention projections", "the experts")
     assert copies == sorted(f"mixtral_jax: no packed copy of {what}" for what in whats)
     assert pieces.attention is None and pieces.lm_head is None
-    assert all(isinstance(p, tuple) for p in pieces.experts)
+    assert all(isinstance(p, ExpertBuffers) for p in pieces.experts)
     monkeypatch.undo()
     assert generate_tokens(model, [[1, 2, 3], [4]], max_new_tokens=3)[0] == ids
 
 
 def test_a_failed_build_names_the_problem_and_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="no C.. compiler 'no-such-c..' on PATH"):
-        cpu_moe.build(compiler="no-such-c++", cache_dir=tmp_path)
+        kernels.build(compiler="no-such-c++", cache_dir=tmp_path)
     with pytest.raises(RuntimeError, match="failed"):
-        cpu_moe.build(compiler="false", cache_dir=tmp_path)  # a compiler that fails
+        kernels.build(compiler="false", cache_dir=tmp_path)  # a compiler that fails
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
 def test_the_build_is_cached(tmp_path):
-    library = cpu_moe.build(cache_dir=tmp_path)
+    library = kernels.build(cache_dir=tmp_path)
     built = library.stat().st_mtime_ns
-    assert cpu_moe.build(cache_dir=tmp_path) == library
+    assert kernels.build(cache_dir=tmp_path) == library
     assert library.stat().st_mtime_ns == built
     assert [p.name for p in tmp_path.iterdir()] == [library.name]
 
 
-def test_large_batches_leave_the_experts_to_xla():
+def test_large_batches_leave_the_experts_to_xla(built):
     """Past 16 rows per expert on average XLA's matmuls are as fast: generation then
     reads each expert's own buffers, and gets the same tokens as at batch 1."""
     config = ModelConfig.from_dict(tiny.get_config())  # 8 experts, top 2
-    assert cpu_moe.suits(config, 64) and not cpu_moe.suits(config, 65)
+    assert kernels.suits(config, 64) and not kernels.suits(config, 65)
     model = Mixtral(config, rngs=nnx.Rngs(3))
     prompts = [[1, 5 + i % 7, 9 + i % 11] for i in range(65)]
     batched, _ = generate_tokens(model, prompts, max_new_tokens=4)

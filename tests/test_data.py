@@ -11,8 +11,8 @@ from flax import nnx
 
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
-from mixtral_jax.data import DataError, Example, batches, pack, read_records, tokenize
-from mixtral_jax.tokenizer import Tokenizer
+from mixtral_jax.model.tokenizer import Tokenizer
+from mixtral_jax.training.data import DataError, Example, batches, pack, read_records, tokenize
 
 
 def example(ids, mask=None) -> Example:

@@ -6,7 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from mixtral_jax import distributed, sharding, steps
+from mixtral_jax.parallel import distributed
+from mixtral_jax.parallel.mesh import make_mesh
+from mixtral_jax.parallel.rules import named_sharding
+from mixtral_jax.training import steps
 
 
 def test_one_process_starts_nothing(monkeypatch):
@@ -44,8 +47,8 @@ def test_incomplete_setups_are_named(monkeypatch, env, message):
 
 
 def test_one_host_holds_every_row_and_the_global_batch_is_the_local_one():
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    batch_sharding = sharding.named_sharding(steps.BATCH_AXES, (1, 1), mesh)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    batch_sharding = named_sharding(steps.BATCH_AXES, (1, 1), mesh)
     assert distributed.host_rows(batch_sharding, 6) == slice(0, 6)
     tokens = np.arange(12).reshape(6, 2)
     batch = distributed.global_batch({"tokens": tokens}, batch_sharding)

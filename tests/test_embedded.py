@@ -1,19 +1,18 @@
 """The embedded model (mixtral_jax/assets/model, tools/train_embedded.py): it loads,
 generates deterministically, is the CLI's default, and reaches the held-out
-perplexity that the README states, recomputed here."""
+perplexity that its training recorded, recomputed here."""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import pytest
 
 import mixtral_jax
-from mixtral_jax import evaluate
-from mixtral_jax.checkpoint import EMBEDDED
+from mixtral_jax.checkpoints.load import EMBEDDED
+from mixtral_jax.training import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "mixtral_jax" / "assets" / "sample"
@@ -28,14 +27,6 @@ def model():
 @pytest.fixture(scope="module")
 def tokenizer():
     return mixtral_jax.load_tokenizer()
-
-
-def readme_perplexity(kind: str) -> float:
-    """The figure the README states: 'held-out perplexity ... **X** on <kind>'."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    found = re.search(rf"held-out perplexity.{{0,80}}?\*\*([\d.]+)\*\* on {kind}", readme, re.S)
-    assert found, f"the README states no held-out perplexity on {kind}"
-    return float(found[1])
 
 
 def test_is_a_small_mixtral_with_its_tokenizer(model, tokenizer):
@@ -56,12 +47,15 @@ def test_greedy_generation_is_deterministic_and_says_something(model, tokenizer)
 
 
 @pytest.mark.parametrize("kind", sorted(HELD_OUT))
-def test_held_out_perplexity_is_below_the_readme_figure(model, tokenizer, kind):
+def test_held_out_perplexity_is_the_one_training_recorded(model, tokenizer, kind):
+    """Recomputed, the held-out perplexity is the figure that tools/train_embedded.py
+    recorded for the shipped weights (training.json), and far better than a uniform
+    guess over the vocabulary."""
     result = evaluate.perplexity(model, tokenizer, [SAMPLE / HELD_OUT[kind]], seq_len=256)
-    assert result["perplexity"] < readme_perplexity(kind)
     recorded = json.loads((EMBEDDED / "training.json").read_text())["held_out"][kind]
     assert result["tokens"] == recorded["tokens"]
     assert result["perplexity"] == pytest.approx(recorded["perplexity"], rel=0.01)
+    assert result["perplexity"] < tokenizer.vocab_size / 10
 
 
 def test_held_out_source_was_never_trained_on():
@@ -88,7 +82,7 @@ def test_source_pieces_cover_the_file_and_cut_before_top_level_lines():
 
 
 def test_cli_defaults_to_the_embedded_model(model, tokenizer, capsys):
-    from mixtral_jax.generate import main
+    from mixtral_jax.inference.cli import main
 
     assert main(["--prompt", "def add(a, b):", "--max_new_tokens", "12"]) == 0
     out = capsys.readouterr()

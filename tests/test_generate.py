@@ -3,6 +3,8 @@ sampling is reproducible and stays in its allowed set, and the CLI streams."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,10 @@ from flax import nnx
 
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
-from mixtral_jax.generate import generate, generate_tokens
-from mixtral_jax.model import init_cache, layer_pieces, per_layer
-from mixtral_jax.sampling import Sampling, allowed, argmax, sample
+from mixtral_jax.backends.cpu.decode import per_layer, unstacked
+from mixtral_jax.inference.generate import generate, generate_tokens
+from mixtral_jax.inference.sampling import Sampling, allowed, argmax, sample
+from mixtral_jax.model.kv_cache import init_cache
 from tests.reference import hf_twin, torch_and_transformers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,21 +36,28 @@ def tiny_config(**changes) -> ModelConfig:
 def test_cached_decode_equals_the_full_forward(window, weights):
     """Prefill 7 tokens, then decode one at a time past the window (rolling buffer),
     reading the stacked weights and cache (a scan, as on TPUs) or each layer's and
-    expert's own buffers and each layer's own cache, with the experts computed by
-    XLA or by the CPU kernel (as generation on a CPU does)."""
+    expert's own buffers and each layer's own cache, with the experts, the attention
+    projections and the LM head computed by XLA or by the CPU kernels (as generation
+    on a CPU does)."""
+    if weights == "packed" and shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler for the CPU kernels")
     config = tiny_config(sliding_window=window)
     model = Mixtral(config, rngs=nnx.Rngs(1))
     pieces = None
     if weights != "stacked":
-        pieces = layer_pieces(model, pack=weights == "packed")
+        pieces = unstacked(model, pack=weights == "packed")
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (3, 16)))
     full = np.asarray(model(tokens))
-    forward = nnx.jit(lambda m, t, p, c, pieces: m.forward(t, p, cache=c, pieces=pieces))
+    forward = nnx.jit(lambda m, t, p, c, u: m.forward(t, p, cache=c, unstacked=u))
     positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
-    out = forward(model, tokens[:, :7], positions, init_cache(config, 3, 16), pieces)
+    out = forward(model, tokens[:, :7], positions, init_cache(config, 3, 16), None)
     assert out.cache.length == (16 if window is None else window)
     np.testing.assert_allclose(np.asarray(out.logits), full[:, :7], atol=1e-4)
     cache = out.cache if pieces is None else per_layer(out.cache)  # as generation does
+    step = jnp.full((3, 1), 7)
+    program = forward.lower(model, tokens[:, 7:8], step, cache, pieces).as_text()
+    kernel_calls = ("mixtral_jax_cpu_moe", "mixtral_jax_cpu_dense")
+    assert all((call in program) == (weights == "packed") for call in kernel_calls)
     for t in range(7, 16):
         out = forward(model, tokens[:, t : t + 1], jnp.full((3, 1), t), cache, pieces)
         cache = out.cache
@@ -58,24 +68,20 @@ def test_layer_pieces_are_views_of_the_stacked_weights():
     """Each layer's and each expert's buffer is the stacked parameter's own memory at
     its offset: generation on a CPU reads the weights in place and copies nothing."""
     model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
-    pieces = layer_pieces(model, pack=False)
+    pieces = unstacked(model, pack=False)
     stacked = model.layers
     layer, expert = 1, 5
+    w1, w2, w3 = pieces.experts[layer].experts[expert]
     checks = [
-        (stacked.attention.q_proj[...], pieces.layers[layer]["attention"]["q_proj"], (layer,)),
-        (stacked.moe.gate[...], pieces.layers[layer]["moe"]["gate"], (layer,)),
-        (
-            stacked.moe.experts.w2[...],
-            pieces.experts[layer][expert]["moe"]["experts"]["w2"],
-            (layer, expert),
-        ),
+        (stacked.attention.q_proj[...], pieces.layers[layer]["attention"]["q_proj"][...], (layer,)),
+        (stacked.moe.gate[...], pieces.layers[layer]["moe"]["gate"][...], (layer,)),
+        (stacked.moe.experts.w2[...], w2.w, (layer, expert)),
     ]
     for whole, piece, index in checks:
-        piece = piece[...]
         np.testing.assert_array_equal(np.asarray(piece), np.asarray(whole[index]))
         offset = np.ravel_multi_index(index + (0,) * piece.ndim, whole.shape) * 4
         assert piece.unsafe_buffer_pointer() == whole.unsafe_buffer_pointer() + offset
-    assert len(pieces.layers) == 2 and all(len(e) == 8 for e in pieces.experts)
+    assert len(pieces.layers) == 2 and all(len(e.experts) == 8 for e in pieces.experts)
 
 
 def test_batched_prompts_get_what_they_would_get_alone():
@@ -175,12 +181,14 @@ def test_empty_prompts_are_refused():
     model = Mixtral(tiny_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="at least one token"):
         generate_tokens(model, [[1, 2], []])
-    with pytest.raises(ValueError, match="non-empty strings"):
+    with pytest.raises(ValueError, match="a non-empty string or a non-empty list of token ids"):
         generate(model, None, [""])
+    with pytest.raises(ValueError, match=r"mixtral_jax.generate_tokens\(model"):
+        generate(model, None, [[1, 15, 27]])  # ids without a tokenizer: generate_tokens
 
 
 def test_text_generation_streams_and_stops_at_stop_strings(sp_model):
-    from mixtral_jax.tokenizer import Tokenizer
+    from mixtral_jax.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(sp_model)
     config = tiny_config(vocab_size=tokenizer.vocab_size)
@@ -213,15 +221,31 @@ def test_text_generation_streams_and_stops_at_stop_strings(sp_model):
         assert cut.texts[0] == text[: text.find(stop)]
 
 
+def test_text_and_token_id_prompts_give_the_same_tokens(sp_model):
+    from mixtral_jax.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(sp_model)
+    model = Mixtral(tiny_config(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
+    text = generate(model, tokenizer, ["The quick brown", "Über"], max_new_tokens=6)
+    ids = generate(model, tokenizer, text.prompt_tokens, max_new_tokens=6)
+    one = generate(model, tokenizer, text.prompt_tokens[1], max_new_tokens=6)  # one prompt
+    assert ids.tokens == text.tokens and ids.texts == text.texts
+    assert one.tokens == text.tokens[1:]
+    alone, _ = generate_tokens(model, text.prompt_tokens, max_new_tokens=6, eos_id=2)
+    assert alone == text.tokens
+    with pytest.raises(ValueError, match="chat=True wraps text prompts"):
+        generate(model, tokenizer, text.prompt_tokens, chat=True)
+
+
 def test_cli_streams_and_reports_speed(sp_model, tmp_path):
-    from mixtral_jax import checkpoint
-    from mixtral_jax.tokenizer import Tokenizer
-    from mixtral_jax.weights import flat_params
+    from mixtral_jax.checkpoints.store import save
+    from mixtral_jax.model.tokenizer import Tokenizer
+    from mixtral_jax.params import flat_params
 
     tokenizer = Tokenizer.from_file(sp_model)
     config = tiny_config(vocab_size=tokenizer.vocab_size)
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    checkpoint.save(tmp_path / "ckpt", flat_params(model), config)
+    save(tmp_path / "ckpt", flat_params(model), config)
     (tmp_path / "ckpt" / "tokenizer.model").write_bytes(Path(sp_model).read_bytes())
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max_new_tokens", "8"]
     result = subprocess.run(

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax.attention import attention_mask, query_blocks
-from mixtral_jax.layers import RMSNorm, apply_rope
+from mixtral_jax.model.attention import attention_mask, query_blocks
+from mixtral_jax.model.layers import RMSNorm, apply_rope
 
 
 def test_rms_norm_against_numpy():

@@ -10,11 +10,14 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mixtral_jax import Mixtral, ModelConfig, lora, sharding, steps
-from mixtral_jax.config import ConfigError
-from mixtral_jax.layers import Adapter, LoRAParam
-from mixtral_jax.model import init_cache, layer_pieces
-from mixtral_jax.weights import flat_params
+from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.backends.cpu.decode import per_layer, unstacked
+from mixtral_jax.model.config import ConfigError
+from mixtral_jax.model.kv_cache import init_cache
+from mixtral_jax.model.layers import Adapter, LoRAParam
+from mixtral_jax.parallel.mesh import make_mesh
+from mixtral_jax.params import flat_params
+from mixtral_jax.training import lora, steps
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
 
@@ -39,11 +42,12 @@ def logits(model: Mixtral, tokens: jax.Array) -> jax.Array:
 @nnx.jit
 def prefill_then_decode(model: Mixtral, tokens: jax.Array, pieces=None) -> jax.Array:
     """Logits of the last token from a decode step after a prefill of the others; the
-    step reads `pieces` (`layer_pieces`) when given."""
+    step reads `pieces` (`backends.cpu.decode.unstacked`) when given."""
     cache = init_cache(model.config, tokens.shape[0], 16, jnp.float32)
     out = model.forward(tokens[:, :-1], cache=cache)
     positions = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
-    return model.forward(tokens[:, -1:], positions, cache=out.cache, pieces=pieces).logits[:, 0]
+    cache = out.cache if pieces is None else per_layer(out.cache)
+    return model.forward(tokens[:, -1:], positions, cache=cache, unstacked=pieces).logits[:, 0]
 
 
 def perturbed(model: Mixtral, seed: int = 1) -> Mixtral:
@@ -102,7 +106,7 @@ def test_merged_model_computes_the_adapted_function(base, tokens, targets):
     np.testing.assert_allclose(logits(merged, tokens), expected, atol=2e-5)
     # Prefill with a cache, then a decode step (the sorted dispatch), with the experts
     # sliced from the stacked weights and with each in its own buffer.
-    for pieces in (None, layer_pieces(adapted)):
+    for pieces in (None, unstacked(adapted)):
         decoded = prefill_then_decode(adapted, tokens, pieces)
         np.testing.assert_allclose(decoded, expected[:, -1], atol=2e-5)
 
@@ -118,7 +122,7 @@ def test_sorted_and_dense_dispatch_agree_with_adapters(base, tokens):
 def test_lora_trains_only_the_adapters(base, tokens):
     adapted = lora.add_adapters(base, rank=4, alpha=8.0, targets=ALL)
     before = {p: np.asarray(v) for p, v in flat_params(adapted).items()}
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])
     train_step = steps.jit_train_step(adapted, optax.adam(1e-2), mesh, trainable=LoRAParam)
     state = train_step.init(adapted)
     assert {p[-1] for p in flat_params(state.params)} == {"a", "b"}

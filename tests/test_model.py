@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
-from mixtral_jax.weights import flat_params
+from mixtral_jax.params import flat_params
 from tests.reference import hf_forward, hf_twin, top_k_without_ties
 
 LOGIT_TOL = 1e-4  # float32, max abs difference
@@ -182,8 +182,16 @@ def test_gradients_flow_through_remat_and_scan():
     assert norms[("layers", "moe", "experts", "w2")] > 0
 
 
+@pytest.fixture(scope="module")
+def small_model() -> Mixtral:
+    """Built when the first bad-input test runs, not when the tests are collected."""
+    return Mixtral(config(max_position_embeddings=32), rngs=nnx.Rngs(0))
+
+
 class TestBadInputs:
-    model = Mixtral(config(max_position_embeddings=32), rngs=nnx.Rngs(0))
+    @pytest.fixture(autouse=True)
+    def _model(self, small_model):
+        self.model = small_model
 
     def test_token_id_outside_vocabulary(self):
         with pytest.raises(ValueError, match=r"token id 211 is outside the vocabulary \[0, 211\)"):
@@ -214,7 +222,7 @@ class TestBadInputs:
 def test_blocked_attention_matches_transformers(monkeypatch, window):
     """Queries in blocks of 8 (the default 256 exceeds these test lengths): block edges,
     windows that cross them and padding all keep the reference's logits."""
-    from mixtral_jax import attention
+    from mixtral_jax.model import attention
 
     monkeypatch.setattr(attention, "BLOCK", 8)
     cfg = config(sliding_window=window)

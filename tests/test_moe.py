@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mixtral_jax import ModelConfig, routing
-from mixtral_jax.moe import DROPLESS_LADDER, SparseMoE
-from mixtral_jax.weights import flat_params, set_params
+from mixtral_jax import ModelConfig
+from mixtral_jax.model.moe import DROPLESS_LADDER, SparseMoE
+from mixtral_jax.model.routing import expert_capacity, expert_load, route
+from mixtral_jax.params import flat_params, set_params
 from tests.test_routing import numpy_assign, numpy_route
 
 
@@ -69,7 +70,7 @@ def test_layer_equals_the_numpy_loop_including_drops(
 
     out = moe(jnp.asarray(x), jnp.asarray(mask))
     S = min(group_size, batch * length) if moe_impl == "dense" else batch * length
-    capacity = routing.expert_capacity(S, 8, 2, capacity_factor)
+    capacity = expert_capacity(S, 8, 2, capacity_factor)
     y, experts, dropped = numpy_moe(moe, x, mask, capacity)
 
     np.testing.assert_allclose(np.asarray(out.y)[mask], y[mask], atol=3e-5, rtol=1e-5)
@@ -137,12 +138,12 @@ def test_the_ladder_scenarios_reach_every_capacity():
     """Guards the test above: its inputs must exercise the cheap and the fallback branches."""
     moe = layer(capacity_factor=None, group_size=32)
     S, E, k = 32, 8, 2
-    ladder = sorted({routing.expert_capacity(S, E, k, cf) for cf in DROPLESS_LADDER} | {S})
+    ladder = sorted({expert_capacity(S, E, k, cf) for cf in DROPLESS_LADDER} | {S})
     picked = []
     for scenario in SCENARIOS:
         logits = jnp.einsum("BTD,DE->BTE", routed_input(moe, scenario), moe.gate[...])
-        routes = routing.route(logits.reshape(-1, S, E), k)
-        fullest = int(routing.expert_load(routes.experts, jnp.ones((2, S), bool), E).max())
+        routes = route(logits.reshape(-1, S, E), k)
+        fullest = int(expert_load(routes.experts, jnp.ones((2, S), bool), E).max())
         picked.append(int(np.searchsorted(ladder, fullest)))
     assert picked[0] == 0, picked  # balanced: C = k S / E
     assert picked[-1] == len(ladder) - 1, picked  # collapsed: C = S

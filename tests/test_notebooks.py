@@ -25,14 +25,12 @@ def test_notebook_runs(name, monkeypatch):
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
     client.execute()  # raises CellExecutionError naming the cell that failed
-    errors = [
-        output
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-        if output.output_type == "error"
-    ]
-    assert not errors
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    # Top to bottom: every code cell ran, in order, and printed or showed something
+    # where it is meant to (a cell's last output is never an error).
+    assert code and [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    assert sum(bool(cell.outputs) for cell in code) >= len(code) // 2
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -18,10 +18,16 @@ from flax import nnx
 pytest.importorskip("qwix", reason="qwix needs Python 3.11+")
 
 from configs import tiny  # noqa: E402
-from mixtral_jax import Mixtral, ModelConfig, checkpoint, convert, evaluate, quantize
-from mixtral_jax.config import ConfigError
-from mixtral_jax.model import layer_pieces
-from mixtral_jax.weights import flat_params
+from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.backends.cpu.decode import unstacked
+from mixtral_jax.checkpoints import convert
+from mixtral_jax.checkpoints.load import EMBEDDED, load
+from mixtral_jax.checkpoints.store import CheckpointError, read_config
+from mixtral_jax.model import quantized
+from mixtral_jax.model.config import ConfigError
+from mixtral_jax.params import flat_params
+from mixtral_jax.quant import quantize
+from mixtral_jax.training import evaluate
 from tests import run_script
 from tests.test_lora import prefill_then_decode
 from tests.test_sources import write_layout
@@ -59,13 +65,13 @@ def tokens() -> jax.Array:
 )
 def test_rounding_error_is_within_half_a_step(scheme, spec, shape, scale_shape):
     w = jax.random.normal(jax.random.key(0), shape) * jnp.linspace(0.1, 3.0, shape[-1])
-    q = quantize.quantize(w, spec, scheme, GROUP)
-    assert q.qvalue.dtype == quantize.QTYPES[scheme] and q.scale.dtype == jnp.float32
+    q = quantized.quantize(w, spec, scheme, GROUP)
+    assert q.qvalue.dtype == quantized.QTYPES[scheme] and q.scale.dtype == jnp.float32
     assert q.scale.shape == scale_shape[scheme]
     if scheme == "int4":
-        w = quantize.split_groups(w, spec, GROUP)
-    step = np.asarray(quantize.dequantize(jnp.ones_like(q.qvalue), q.scale, jnp.float32))
-    error = np.abs(np.asarray(quantize.dequantize(q.qvalue, q.scale, jnp.float32)) - w)
+        w = quantized.split_groups(w, spec, GROUP)
+    step = np.asarray(quantized.dequantize(jnp.ones_like(q.qvalue), q.scale, jnp.float32))
+    error = np.abs(np.asarray(quantized.dequantize(q.qvalue, q.scale, jnp.float32)) - w)
     assert np.all(error <= step / 2 * (1 + 1e-4))  # rounding to nearest, float32 ulps
     # qwix's absmax scale maps |w| <= absmax onto [-(qmax + 0.5), qmax + 0.5]: the
     # integer range is used to its ends.
@@ -100,18 +106,18 @@ def test_only_projections_and_experts_are_quantized(model):
 def test_cached_decode_of_a_quantized_model_equals_its_forward(model, tokens):
     q = quantize.quantize_model(model, "int8", GROUP)
     # Sliced from the stacked integers, and from each layer's and expert's own buffer.
-    for pieces in (None, layer_pieces(q)):
+    for pieces in (None, unstacked(q)):
         np.testing.assert_allclose(
             prefill_then_decode(q, tokens, pieces), q(tokens)[:, -1], atol=1e-4
         )
     # numpy cannot view int4 in place: its decode keeps the stacked weights (no copy).
-    assert layer_pieces(quantize.quantize_model(model, "int4", GROUP)) is None
+    assert unstacked(quantize.quantize_model(model, "int4", GROUP)) is None
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, model) -> dict[str, Path]:
     """The model as a Hub-layout source (bfloat16) and its bf16, int8, int4 conversions."""
-    from mixtral_jax.weights import params_to_hub
+    from mixtral_jax.checkpoints.hub import params_to_hub
 
     tmp = tmp_path_factory.mktemp("quantized")
     hub = {
@@ -141,13 +147,13 @@ def _stored_bytes(directory: Path) -> dict[str, int]:
 
 
 def test_quantized_checkpoints_round_trip_packed_and_smaller(converted):
-    original = checkpoint.load(converted["float"])
+    original = load(converted["float"])
     for scheme in SCHEMES:
-        config, _ = checkpoint.read_config(converted[scheme])
+        config, _ = read_config(converted[scheme])
         assert config.quantization == scheme and config.quant_group_size == GROUP
-        stored = checkpoint.load(converted[scheme])
+        stored = load(converted[scheme])
         # Converting quantized, quantizing on load and quantizing in memory agree exactly.
-        on_load = checkpoint.load(converted["float"], quantize=scheme, group_size=GROUP)
+        on_load = load(converted["float"], quantize=scheme, group_size=GROUP)
         in_memory = quantize.quantize_model(original, scheme, GROUP)
         for path, value in flat_params(stored).items():
             for other in (on_load, in_memory):
@@ -190,19 +196,20 @@ def test_sharded_quantized_model_equals_the_single_device_one(converted):
     # w1 [L, E, D / 16, 16, F] and its scales [L, E, D / 16, 1, F] split alike.
     assert out["qvalue_spec"] == ["None", "expert", "fsdp", "None", "tensor"]
     assert out["scale_spec"] == ["None", "expert", "fsdp", "None", "tensor"]
-    single = checkpoint.load(converted["int4"])
+    single = load(converted["int4"])
     tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 200)
     np.testing.assert_allclose(np.array(out["logits"]), single(tokens), atol=1e-5)
 
 
 def test_qlora_trains_only_the_adapters_and_merges_to_float():
     from configs import finetune_tiny
-    from mixtral_jax import lora, sharding, steps, train
+    from mixtral_jax.parallel.mesh import make_mesh
+    from mixtral_jax.training import lora, steps, train
 
     config = finetune_tiny.get_config()
     config.model.update(quantization="int8", vocab_size=256, num_experts=4)
     config.lora.rank = 4
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])
     model = train.build_model(config, mesh)
     assert model.config.quantization == "int8" and model.config.lora_rank == 4
     step = steps.jit_train_step(
@@ -238,13 +245,14 @@ def test_qlora_trains_only_the_adapters_and_merges_to_float():
 
 def test_a_quantized_base_is_not_fine_tuned_in_full():
     from configs import finetune_tiny
-    from mixtral_jax import sharding, train
+    from mixtral_jax.parallel.mesh import make_mesh
+    from mixtral_jax.training import train
 
     config = finetune_tiny.get_config()
     config.model.quantization = "int4"
     config.model.quant_group_size = 16
     with pytest.raises(ConfigError, match="QLoRA, config.lora.rank > 0"):
-        train.build_model(config, sharding.make_mesh(devices=jax.devices()[:1]))
+        train.build_model(config, make_mesh(devices=jax.devices()[:1]))
 
 
 def test_bad_quantization_settings_say_what_to_choose(tmp_path, converted):
@@ -252,6 +260,9 @@ def test_bad_quantization_settings_say_what_to_choose(tmp_path, converted):
         CONFIG.replace(quantization="int3")
     with pytest.raises(ConfigError, match="group size 24 does not divide hidden_size=64"):
         CONFIG.replace(quantization="int4", quant_group_size=24)
+    # The suggestions divide this model's sizes (64, 16 and 48): 16, 8 or 4.
+    with pytest.raises(ConfigError, match=r"for this model e\.g\. 16, 8 or 4$"):
+        CONFIG.replace(quantization="int4", quant_group_size=32)
     with pytest.raises(convert.ConvertError, match="--quantize 'int3': choose one of int8, int4"):
         convert.convert(converted["source"], tmp_path / "out", quantize="int3", quiet=True)
     with pytest.raises(convert.ConvertError, match="does not divide head_dim=16"):
@@ -259,10 +270,10 @@ def test_bad_quantization_settings_say_what_to_choose(tmp_path, converted):
             converted["source"], tmp_path / "out", quantize="int4", group_size=32, quiet=True
         )
     assert not list(tmp_path.iterdir())  # nothing left behind
-    with pytest.raises(checkpoint.CheckpointError, match="already quantized"):
-        checkpoint.load(converted["int8"], quantize="int4")
-    with pytest.raises(checkpoint.CheckpointError, match="quantize='int2'"):
-        checkpoint.load(converted["float"], quantize="int2")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        load(converted["int8"], quantize="int4")
+    with pytest.raises(CheckpointError, match="quantize='int2'"):
+        load(converted["float"], quantize="int2")
     with pytest.raises(convert.ConvertError, match="export the float checkpoint"):
         convert.export_hf(converted["int8"], tmp_path / "hf", quiet=True)
     cli = [sys.executable, str(ROOT / "tools" / "convert.py"), str(converted["source"])]
@@ -303,11 +314,9 @@ def test_agreement_counts_tokens_and_expert_sets():
 
 def test_evaluate_compares_a_checkpoint_with_its_quantization(capsys):
     """The CLI on the embedded model (4 layers) and a little of its held-out data."""
-    data = checkpoint.EMBEDDED.parent / "sample" / "eval_code.jsonl"
+    data = EMBEDDED.parent / "sample" / "eval_code.jsonl"
     argv = ["--data", str(data), "--seq_len", "32", "--batch_size", "2", "--max_batches", "1"]
-    assert (
-        evaluate.main([*argv, "--checkpoint", str(checkpoint.EMBEDDED), "--quantize", "int8"]) == 0
-    )
+    assert evaluate.main([*argv, "--checkpoint", str(EMBEDDED), "--quantize", "int8"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert float(lines["float"].split()[2]) > 1 and float(lines["int8"].split()[2]) > 1
@@ -317,7 +326,7 @@ def test_evaluate_compares_a_checkpoint_with_its_quantization(capsys):
 
 
 def test_generate_cli_names_a_bad_scheme(capsys):
-    from mixtral_jax.generate import main
+    from mixtral_jax.inference.cli import main
 
     assert main(["--prompt", "def f(", "--quantize", "int3"]) == 2
     assert "quantize='int3': choose one of int8, int4" in capsys.readouterr().err

@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import routing
+from mixtral_jax.model.routing import (
+    dispatch_and_combine,
+    expert_capacity,
+    load_balancing_loss,
+    route,
+    router_stats,
+)
 
 
 def numpy_route(logits: np.ndarray, k: int):
@@ -41,7 +47,7 @@ def numpy_assign(experts: np.ndarray, mask: np.ndarray, num_experts: int, capaci
 def test_route_is_the_renormalised_top_k_softmax(k):
     logits = np.random.RandomState(k).randn(5, 7, 8).astype(np.float32) * 3
     probs, weights, experts = numpy_route(logits.astype(np.float64), k)
-    r = routing.route(jnp.asarray(logits), k)
+    r = route(jnp.asarray(logits), k)
     np.testing.assert_array_equal(r.experts, experts)
     np.testing.assert_allclose(r.weights, weights, rtol=1e-6)
     np.testing.assert_allclose(r.probs, probs, rtol=1e-5)
@@ -49,7 +55,7 @@ def test_route_is_the_renormalised_top_k_softmax(k):
 
 
 def test_route_breaks_ties_towards_the_lower_expert():
-    r = routing.route(jnp.array([[0.0, 1.0, 1.0, 1.0]]), 2)
+    r = route(jnp.array([[0.0, 1.0, 1.0, 1.0]]), 2)
     np.testing.assert_array_equal(r.experts, [[1, 2]])
 
 
@@ -66,7 +72,7 @@ def test_route_breaks_ties_towards_the_lower_expert():
     ],
 )
 def test_expert_capacity(S, E, k, cf, expected):
-    assert routing.expert_capacity(S, E, k, cf) == expected
+    assert expert_capacity(S, E, k, cf) == expected
 
 
 @pytest.mark.parametrize("capacity", [1, 3, 6, 40])
@@ -76,8 +82,8 @@ def test_dispatch_follows_the_priority_rule_of_the_numpy_loop(capacity):
     # A skewed router so that some experts overflow.
     logits = rng.randn(G, S, E).astype(np.float32) + np.linspace(0, 2, E)
     mask = rng.rand(G, S) > 0.2
-    routes = routing.route(jnp.asarray(logits), k)
-    d = routing.dispatch_and_combine(routes, jnp.asarray(mask), E, capacity)
+    routes = route(jnp.asarray(logits), k)
+    d = dispatch_and_combine(routes, jnp.asarray(mask), E, capacity)
 
     slot = numpy_assign(np.asarray(routes.experts), mask, E, capacity)
     expected = np.zeros((G, S, E, capacity), bool)
@@ -97,9 +103,9 @@ def test_router_stats_and_losses_against_numpy():
     rng = np.random.RandomState(0)
     logits = rng.randn(2, 16, 4).astype(np.float32)
     mask = rng.rand(2, 16) > 0.3
-    routes = routing.route(jnp.asarray(logits), 2)
+    routes = route(jnp.asarray(logits), 2)
     kept = jnp.asarray(rng.rand(2, 16, 2) > 0.1)
-    stats = routing.router_stats(jnp.asarray(logits), routes, kept, jnp.asarray(mask))
+    stats = router_stats(jnp.asarray(logits), routes, kept, jnp.asarray(mask))
 
     probs, _, experts = numpy_route(logits.astype(np.float64), 2)
     m = mask.astype(float)
@@ -118,7 +124,7 @@ def test_load_balancing_loss_is_k_at_perfect_balance():
     E, k = 8, 2
     fraction = jnp.full((E,), k / E)
     prob = jnp.full((E,), 1 / E)
-    np.testing.assert_allclose(routing.load_balancing_loss(fraction, prob), k, rtol=1e-6)
+    np.testing.assert_allclose(load_balancing_loss(fraction, prob), k, rtol=1e-6)
 
 
 @pytest.mark.parity
@@ -132,15 +138,15 @@ def test_load_balancing_loss_equals_transformers_over_stacked_layers(with_mask):
     mask = (rng.rand(B, T) > 0.3) if with_mask else np.ones((B, T), bool)
 
     per_layer = [
-        routing.router_stats(
+        router_stats(
             jnp.asarray(logits[l]),
-            routing.route(jnp.asarray(logits[l]), k),
+            route(jnp.asarray(logits[l]), k),
             jnp.ones((B, T, k), bool),
             jnp.asarray(mask),
         )
         for l in range(L)
     ]
-    ours = routing.load_balancing_loss(
+    ours = load_balancing_loss(
         jnp.stack([s.expert_fraction for s in per_layer]),
         jnp.stack([s.router_prob for s in per_layer]),
     )

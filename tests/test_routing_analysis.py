@@ -7,6 +7,7 @@ import html
 import json
 import math
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,12 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import checkpoint
-from mixtral_jax.model import Mixtral
-from mixtral_jax.routing import analysis
-from mixtral_jax.routing.__main__ import main
-from mixtral_jax.tokenizer import Tokenizer
-from mixtral_jax.weights import flat_params, set_params
+from mixtral_jax.analysis import figures
+from mixtral_jax.analysis import routing as analysis
+from mixtral_jax.analysis.cli import main
+from mixtral_jax.checkpoints.store import save
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.tokenizer import Tokenizer
+from mixtral_jax.params import flat_params, set_params
 from tests.test_generate import tiny_config
 
 E = 8
@@ -109,7 +111,7 @@ def test_report_writes_valid_images_tables_and_json(tmp_path, sp_model):
     texts = {"code": "def f(x):\n    return x  # 🙂\n", "prose": "The quick brown fox. Über."}
     ids = [tokenizer.encode(t) for t in texts.values()]
     routes = dict(zip(texts, analysis.record(model, ids, seq_len=32, batch_size=2), strict=True))
-    summary = analysis.write_report(tmp_path, tokenizer, routes, E, 2, [0, 1])
+    summary = figures.write_report(tmp_path, tokenizer, routes, E, 2, [0, 1])
     stored = json.loads((tmp_path / "routing.json").read_text())
     assert stored["sets"]["code"]["shares"] == summary["sets"]["code"]["shares"]
     assert stored["random"]["repeat_any"] == pytest.approx(1 - 15 / 28)
@@ -134,7 +136,7 @@ def hand_checkpoint(tmp_path_factory, sp_model) -> Path:
     tokenizer = Tokenizer.from_file(sp_model)
     model = hand_routed_model(tokenizer.vocab_size)
     directory = tmp_path_factory.mktemp("routing") / "ckpt"
-    checkpoint.save(directory, flat_params(model), model.config)
+    save(directory, flat_params(model), model.config)
     (directory / "tokenizer.model").write_bytes(Path(sp_model).read_bytes())
     return directory
 
@@ -176,4 +178,18 @@ def test_cli_errors_name_the_problem(
     argv = ["--checkpoint", str(hand_checkpoint), "--out", "out", *extra, "--inputs", *inputs]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_matplotlib_the_figures_name_the_extra(
+    hand_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """The model never needs matplotlib; the figures say how to get it, before any work."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[plots\]"'):
+        figures.require_matplotlib()
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    argv = ["--checkpoint", str(hand_checkpoint), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--inputs", f"code={tmp_path / 'a.txt'}"]) == 2
+    assert "the routing figures need matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

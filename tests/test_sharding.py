@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import meshes
 from configs.meshes import RECIPES
-from mixtral_jax.sharding import MeshConfig, make_mesh, partition_spec
+from mixtral_jax.parallel.mesh import MeshConfig, make_mesh, parse_mesh
+from mixtral_jax.parallel.rules import partition_spec
 from tests import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +149,9 @@ def test_two_processes_forward_save_and_restore(tmp_path):
     import numpy as np
     from flax import nnx
 
-    from mixtral_jax import Mixtral, checkpoint
-    from mixtral_jax.weights import flat_params
+    from mixtral_jax import Mixtral
+    from mixtral_jax.checkpoints.load import load
+    from mixtral_jax.params import flat_params
     from tests.mesh_worker import tiny_config
 
     directory = tmp_path / "ckpt"
@@ -184,7 +186,7 @@ def test_two_processes_forward_save_and_restore(tmp_path):
     assert result["same_params"]
     assert result["w1_spec"] == "(None, 'expert', 'fsdp', None)"
     # What two processes wrote, one process reads: the parameters of the same seed.
-    restored = flat_params(checkpoint.load(directory))
+    restored = flat_params(load(directory))
     expected = flat_params(Mixtral(tiny_config(), rngs=nnx.Rngs(0)))
     for path, value in expected.items():
         np.testing.assert_array_equal(np.asarray(restored[path]), np.asarray(value))
@@ -221,7 +223,7 @@ def test_meshes_that_split_no_parameter_name_the_axis(sizes, message):
 
     from configs import tiny
     from mixtral_jax import Mixtral, ModelConfig
-    from mixtral_jax.sharding import param_shardings
+    from mixtral_jax.parallel.placement import param_shardings
 
     model = nnx.eval_shape(
         lambda: Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(0))
@@ -233,10 +235,11 @@ def test_meshes_that_split_no_parameter_name_the_axis(sizes, message):
 
 def test_batches_that_do_not_split_name_the_axes():
 
-    from mixtral_jax import sharding, steps
+    from mixtral_jax.parallel.rules import named_sharding
+    from mixtral_jax.training import steps
 
     mesh = make_mesh(data=2, fsdp=2, devices=_fake_devices(4))
-    batch_sharding = sharding.named_sharding(steps.BATCH_AXES, (4, 1), mesh)
+    batch_sharding = named_sharding(steps.BATCH_AXES, (4, 1), mesh)
     steps.check_rows(8, batch_sharding)
     with pytest.raises(
         ValueError, match=r"a batch of 3 rows does not split .* \(data=2 x fsdp=2\)"
@@ -247,3 +250,11 @@ def test_batches_that_do_not_split_name_the_axes():
 def test_routing_analysis_on_a_mesh_records_the_single_device_routes(mesh_results):
     result = mesh_results["routing"]
     assert result["same_experts"] and result["weights_diff"] < 1e-5, result
+
+
+def test_meshes_parse_and_bad_ones_say_how_to_write_them():
+    assert parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4}
+    with pytest.raises(ValueError, match="AXIS=SIZE"):
+        parse_mesh("model=8")
+    with pytest.raises(ValueError, match="AXIS=SIZE"):
+        parse_mesh("tensor=two")

@@ -12,8 +12,9 @@ from safetensors.numpy import save_file
 
 from configs import tiny
 from mixtral_jax import ModelConfig
-from mixtral_jax.sources import SourceError, _hub_to_rotary, open_source
-from mixtral_jax.weights import flat_params, params_from_hub, params_to_hub
+from mixtral_jax.checkpoints.hub import params_from_hub, params_to_hub
+from mixtral_jax.checkpoints.sources import SourceError, _hub_to_rotary, open_source
+from mixtral_jax.params import flat_params
 from tests.reference import hf_forward, hf_twin, torch_and_transformers
 
 CONFIG = ModelConfig.from_dict(tiny.get_config())
@@ -140,6 +141,66 @@ def test_every_layout_gives_the_reference_logits(tmp_path, layout):
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref_logits).max() <= 1e-4
 
 
+def hub_style_params_json(c: ModelConfig) -> dict:
+    """The params.json of the first release's consolidated.0N.pt: Hugging Face-style keys,
+    no head_dim (hidden / heads), no top-k, and the sliding window as a string."""
+    values = dict(
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_heads,
+        num_hidden_layers=c.num_layers,
+        num_key_value_heads=c.num_kv_heads,
+        intermediate_size=c.intermediate_size,
+        num_local_experts=c.num_experts,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        vocab_size=c.vocab_size,
+    )
+    if c.sliding_window is not None:
+        values["sliding_window"] = str(c.sliding_window)
+    return values
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_first_releases_hub_style_params_json_gives_the_reference_logits(tmp_path, window):
+    """params.json in the keys transformers' convert_mixtral_weights_to_hf.py reads,
+    with the weights as Mistral released them (stacked experts, interleaved rotary)."""
+    config = CONFIG.replace(head_dim=CONFIG.hidden_size // CONFIG.num_heads, sliding_window=window)
+    hf, model = hf_twin(config, seed=12)
+    d = write_layout(
+        tmp_path,
+        "mistral",
+        dict(params_to_hub(params_from_hub(hf.state_dict().items(), config), config)),
+        config,
+    )
+    (d / "params.json").write_text(json.dumps(hub_style_params_json(config)))
+    source = open_source(d)
+    assert source.layout == "mistral"
+    c = source.config
+    assert (c.head_dim, c.num_experts_per_tok, c.sliding_window) == (12, 2, window)
+    assert (c.rope_theta, c.max_position_embeddings) == (1e6, 32768)
+    params = params_from_hub(source.tensors(), c)
+    ours = flat_params(model)
+    for path, value in params.items():
+        np.testing.assert_array_equal(value, np.asarray(ours[path]), err_msg=str(path))
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (2, 19))
+    ref_logits, _, _ = hf_forward(hf, tokens)
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref_logits).max() <= 1e-4
+
+
+def test_a_hub_style_params_json_with_a_bad_window_or_a_missing_key_says_which(tmp_path):
+    values = hub_style_params_json(CONFIG.replace(head_dim=12, sliding_window=8))
+    values["sliding_window"] = "eight"
+    (tmp_path / "params.json").write_text(json.dumps(values))
+    with pytest.raises(SourceError, match="sliding_window 'eight' is not a number of tokens"):
+        open_source(tmp_path)
+    values["sliding_window"] = "null"
+    del values["rms_norm_eps"]
+    (tmp_path / "params.json").write_text(json.dumps(values))
+    with pytest.raises(SourceError, match="params.json lacks the field 'rms_norm_eps'"):
+        open_source(tmp_path)
+
+
 def architecture(c: ModelConfig) -> dict:
     """The config.json fields that shape the model (params.json has no training knobs)."""
     training = ("router_aux_loss_coef", "initializer_range")
@@ -148,7 +209,7 @@ def architecture(c: ModelConfig) -> dict:
 
 def random_hub() -> dict[str, np.ndarray]:
     rng = np.random.RandomState(0)
-    from mixtral_jax.weights import param_shapes
+    from mixtral_jax.model.mixtral import param_shapes
 
     params = {p: rng.randn(*s).astype(np.float32) for p, s in param_shapes(CONFIG).items()}
     return dict(params_to_hub(params, CONFIG))
@@ -205,7 +266,7 @@ def test_params_json_without_moe_is_not_mixtral(tmp_path):
     values = params_json(CONFIG)
     del values["moe"]
     (tmp_path / "params.json").write_text(json.dumps(values))
-    with pytest.raises(SourceError, match="no 'moe' section"):
+    with pytest.raises(SourceError, match="neither a 'moe' section .* nor 'num_local_experts'"):
         open_source(tmp_path)
 
 

@@ -10,7 +10,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mixtral_jax import Mixtral, ModelConfig, sharding, steps
+from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.parallel.mesh import make_mesh
+from mixtral_jax.training import steps
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_loss_is_weighted_cross_entropy_plus_router_losses(setup):
 def test_train_step_lowers_the_loss_and_donates_its_state(setup):
     config, batch = setup
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])
     train_step = steps.jit_train_step(model, optax.adam(1e-2), mesh)
     state = train_step.init(model)
     first = jax.tree.leaves(state.params)[0]
@@ -62,9 +64,7 @@ def test_train_step_lowers_the_loss_and_donates_its_state(setup):
 def test_bad_batches_are_named(setup):
     config, batch = setup
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    train_step = steps.jit_train_step(
-        model, optax.sgd(0.1), sharding.make_mesh(devices=jax.devices()[:1])
-    )
+    train_step = steps.jit_train_step(model, optax.sgd(0.1), make_mesh(devices=jax.devices()[:1]))
     state = train_step.init(model)
     with pytest.raises(ValueError, match=r"got keys \['input_ids', 'targets'\]"):
         train_step(state, {"input_ids": batch["tokens"], "targets": batch["targets"]})

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mixtral_jax.tokenizer import Tokenizer
+from mixtral_jax.model.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",
@@ -163,7 +163,7 @@ def official(request):
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from mixtral_jax.tokenizer import official_path
+    from mixtral_jax.model.tokenizer import official_path
 
     path = official_path(request.param)
     reference = {
@@ -260,35 +260,39 @@ def test_converted_checkpoint_without_tokenizer_gets_the_official_one(tmp_path, 
     from flax import nnx
 
     from configs import tiny
-    from mixtral_jax import Mixtral, ModelConfig, checkpoint
-    from mixtral_jax.weights import flat_params
+    from mixtral_jax import Mixtral, ModelConfig
+    from mixtral_jax.checkpoints.load import load_tokenizer
+    from mixtral_jax.checkpoints.store import CONFIG_FILE, save
+    from mixtral_jax.params import flat_params
 
     config = ModelConfig.from_dict(tiny.get_config()).replace(vocab_size=32000)
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    checkpoint.save(tmp_path / "v1", flat_params(model), config)  # as tools/convert.py does
-    tokenizer = checkpoint.load_tokenizer(tmp_path / "v1")
+    save(tmp_path / "v1", flat_params(model), config)  # as tools/convert.py does
+    tokenizer = load_tokenizer(tmp_path / "v1")
     assert (tokenizer.version, tokenizer.vocab_size) == ("v1", 32000)
     assert "official mistral-v1 tokenizer" in capsys.readouterr().err
     # 8x22B's vocabulary: the choice reads only the config.
-    meta = json.loads((tmp_path / "v1" / checkpoint.CONFIG_FILE).read_text())
+    meta = json.loads((tmp_path / "v1" / CONFIG_FILE).read_text())
     meta["config"]["vocab_size"] = 32768
     (tmp_path / "v3").mkdir()
-    (tmp_path / "v3" / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
-    tokenizer = checkpoint.load_tokenizer(tmp_path / "v3")
+    (tmp_path / "v3" / CONFIG_FILE).write_text(json.dumps(meta))
+    tokenizer = load_tokenizer(tmp_path / "v3")
     assert (tokenizer.version, tokenizer.vocab_size) == ("v3", 32768)
     assert "official mistral-v3 tokenizer" in capsys.readouterr().err
-    assert checkpoint.load_tokenizer("mistral-v3").vocab_size == 32768
+    assert load_tokenizer("mistral-v3").vocab_size == 32768
 
 
 def test_checkpoint_of_another_vocabulary_without_tokenizer_is_an_error(tmp_path):
     from configs import tiny
-    from mixtral_jax import ModelConfig, checkpoint
+    from mixtral_jax import ModelConfig
+    from mixtral_jax.checkpoints.load import load_tokenizer
+    from mixtral_jax.checkpoints.store import CONFIG_FILE, FORMAT, CheckpointError
 
     config = ModelConfig.from_dict(tiny.get_config())
-    (tmp_path / checkpoint.CONFIG_FILE).write_text(
-        json.dumps({"format": checkpoint.FORMAT, "dtype": "float32", "config": config.to_dict()})
+    (tmp_path / CONFIG_FILE).write_text(
+        json.dumps({"format": FORMAT, "dtype": "float32", "config": config.to_dict()})
     )
-    with pytest.raises(checkpoint.CheckpointError, match="not one of Mixtral's"):
-        checkpoint.load_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="not one of Mixtral's"):
+        load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="unknown tokenizer"):
         Tokenizer.official("mistral-v9")

@@ -20,9 +20,13 @@ import pytest
 from flax import nnx
 
 from configs import finetune_lora, finetune_tiny, tiny
-from mixtral_jax import Mixtral, ModelConfig, checkpoint, evaluate, sharding, steps, train
-from mixtral_jax.tokenizer import Tokenizer
-from mixtral_jax.weights import flat_params
+from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.checkpoints.load import load, load_tokenizer
+from mixtral_jax.checkpoints.store import save
+from mixtral_jax.model.tokenizer import Tokenizer
+from mixtral_jax.parallel.mesh import make_mesh
+from mixtral_jax.params import flat_params
+from mixtral_jax.training import evaluate, steps, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (
@@ -60,7 +64,7 @@ def test_frozen_router_and_undecayed_norms():
     config = small_config(**{"optimizer.freeze_router": True, "optimizer.weight_decay": 0.5})
     model = Mixtral(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(0))
     before = {p: np.asarray(v) for p, v in flat_params(model).items()}
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])
     # A zero gradient leaves only weight decay: it must shrink weights, never norms.
     zero_loss = lambda model, batch: (0.0 * steps.loss_fn(model, batch)[0], {})  # noqa: E731
     train_step = steps.jit_train_step(
@@ -91,7 +95,7 @@ def test_accumulated_micro_batches_equal_one_batch():
         router_aux_loss_coef=0.0, router_z_loss_coef=0.0, capacity_factor=4.0
     )
     model = Mixtral(config, rngs=nnx.Rngs(0))
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (4, 9))
     batch = {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
     results = []
@@ -222,7 +226,7 @@ def test_a_killed_and_restarted_run_reproduces_the_losses(
 def test_lora_run_exports_a_merged_checkpoint(tmp_path):
     base_config = small_config().model
     base = Mixtral(ModelConfig.from_dict(base_config), rngs=nnx.Rngs(3))
-    checkpoint.save(tmp_path / "base", flat_params(base), base.config)
+    save(tmp_path / "base", flat_params(base), base.config)
     config = finetune_lora.get_config()
     config.model.update(dtype="float32", param_dtype="float32", group_size=64)
     config.data.update(seq_len=32, batch_size=4, eval_batches=100)
@@ -239,7 +243,7 @@ def test_lora_run_exports_a_merged_checkpoint(tmp_path):
     config.lora.update(rank=2, targets="q_proj,w1,w2")
     result = train.train(config, tmp_path / "run")
 
-    exported = checkpoint.load(tmp_path / "run" / "export")
+    exported = load(tmp_path / "run" / "export")
     assert exported.config.lora_rank == 0
     changed = [
         p
@@ -248,7 +252,7 @@ def test_lora_run_exports_a_merged_checkpoint(tmp_path):
     ]
     assert sorted({p[-1] for p in changed}) == ["q_proj", "w1", "w2"]
     # The merged export scores the held-out file as the adapted model did in training.
-    tokenizer = checkpoint.load_tokenizer(tmp_path / "run" / "export")
+    tokenizer = load_tokenizer(tmp_path / "run" / "export")
     again = evaluate.perplexity(
         exported, tokenizer, [config.data.eval], seq_len=32, batch_size=4, max_batches=100
     )
@@ -256,7 +260,7 @@ def test_lora_run_exports_a_merged_checkpoint(tmp_path):
     assert math.isclose(again["perplexity"], math.exp(again["loss"]))
     # The finished run's command run again resumes at the last step and exports anew.
     train.train(config, tmp_path / "run")
-    reexported = flat_params(checkpoint.load(tmp_path / "run" / "export"))
+    reexported = flat_params(load(tmp_path / "run" / "export"))
     for p, v in flat_params(exported).items():
         np.testing.assert_array_equal(np.asarray(reexported[p]), np.asarray(v))
 

@@ -8,7 +8,8 @@ import pytest
 
 from configs import tiny
 from mixtral_jax import ModelConfig
-from mixtral_jax.weights import WeightError, param_shapes, params_from_hub, params_to_hub
+from mixtral_jax.checkpoints.hub import WeightError, params_from_hub, params_to_hub
+from mixtral_jax.model.mixtral import param_shapes
 from tests.reference import hf_twin, torch_and_transformers
 
 CONFIG = ModelConfig.from_dict(tiny.get_config())

@@ -31,10 +31,15 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixtral_jax import Mixtral, ModelConfig, plan, quantize, weights  # noqa: E402
-from mixtral_jax.config import load_config_file  # noqa: E402
-from mixtral_jax.generate import CPU_DECODE_OPTIONS, generate_tokens  # noqa: E402
-from mixtral_jax.moe import SparseMoE  # noqa: E402
+from mixtral_jax import Mixtral, ModelConfig  # noqa: E402
+from mixtral_jax.backends.cpu.decode import COMPILER_OPTIONS  # noqa: E402
+from mixtral_jax.checkpoints import hub  # noqa: E402
+from mixtral_jax.inference.generate import generate_tokens  # noqa: E402
+from mixtral_jax.model.config import load_config_file  # noqa: E402
+from mixtral_jax.model.moe import SparseMoE  # noqa: E402
+from mixtral_jax.params import flat_params  # noqa: E402
+from mixtral_jax.planning.plan import element_bits  # noqa: E402
+from mixtral_jax.quant import quantize  # noqa: E402
 
 SECTIONS = ("prefill", "moe", "decode", "quantized")
 
@@ -134,7 +139,7 @@ def bench_prefill(args, config: ModelConfig, peak: float):
         params = nnx.state(Mixtral(config, rngs=nnx.Rngs(args.seed)), nnx.Param)
     else:
         hf = hf_model(config, args.init_std, args.seed)
-        params = nnx.state(weights.from_hub_state_dict(hf.state_dict(), config), nnx.Param)
+        params = nnx.state(hub.from_hub_state_dict(hf.state_dict(), config), nnx.Param)
         ids = torch.as_tensor(tokens)
 
         def hf_forward():
@@ -209,7 +214,7 @@ def bandwidth_probe(tries: int = 7) -> Callable[[], float]:
     a = jnp.ones((256, 1024, 1024), jnp.float32)
     matrices = [jnp.ones((1024, 4096), jnp.float32) for _ in range(64)]
     x = jnp.ones((1, 1024), jnp.float32)
-    jit = functools.partial(jax.jit, compiler_options=CPU_DECODE_OPTIONS)  # as decode's
+    jit = functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)  # as decode's
     reads = {
         "sum": (jit(jnp.sum), a),
         "column sum": (jit(lambda a: jnp.sum(a, axis=(0, 1))), a),
@@ -274,7 +279,7 @@ def bench_decode(args, config: ModelConfig, peak: float):
     print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
     if torch is not None:
         hf = hf_model(config, args.init_std, args.seed)
-        model = weights.from_hub_state_dict(hf.state_dict(), config)
+        model = hub.from_hub_state_dict(hf.state_dict(), config)
     else:
         print("  (torch/transformers not installed: no reference rows)")
         model = Mixtral(config, rngs=nnx.Rngs(args.seed))
@@ -382,9 +387,7 @@ def bench_quantized(args, config: ModelConfig, peak: float):
             ]
             rate = statistics.median(batch * t.steps_per_s for t in timings)
             reference = reference or rate
-            size = sum(
-                plan.element_bits(v.dtype) * v.size for v in weights.flat_params(model).values()
-            )
+            size = sum(element_bits(v.dtype) * v.size for v in flat_params(model).values())
             print(f"  {name:<12} {size / 8e6:6.0f} MB {rate:13.1f} {rate / reference:7.2f}x")
 
 

@@ -23,13 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixtral_jax import checkpoint, convert, sources, weights  # noqa: E402
+from mixtral_jax import cli  # noqa: E402
+from mixtral_jax.checkpoints import convert, hub, sources  # noqa: E402
+from mixtral_jax.checkpoints.store import CheckpointError  # noqa: E402
 
 ERRORS = (
     convert.ConvertError,
     sources.SourceError,
-    weights.WeightError,
-    checkpoint.CheckpointError,
+    hub.WeightError,
+    CheckpointError,
     FileNotFoundError,
 )
 
@@ -61,26 +63,24 @@ def main(argv=None) -> int:
         help="export a mixtral_jax checkpoint to Hub-layout safetensors",
     )
     args = parser.parse_args(argv)
-    try:
-        if args.to_hf:
-            convert.export_hf(args.source, args.output, force=args.force)
-        else:
-            convert.convert(
-                args.source,
-                args.output,
-                dtype=args.dtype,
-                force=args.force,
-                verify=args.verify,
-                quantize=args.quantize,
-                group_size=args.group_size,
-            )
-    except ERRORS as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    return cli.run(
+        lambda: _convert(args), ERRORS, interrupted="nothing was written", fresh_line=True
+    )
+
+
+def _convert(args: argparse.Namespace) -> None:
+    if args.to_hf:
+        convert.export_hf(args.source, args.output, force=args.force)
+    else:
+        convert.convert(
+            args.source,
+            args.output,
+            dtype=args.dtype,
+            force=args.force,
+            verify=args.verify,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
         --batch 16 --seq_len 4096 --mesh fsdp=2,expert=8
     python tools/plan.py --config configs/tiny.py --topology cpu:8 --mode full
     python tools/plan.py --topology v6e-1 --quantize int4      # 8x7B in int4 on one chip
-    python tools/plan.py --readme        # regenerates the table in README.md
+    python tools/plan.py --table         # regenerates the table in docs/tpu-plan.md
 
 The project's own prefill, decode and train steps are compiled with abstract
 arrays for the slice's devices (TPU topologies need libtpu: pip install -e
@@ -13,7 +13,7 @@ arrays for the slice's devices (TPU topologies need libtpu: pip install -e
 printed per chip: parameters, optimizer state, KV cache, temporaries and total
 against the chip's memory, FLOPs and bytes per step, a roofline time and
 tokens/s, the collectives, and a verdict. A plan that does not fit is followed
-by the nearest mesh or batch that does. See mixtral_jax/plan.py for the method.
+by the nearest mesh or batch that does. See mixtral_jax/planning/plan.py for the method.
 
 Without --mesh, the recipe of configs/meshes.py named SLICE:MODE is used when
 there is one (e.g. v5e-8:inference), else tensor parallelism over the KV heads
@@ -47,7 +47,7 @@ def _prepare_jax(argv: list[str]) -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     text = " ".join(argv)
     match = re.search(r"--topology[= ]cpu:(\d+)", text)
-    count = int(match.group(1)) if match else 8 if "--readme" in text else None
+    count = int(match.group(1)) if match else 8 if "--table" in text else None
     if count:
         flag = f"--xla_force_host_platform_device_count={count}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
@@ -55,13 +55,23 @@ def _prepare_jax(argv: list[str]) -> None:
 
 _prepare_jax(sys.argv[1:])
 
-from mixtral_jax import plan  # noqa: E402
-from mixtral_jax.config import ConfigError, ModelConfig, load_config_file  # noqa: E402
+from mixtral_jax import cli  # noqa: E402
+from mixtral_jax.model.config import ModelConfig, load_config_file  # noqa: E402
+from mixtral_jax.parallel.mesh import parse_mesh  # noqa: E402
+from mixtral_jax.planning import plan, report  # noqa: E402
+from mixtral_jax.planning.topology import (  # noqa: E402
+    CORES_PER_CHIP,
+    SHAPES_2D,
+    SHAPES_3D,
+    TpuSlice,
+    get_slice,
+)
 
 MARKERS = ("<!-- plan-table:begin -->", "<!-- plan-table:end -->")
-CACHE = ROOT / "runs" / "plan_table.jsonl"  # finished rows of --readme
+CACHE = ROOT / "runs" / "plan_table.jsonl"  # finished rows of --table
+TABLE_DOC = ROOT / "docs" / "tpu-plan.md"
 GENERATIONS = ("v5p", "v4")  # full fine-tuning: the smallest slice of each that fits
-# The README's rows: (config, slice, mode, batch, seq_len); batch None = the training config's.
+# The table's rows: (config, slice, mode, batch, seq_len); batch None = the training config's.
 TABLE = [
     (f"configs/mixtral_{model}.py", slice_, "inference", batch, seq_len)
     for model in ("8x7b", "8x22b")
@@ -87,7 +97,7 @@ QUANTIZED_TABLE = [
 ] + [("configs/mixtral_8x7b.py", "v5e-8", "lora", 8, 4096, "int8")]  # finetune_qlora.py
 
 
-def default_mesh(slice_: plan.Slice, mode: str, config: ModelConfig) -> dict[str, int]:
+def default_mesh(slice_: TpuSlice, mode: str, config: ModelConfig) -> dict[str, int]:
     recipe = f"{slice_.name}:{mode}"
     from configs import meshes
 
@@ -114,13 +124,13 @@ def make(
     config = ModelConfig.from_dict(load_config_file(args_config))
     if quantize:
         config = config.replace(quantization=quantize, quant_group_size=group_size)
-    slice_ = plan.get_slice(topology, hbm_gib)
+    slice_ = get_slice(topology, hbm_gib)
     if mode != "inference":
         train_config = load_config_file(train_config or ROOT / f"configs/finetune_{mode}.py")
         batch = batch or train_config.data.batch_size
         seq_len = seq_len or train_config.data.seq_len
     batch, seq_len = batch or 1, seq_len or min(4096, config.max_position_embeddings)
-    mesh = plan.parse_mesh(mesh) if mesh else default_mesh(slice_, mode, config)
+    mesh = parse_mesh(mesh) if mesh else default_mesh(slice_, mode, config)
     name = Path(args_config).stem.removeprefix("mixtral_").replace("b", "B")
     if quantize or (train_config and train_config.model.get("quantization")):
         name += f" {quantize or train_config.model.quantization}"
@@ -132,8 +142,8 @@ def make(
     return result, nearest, not result.fits and tries > 0
 
 
-def readme_table(fresh: bool = False) -> str:
-    """The README's rows. Each finished row is kept in CACHE, so that a run that stops
+def plan_table(fresh: bool = False) -> str:
+    """The table's rows. Each finished row is kept in CACHE, so that a run that stops
     (an hour of compiling on 2 cores) resumes where it stopped; `fresh` starts over."""
     if fresh and CACHE.exists():
         CACHE.unlink()
@@ -144,7 +154,7 @@ def readme_table(fresh: bool = False) -> str:
     jobs += [
         ("full", model, generation) for model in ("8x7b", "8x22b") for generation in GENERATIONS
     ]
-    rows = [plan.TABLE_HEADER]
+    rows = [report.TABLE_HEADER]
     start = time.perf_counter()
     for i, job in enumerate(jobs):
         print(f"[{i + 1}/{len(jobs)}] {' '.join(map(str, job[1:]))}", flush=True)
@@ -176,39 +186,38 @@ def table_row(
         quantize=quantize,
     )
     if not result.fits:
-        print(plan.verdict(result), flush=True)
-    return plan.table_row(result)
+        print(report.verdict(result), flush=True)
+    return report.table_row(result)
 
 
 def full_row(model: str, generation: str) -> str:
     """Full fine-tuning on the smallest slice of `generation` that fits, with one
     4096-token row per chip in each of the 4 micro-batches; "" when none does."""
     for slice_ in full_slices(generation):
-        chips = plan.get_slice(slice_).size
+        chips = get_slice(slice_).size
         config = f"configs/mixtral_{model}.py"
         result, _, _ = make(
             config, slice_, "full", 4 * chips, 4096, None, None, None, costs=False, tries=0
         )
-        print(f"full {model} {slice_}: {plan.verdict(result)}", flush=True)
+        print(f"full {model} {slice_}: {report.verdict(result)}", flush=True)
         if result.fits:
-            return plan.table_row(result)
+            return report.table_row(result)
     return ""
 
 
 def full_slices(generation: str) -> list[str]:
-    per_chip = plan.CORES_PER_CHIP[generation]
-    shapes = plan.SHAPES_3D if per_chip == 2 else plan.SHAPES_2D
+    per_chip = CORES_PER_CHIP[generation]
+    shapes = SHAPES_3D if per_chip == 2 else SHAPES_2D
     return [f"{generation}-{chips * per_chip}" for chips in sorted(shapes) if chips >= 8]
 
 
-def write_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8")
+def write_table(table: str) -> None:
+    text = TABLE_DOC.read_text(encoding="utf-8")
     begin, end = (text.find(m) for m in MARKERS)
     if begin < 0 or end < begin:
-        raise SystemExit(f"README.md has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
+        raise SystemExit(f"{TABLE_DOC} has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
     text = text[: begin + len(MARKERS[0])] + "\n" + table + "\n" + text[end:]
-    readme.write_text(text, encoding="utf-8")
+    TABLE_DOC.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,34 +235,35 @@ def main(argv: list[str] | None = None) -> int:
         "--quantize", default=None, help="int8 or int4: plan the weight-quantized model"
     )
     parser.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
-    parser.add_argument("--readme", action="store_true", help="regenerate README.md's table")
-    parser.add_argument("--fresh", action="store_true", help="with --readme: ignore kept rows")
+    parser.add_argument(
+        "--table", action="store_true", help="regenerate the table of docs/tpu-plan.md"
+    )
+    parser.add_argument("--fresh", action="store_true", help="with --table: ignore kept rows")
     args = parser.parse_args(argv)
-    try:
-        if args.readme:
-            write_readme(readme_table(args.fresh))
-            print("README.md: plan table regenerated")
-            return 0
-        start = time.perf_counter()
-        result, nearest, searched = make(
-            args.config,
-            args.topology,
-            args.mode,
-            args.batch,
-            args.seq_len,
-            args.mesh,
-            args.train_config,
-            args.hbm_gib,
-            not args.no_costs,
-            quantize=args.quantize,
-            group_size=args.group_size,
-        )
-    except (plan.PlanError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(plan.report(result, nearest, searched))
+    return cli.run(lambda: _plan(args))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    if args.table:
+        write_table(plan_table(args.fresh))
+        print(f"{TABLE_DOC.relative_to(ROOT)}: plan table regenerated")
+        return
+    start = time.perf_counter()
+    result, nearest, searched = make(
+        args.config,
+        args.topology,
+        args.mode,
+        args.batch,
+        args.seq_len,
+        args.mesh,
+        args.train_config,
+        args.hbm_gib,
+        not args.no_costs,
+        quantize=args.quantize,
+        group_size=args.group_size,
+    )
+    print(report.report(result, nearest, searched))
     print(f"(planned in {time.perf_counter() - start:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixtral_jax import ModelConfig  # noqa: E402
-from mixtral_jax.sources import write_safetensors  # noqa: E402
-from mixtral_jax.weights import hub_keys, param_shapes  # noqa: E402
+from mixtral_jax.checkpoints.hub import hub_keys  # noqa: E402
+from mixtral_jax.checkpoints.sources import write_safetensors  # noqa: E402
+from mixtral_jax.model.mixtral import param_shapes  # noqa: E402
 
 
 def main(argv=None) -> None:

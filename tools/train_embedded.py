@@ -105,8 +105,9 @@ def main() -> None:
     import jax
 
     import mixtral_jax
-    from mixtral_jax import checkpoint, evaluate, train
-    from mixtral_jax.weights import flat_params
+    from mixtral_jax.checkpoints.store import save
+    from mixtral_jax.params import flat_params
+    from mixtral_jax.training import evaluate, train
 
     corpus = args.workdir / "corpus" / "code.jsonl"
     train_code = code_records(held_out=False)
@@ -134,7 +135,7 @@ def main() -> None:
     export = args.workdir / "export"
     exported = mixtral_jax.load(export, dtype="bfloat16")
     shipped = exported.config.replace(capacity_factor=None)
-    checkpoint.save(partial, flat_params(exported), shipped)
+    save(partial, flat_params(exported), shipped)
     shutil.copy(export / "tokenizer.model", partial / "tokenizer.model")
     model = mixtral_jax.load(partial)
     tokenizer = mixtral_jax.load_tokenizer(partial)

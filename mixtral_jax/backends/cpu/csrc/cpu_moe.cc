@@ -1,0 +1,284 @@
+// CPU kernels for decode steps, where few rows multiply each weight (kernels.py).
+//
+// XLA:CPU's library matmuls read a weight well below the machine's read bandwidth
+// when so few rows multiply it (docs/cpu-decode.md has the figures); here each
+// weight is stored in column panels of P floats ("packed"), so one pass
+// streams it in order while the rows' sums stay in registers.
+//
+// The experts of a sparse MoE layer, every expert of a layer in one call:
+//
+//   xs    [n, D]           rows sorted by expert (expert e owns start[e]..+count[e])
+//   w13   [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up) side by side
+//   w2    [E, D/P, F, P]   panel j of w2 (down)
+//   ys    [n, D]           ys[r] = w2(silu(xs[r] w1) * (xs[r] w3)); 0 outside every expert
+//
+// F and D are rounded up to whole panels, the padding zeros: a padded hidden unit is
+// silu(0) * 0 = 0, and a padded output column is not written.
+//
+// A dense product (an attention projection, the LM head), in tiles of 8 rows by 3
+// panels; a tile's panels stay in L2 while the next 8 rows read them:
+//
+//   x [n, K], w [N/P, K, P]  ->  y [n, N] = x w
+//
+// Work is split by panels over XLA's intra-op thread pool; the calling thread takes
+// chunks too, so the call never waits on a task that has not started.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t P = 16;  // panel width: one 512-bit vector of floats (cpu_moe.PANEL)
+constexpr int kGateUpRows = 8;  // rows per tile: 2 x 8 sums in registers
+constexpr int kDownRows = 16;  // 16 sums
+constexpr int kDenseRows = 8, kDensePanels = 3;  // dense products: 8 x 3 sums
+constexpr int64_t kPrefetch = 64;  // vectors ahead in each panel
+
+typedef float vec __attribute__((vector_size(P * sizeof(float)), aligned(alignof(float))));
+typedef int32_t ivec __attribute__((vector_size(P * sizeof(int32_t)), aligned(alignof(int32_t))));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof v); }
+
+// The first `count` floats of v (a whole vector when count >= P): an output's last
+// panel may hold padding columns, which are not written.
+inline void store_first(float* p, const vec& v, int64_t count) {
+  if (count >= P) {
+    store(p, v);
+  } else {
+    for (int64_t j = 0; j < count; ++j) p[j] = v[j];
+  }
+}
+
+// exp(x) for float32 to ~1 ulp (Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln2 / 2).
+inline vec exp_vec(vec x) {
+  x = x < 88.3762626647949f ? x : 88.3762626647949f;
+  x = x > -88.3762626647949f ? x : -88.3762626647949f;
+  vec t = x * 1.44269504088896341f + (x >= 0 ? 0.5f : -0.5f);
+  ivec n = __builtin_convertvector(t, ivec);  // round to nearest
+  vec nf = __builtin_convertvector(n, vec);
+  vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  ivec bits = (n + 127) << 23;  // 2^n
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// hT[f][r] = silu(x w1) * (x w3) for RT rows from r0 and the P columns of one panel.
+template <int RT>
+void GateUpTile(const float* xT, int64_t R, int64_t r0, int64_t D, const float* panel,
+                float* hT, int64_t f0) {
+  vec gate[RT] = {}, up[RT] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const vec w1 = load(panel + d * 2 * P), w3 = load(panel + d * 2 * P + P);
+    const float* x = xT + d * R + r0;
+    for (int r = 0; r < RT; ++r) {
+      gate[r] += x[r] * w1;
+      up[r] += x[r] * w3;
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    const vec h = gate[r] / (1.0f + exp_vec(-gate[r])) * up[r];
+    for (int64_t j = 0; j < P; ++j) hT[(f0 + j) * R + r0 + r] = h[j];
+  }
+}
+
+// ys[r0 + r][d0 : d0 + P] = h[r] w2[:, d0 : d0 + P] for RT rows (columns below D).
+template <int RT>
+void DownTile(const float* hT, int64_t R, int64_t r0, int64_t F, const float* panel,
+              float* ys, int64_t D, int64_t d0) {
+  vec acc[RT] = {};
+  for (int64_t f = 0; f < F; ++f) {
+    const vec w = load(panel + f * P);
+    const float* h = hT + f * R + r0;
+    for (int r = 0; r < RT; ++r) acc[r] += h[r] * w;
+  }
+  for (int r = 0; r < RT; ++r) store_first(ys + (r0 + r) * D + d0, acc[r], D - d0);
+}
+
+// y[r0 + r][n0 : n0 + NP P] = x[r0 + r] w for RT rows and NP panels from n0 (columns
+// below N): each weight vector loaded once feeds RT rows, RT x NP sums in registers.
+template <int RT, int NP>
+void DenseTile(const float* xT, int64_t R, int64_t r0, int64_t K, const float* panels,
+               float* y, int64_t N, int64_t n0) {
+  vec acc[RT][NP] = {};
+  // The first rows' pass reads the panels from memory: ask for them 4 KB ahead. A last
+  // pass after it reads them from L2, and asks for the next panels meanwhile.
+  const bool first = r0 == 0, last = r0 > 0 && r0 + RT == R;
+  const float* next = panels + NP * K * P;
+  for (int64_t k = 0; k < K; ++k) {
+    vec w[NP];
+    for (int p = 0; p < NP; ++p) {
+      w[p] = load(panels + (p * K + k) * P);
+      if (first) __builtin_prefetch(panels + (p * K + k + kPrefetch) * P);
+      if (last) __builtin_prefetch(next + (p * K + k) * P, 0, 2);
+    }
+    const float* x = xT + k * R + r0;
+    for (int r = 0; r < RT; ++r)
+      for (int p = 0; p < NP; ++p) acc[r][p] += x[r] * w[p];
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int p = 0; p < NP; ++p)
+      store_first(y + (r0 + r) * N + n0 + p * P, acc[r][p], N - n0 - p * P);
+}
+
+template <typename Fn, int... I>
+constexpr auto Table(std::integer_sequence<int, I...>, Fn make) {
+  return std::array{make(std::integral_constant<int, I + 1>{})...};
+}
+
+using GateUpFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
+using DownFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
+                        int64_t);
+constexpr auto kGateUp = Table(std::make_integer_sequence<int, kGateUpRows>{},
+                               [](auto rt) -> GateUpFn { return GateUpTile<rt()>; });
+constexpr auto kDown = Table(std::make_integer_sequence<int, kDownRows>{},
+                             [](auto rt) -> DownFn { return DownTile<rt()>; });
+using DenseFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
+                         int64_t);
+template <int NP>
+constexpr auto DenseTiles() {
+  return Table(std::make_integer_sequence<int, kDenseRows>{},
+               [](auto rt) -> DenseFn { return DenseTile<rt(), NP>; });
+}
+// kDense[np - 1][rt - 1]: rt rows by np panels.
+constexpr std::array kDense = {DenseTiles<1>(), DenseTiles<2>(), DenseTiles<3>()};
+
+// fn(begin, end) over [0, n) in chunks, on the pool's threads and this one.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
+  struct Work {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+  const int64_t chunk = std::max<int64_t>(1, (n + 2 * workers - 1) / (2 * workers));
+  auto work = std::make_shared<Work>();
+  // A task that starts after the work is gone finds `next` >= n and touches nothing else.
+  auto run = [work, n, chunk, &fn] {
+    for (int64_t b; (b = work->next.fetch_add(chunk)) < n;) {
+      const int64_t e = std::min(n, b + chunk);
+      fn(b, e);
+      work->done.fetch_add(e - b, std::memory_order_release);
+    }
+  };
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule(decltype(run)(run));
+  run();
+  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::S32> start,
+                   ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> w13,
+                   ffi::Buffer<ffi::F32> w2, ffi::ResultBuffer<ffi::F32> ys) {
+  const auto wd = w13.dimensions(), w2d = w2.dimensions();
+  const int64_t n = xs.dimensions()[0], D = xs.dimensions()[1];
+  if (wd.size() != 4 || w2d.size() != 4) {
+    return ffi::Error::InvalidArgument("cpu_moe: w13 and w2 must be 4-D (packed)");
+  }
+  const int64_t E = wd[0], F = wd[1] * P, D_panels = (D + P - 1) / P;
+  if (wd[2] != D || wd[3] != 2 * P || w2d[0] != E || w2d[1] != D_panels || w2d[2] != F ||
+      w2d[3] != P || start.element_count() != E || count.element_count() != E) {
+    return ffi::Error::InvalidArgument("cpu_moe: operand shapes do not fit together");
+  }
+  const float* x = xs.typed_data();
+  float* y = ys->typed_data();
+  std::fill(y, y + n * D, 0.0f);
+  std::vector<float> xT, hT;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r_begin = start.typed_data()[e], R = count.typed_data()[e];
+    if (R <= 0) continue;  // an expert no row chose is never read
+    if (r_begin < 0 || r_begin + R > n) {
+      return ffi::Error::InvalidArgument("cpu_moe: an expert's rows lie outside xs");
+    }
+    xT.resize(D * R);
+    hT.resize(F * R);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t d = 0; d < D; ++d) xT[d * R + r] = x[(r_begin + r) * D + d];
+    const float* w13_e = w13.typed_data() + e * F * D * 2;
+    const float* w2_e = w2.typed_data() + e * F * D_panels * P;
+    ParallelFor(pool, F / P, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j)
+        for (int64_t r0 = 0; r0 < R; r0 += kGateUpRows) {
+          const int64_t rt = std::min<int64_t>(kGateUpRows, R - r0);
+          kGateUp[rt - 1](xT.data(), R, r0, D, w13_e + j * D * 2 * P, hT.data(), j * P);
+        }
+    });
+    float* y_e = y + r_begin * D;
+    ParallelFor(pool, D_panels, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j)
+        for (int64_t r0 = 0; r0 < R; r0 += kDownRows) {
+          const int64_t rt = std::min<int64_t>(kDownRows, R - r0);
+          kDown[rt - 1](hT.data(), R, r0, F, w2_e + j * F * P, y_e, D, j * P);
+        }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+// y [n, N] = x [n, K] w, w packed as [ceil(N / P), K, P] (zero padded columns).
+ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
+                 ffi::ResultBuffer<ffi::F32> ys) {
+  const auto wd = w.dimensions();
+  const int64_t n = xs.dimensions()[0], K = xs.dimensions()[1], N = ys->dimensions()[1];
+  if (wd.size() != 3 || wd[1] != K || wd[2] != P || wd[0] != (N + P - 1) / P ||
+      ys->dimensions()[0] != n) {
+    return ffi::Error::InvalidArgument("cpu_moe: dense operand shapes do not fit together");
+  }
+  std::vector<float> xT(K * n);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < K; ++k) xT[k * n + r] = xs.typed_data()[r * K + k];
+  const int64_t panels = wd[0], groups = (panels + kDensePanels - 1) / kDensePanels;
+  // A group of panels (196 KB for K = 1024) stays in L2 while every 8 rows read it.
+  ParallelFor(pool, groups, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t j = g * kDensePanels, np = std::min<int64_t>(kDensePanels, panels - j);
+      for (int64_t r0 = 0; r0 < n; r0 += kDenseRows) {
+        const int64_t rt = std::min<int64_t>(kDenseRows, n - r0);
+        kDense[np - 1][rt - 1](xT.data(), n, r0, K, w.typed_data() + j * K * P,
+                               ys->typed_data(), N, j * P);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoE, Experts,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuDense, Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,322 @@
+"""CPU kernels for a decode step (csrc/cpu_moe.cc), built on first use.
+
+A decode step multiplies few rows by every weight: at batch 16, 16 rows by each
+attention projection and the LM head, about 4 by each expert. XLA:CPU's library
+matmuls read a weight well below the machine's read bandwidth with so few rows
+(docs/cpu-decode.md has the figures). The kernels read each weight once, in order,
+from a copy in column panels of `PANEL` floats, with the rows' sums in registers:
+
+    experts  w13 [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up), side by side
+             w2  [E, D/P, F, P]   panel j of w2 (down)       (`experts`, `pack`)
+    dense    w   [N/P, K, P]      panel j of a [K, N] weight  (`dense`, `pack_dense`):
+             the LM head, and each layer's q, k and v side by side, and o
+
+with widths rounded up to whole panels by zeros.
+
+The copies are float32: they double float32 weights' memory (triple bfloat16
+ones') while a model generates on a CPU. Each is made once per set of weights, and
+only if it takes at most `MAX_FREE_FRACTION` of the memory available (`_packed`).
+
+The shared library is compiled with the system's C++ compiler ($CXX, else c++)
+for the machine it runs on, against the XLA FFI headers that jaxlib ships, and
+cached in $MIXTRAL_JAX_CACHE (default ~/.cache/mixtral_jax). Without a compiler,
+decode falls back to XLA's matmuls with one warning; MIXTRAL_JAX_CPU_MOE=0 turns
+the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mixtral_jax.model.config import ModelConfig
+
+PANEL = 16  # floats per column panel; csrc/cpu_moe.cc's P
+SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
+TARGET = "mixtral_jax_cpu_moe"
+DENSE_TARGET = "mixtral_jax_cpu_dense"
+# Past this many rows per expert on average (batch x k / E) a step is compute-bound
+# and XLA's library matmuls are as fast as the kernel (docs/cpu-decode.md).
+MAX_MEAN_ROWS = 16
+# The packed copy may take at most this fraction of the memory available when made.
+MAX_FREE_FRACTION = 0.5
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
+
+
+@struct.dataclass
+class DenseKernel:
+    """x [n, K] @ w [K, width] by the dense kernel, from w packed by `pack_dense`."""
+
+    w: jax.Array  # [width / P, K, P], zero padded to whole panels
+    width: int = struct.field(pytree_node=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return dense(x, self.w, self.width)
+
+
+class PackedAttention(NamedTuple):
+    """One layer's attention projections for the dense kernel: the model's
+    `attention.Projections`."""
+
+    qkv: DenseKernel  # [D] -> q, k and v side by side [(N + 2K) H]
+    o: DenseKernel  # [N H] -> [D]
+
+
+class PackedExperts(NamedTuple):
+    """One layer's experts in the kernel's layout (see the module docstring): the
+    model's `moe.ExpertsFn`, computing every expert's sorted rows."""
+
+    w13: jax.Array  # [E, F/P, D, 2P]
+    w2: jax.Array  # [E, D/P, F, P]
+
+    def __call__(self, xs: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
+        return experts(xs, start, count, self)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(
+            sorted({ln for ln in info.splitlines() if ln.startswith(("flags", "model name"))})
+        )
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(compiler: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The kernel's shared library, compiled unless the cache has it for this source,
+    jaxlib and CPU. Raises RuntimeError (with the compiler's message) if it fails."""
+    compiler = compiler or os.environ.get("CXX", "c++")
+    cache = Path(cache_dir or os.environ.get("MIXTRAL_JAX_CACHE", "~/.cache/mixtral_jax"))
+    cache = cache.expanduser()
+    include = jax.ffi.include_dir()
+    parts = (compiler, *_FLAGS, include, importlib.metadata.version("jaxlib"), _cpu_signature())
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(parts).encode()).hexdigest()
+    library = cache / f"cpu_moe-{key[:16]}.so"
+    if library.exists():
+        return library
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX to one)")
+    cache.mkdir(parents=True, exist_ok=True)
+    # Compiled under a temporary name and renamed: a failed or concurrent build never
+    # leaves a half-written library under the cached name.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        command = [compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", partial]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is on: built, loaded and registered with XLA (once per process)."""
+    if os.environ.get("MIXTRAL_JAX_CPU_MOE", "1") == "0":
+        return False
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        warnings.warn(
+            f"mixtral_jax: the CPU decode kernel could not be built, so CPU decode uses "
+            f"XLA's matmuls (slower at batch > 1): {error}. Install a C++ compiler, or set "
+            "MIXTRAL_JAX_CPU_MOE=0 to silence this.",
+            stacklevel=2,
+        )
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MixtralCpuMoE), platform="cpu")
+    jax.ffi.register_ffi_target(
+        DENSE_TARGET, jax.ffi.pycapsule(library.MixtralCpuDense), platform="cpu"
+    )
+    return True
+
+
+def experts(xs: jax.Array, start: jax.Array, count: jax.Array, packed: PackedExperts) -> jax.Array:
+    """xs [n, D] float32 rows sorted by expert; expert e owns rows start[e]..+count[e]
+    (int32 [E]). -> ys [n, D]: each row through its expert's SwiGLU, 0 outside every
+    expert's rows."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
+    return call(xs, start.astype(jnp.int32), count.astype(jnp.int32), packed.w13, packed.w2)
+
+
+def dense(x: jax.Array, packed: jax.Array, width: int) -> jax.Array:
+    """x [n, K] float32 @ w [K, width], from w packed by `pack_dense` -> [n, width]."""
+    call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32))
+    return call(x, packed)
+
+
+@jax.jit
+def pack_dense(w: jax.Array) -> jax.Array:
+    """w [K, N] -> [N/P, K, P] float32, N rounded up to whole panels by zeros."""
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, -w.shape[1] % PANEL)))
+    return w.reshape(w.shape[0], -1, PANEL).transpose(1, 0, 2)
+
+
+@jax.jit
+def pack(w1: jax.Array, w2: jax.Array, w3: jax.Array, layer: jax.Array) -> PackedExperts:
+    """Layer `layer` of the stacked w1/w3 [L, E, D, F] and w2 [L, E, F, D] in the
+    kernel's layout, float32 (the slice is read in place: only the copy is written)."""
+
+    def panels(w, pad_x=0):  # [L, E, X, Y] -> [E, Y/P, X + pad_x, P], zero padded
+        _, E, X, Y = w.shape
+        w = jnp.pad(w[layer].astype(jnp.float32), ((0, 0), (0, pad_x), (0, -Y % PANEL)))
+        return w.reshape(E, X + pad_x, -1, PANEL).transpose(0, 2, 1, 3)
+
+    F = w1.shape[-1]
+    w13 = jnp.concatenate([panels(w1), panels(w3)], axis=-1)
+    return PackedExperts(w13, panels(w2, pad_x=-F % PANEL))
+
+
+def suits(config: ModelConfig, batch: int) -> bool:
+    """Whether a decode step of `batch` rows gives the experts few enough rows each
+    (the dense kernel beat XLA's library matmuls at every batch from 1 to 64)."""
+    return batch * config.num_experts_per_tok <= MAX_MEAN_ROWS * config.num_experts
+
+
+def supports(config: ModelConfig, w: jax.Array, names=("w1", "w2", "w3")) -> bool:
+    """Whether the kernels compute with these weights as the model would: float32
+    activations, float weights (the model casts bfloat16 ones to float32 before its
+    matmuls, and the packing does the same, exactly), and for the weights `names`
+    no adapters and no quantization."""
+    return (
+        config.compute_dtype == jnp.float32
+        and isinstance(w, jax.Array)
+        and jnp.issubdtype(w.dtype, jnp.floating)
+        and not any(config.lora(name) or config.quantized(name) for name in names)
+    )
+
+
+def packed_bytes(w1: jax.Array) -> int:
+    """The packed copy's size for stacked w1 [L, E, D, F] (and w2, w3 alike)."""
+    L, E, D, F = w1.shape
+    return 3 * L * E * (-(-D // PANEL) * PANEL) * (-(-F // PANEL) * PANEL) * 4
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable: free memory plus page cache
+    it can reclaim, such as a checkpoint just read); None where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def packed_experts(
+    config: ModelConfig, w1: jax.Array, w2: jax.Array, w3: jax.Array
+) -> tuple[PackedExperts, ...] | None:
+    """Every layer's packed experts from the stacked [L, E, ...] weights (made once),
+    if the kernel applies (`supports`), the copy fits and the kernel builds; else None."""
+    if not supports(config, w1):
+        return None
+    return _packed(
+        (w1, w2, w3),
+        packed_bytes(w1),
+        "the experts",
+        lambda: tuple(pack(w1, w2, w3, jnp.int32(i)) for i in range(w1.shape[0])),
+    )
+
+
+def packed_lm_head(config: ModelConfig, w: jax.Array) -> DenseKernel | None:
+    """The LM head w [D, V] packed for `dense` (made once), if the kernel applies
+    (`supports`), the copy fits and the kernel builds; else None."""
+    if not supports(config, w, names=()):
+        return None
+    return _packed(
+        (w,), _dense_bytes(*w.shape), "the LM head", lambda: DenseKernel(pack_dense(w), w.shape[1])
+    )
+
+
+def packed_attention(
+    config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, o: jax.Array
+) -> tuple[PackedAttention, ...] | None:
+    """Every layer's attention projections from the stacked q/k/v [L, D, _, H] and
+    o [L, N, H, D] packed for `dense` (made once), if the kernel applies (`supports`),
+    the copy fits and the kernel builds; else None."""
+    if not supports(config, q, names=("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    L, D = q.shape[:2]
+    width = qkv_width(q, k, v)
+    need = L * (_dense_bytes(D, width) + _dense_bytes(width - 2 * k[0, 0].size, D))
+    return _packed(
+        (q, k, v, o),
+        need,
+        "the attention projections",
+        lambda: tuple(_pack_attention(q, k, v, o, jnp.int32(i)) for i in range(L)),
+    )
+
+
+def _pack_attention(q, k, v, o, layer) -> PackedAttention:
+    qkv, out = _pack_projections(q, k, v, o, layer)
+    return PackedAttention(DenseKernel(qkv, qkv_width(q, k, v)), DenseKernel(out, q.shape[1]))
+
+
+def qkv_width(q: jax.Array, k: jax.Array, v: jax.Array) -> int:
+    """(N + 2K) H of stacked q [L, D, N, H], k and v [L, D, K, H]."""
+    return sum(w[0, 0].size for w in (q, k, v))
+
+
+@jax.jit
+def _pack_projections(q, k, v, o, layer) -> tuple[jax.Array, jax.Array]:
+    D = q.shape[1]
+    qkv = jnp.concatenate([w[layer].reshape(D, -1) for w in (q, k, v)], axis=1)
+    return pack_dense(qkv), pack_dense(o[layer].reshape(-1, D))
+
+
+def _dense_bytes(K: int, N: int) -> int:
+    return K * (-(-N // PANEL) * PANEL) * 4
+
+
+def _packed(weights: tuple[jax.Array, ...], need: int, what: str, make):
+    """make()'s packed copy of `weights`, made once per set of weights; None where the
+    copy would not fit in memory (with a warning) or the kernel does not build."""
+    key = tuple(id(w) for w in weights)
+    hit = _PACKED.get(key)
+    if hit is not None and all(ref() is w for ref, w in zip(hit[0], weights, strict=True)):
+        return hit[1]
+    free = available_memory()
+    if free is not None and need > MAX_FREE_FRACTION * free:
+        warnings.warn(
+            f"mixtral_jax: no packed copy of {what} for the CPU decode kernels: it would "
+            f"take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB available, so decode "
+            "uses XLA's matmuls for them (slower at batch > 1)",
+            stacklevel=3,
+        )
+        return None
+    if not available():
+        return None
+    packed = make()
+    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in weights)
+    _PACKED[key] = (refs, packed)
+    return packed
+
+
+# Packed copies by the identity of the weights they came from (JAX arrays are
+# immutable, so the same arrays mean the same values); dropped with those arrays.
+_PACKED: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], object]] = {}

@@ -1,0 +1,507 @@
+"""Plans: what a model needs per chip on a TPU slice, told by the TPU compiler itself.
+
+The project's own jitted functions (the prefill and decode steps of
+`inference/generate.py`, the train step of `training/steps.py`) are lowered with abstract arrays
+(`jax.ShapeDtypeStruct` with shardings: no weights, nothing allocated) and
+compiled for the devices of a slice: TPU devices from
+`jax.experimental.topologies` when libtpu is installed (`pip install -e
+".[tpu]"`), or virtual CPU devices (`cpu:8`). The compiled program's memory
+analysis gives the bytes per chip, which decide whether a plan fits.
+
+Costs. XLA's cost analysis counts a loop's body once, and these programs loop
+over layers (`scan`), micro-batches and, dropless, pick an expert capacity under
+`lax.switch`. FLOPs and bytes per step therefore come from "cost twins": the
+same step with 1 and then 2 layers unrolled and the experts at capacity factor
+1 (balanced routing), extrapolated to the model's layers and micro-batches.
+A decode step reads only the experts its tokens chose, which no static count
+sees: it is priced by what it reads (weights, the chosen experts' share, the
+cache). The roofline time of a step is max(FLOPs / peak, bytes / bandwidth)
+per chip; it ignores communication, whose collectives are listed instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mixtral_jax.inference.cache import cache_shardings
+from mixtral_jax.inference.generate import decode_step, prefill_step
+from mixtral_jax.inference.sampling import Sampling
+from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
+from mixtral_jax.model.kv_cache import init_cache
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.parallel.mesh import make_mesh
+from mixtral_jax.parallel.placement import param_shardings, place, shardings_like
+from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules, named_sharding
+from mixtral_jax.params import flat_params
+from mixtral_jax.planning.topology import Chip, PlanError, TpuSlice
+from mixtral_jax.training import steps, train
+
+MODES = ("inference", "lora", "full")
+# Memory the TPU runtime and fragmentation take beyond what the program needs.
+HEADROOM = 0.05
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled step, per chip."""
+
+    name: str  # "prefill", "decode", "train step"
+    tokens: int  # tokens processed per step, over all chips
+    arguments: int  # bytes: parameters, state, cache, inputs
+    outputs: int
+    aliased: int  # outputs written over donated arguments
+    temporaries: int
+    code: int
+    collectives: dict[str, int]  # op -> count in the compiled program
+    flops: float | None = None  # per step and chip
+    bytes_accessed: float | None = None
+    cost_source: str = ""
+    exhausted: str = ""  # the TPU compiler's refusal, when it ran out of memory
+
+    @property
+    def total(self) -> int:
+        """Peak bytes per chip: what the program holds at once."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+    def seconds(self, chip: Chip) -> float | None:
+        """Roofline time of one step on `chip` (compute or memory bound)."""
+        if chip.flops is None or self.flops is None:
+            return None
+        return max(self.flops / chip.flops, self.bytes_accessed / chip.bandwidth)
+
+    def bound(self, chip: Chip) -> str:
+        if self.seconds(chip) is None:
+            return ""
+        return (
+            "compute"
+            if self.flops / chip.flops >= self.bytes_accessed / chip.bandwidth
+            else "memory"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: str
+    mode: str
+    slice: TpuSlice
+    mesh: dict[str, int]
+    batch: int
+    seq_len: int
+    num_params: int
+    param_bytes: int  # per chip
+    optimizer_bytes: int  # per chip
+    cache_bytes: int  # per chip
+    programs: tuple[Program, ...]
+
+    @property
+    def static_bytes(self) -> int:
+        return self.param_bytes + self.optimizer_bytes + self.cache_bytes
+
+    @property
+    def peak(self) -> int:
+        """Peak bytes per chip of its programs; uncompiled, what it holds before running."""
+        return max((p.total for p in self.programs), default=self.static_bytes)
+
+    @property
+    def usable(self) -> int:
+        return int(self.slice.chip.hbm * (1 - HEADROOM))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.usable and not any(p.exhausted for p in self.programs)
+
+    @property
+    def peak_step(self) -> str:
+        """The step that needs the most memory."""
+        return max(self.programs, key=lambda p: p.total).name if self.programs else ""
+
+    @property
+    def mesh_text(self) -> str:
+        return mesh_text(self.mesh)
+
+
+def mesh_text(mesh: Mapping[str, int]) -> str:
+    shown = [f"{a}={n}" for a, n in mesh.items() if n > 1]
+    return ",".join(shown) or "one device"
+
+
+def slice_mesh(sizes: Mapping[str, int], slice_: TpuSlice) -> tuple[Mesh, dict[str, int]]:
+    """The mesh of `sizes` over the slice's devices; unnamed axes are 1, but `fsdp`
+    takes the devices left over unless it is named."""
+    sizes = {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1} | dict(sizes)
+    try:
+        mesh = make_mesh(**sizes, devices=list(slice_.devices))
+    except ValueError as error:
+        raise PlanError(f"mesh {mesh_text(sizes)} on {slice_.name}: {error}") from error
+    return mesh, dict(mesh.shape)
+
+
+def bytes_per_chip(tree: Any) -> int:
+    """Bytes one device holds of a tree of abstract arrays with shardings (int4:
+    half a byte per element, as TPU v4 and later store it)."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * element_bits(x.dtype) // 8
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def element_bits(dtype) -> int:
+    dtype = jnp.dtype(dtype)
+    return 4 if dtype in (jnp.int4, jnp.uint4) else 8 * dtype.itemsize
+
+
+def _compile(name: str, tokens: int, lowered, static_bytes: int) -> Program:
+    """Compiles one step. The TPU compiler refuses a program that cannot fit its HBM:
+    the refusal becomes a program with the temporaries it asked for."""
+    try:
+        return _program(name, tokens, lowered.compile())
+    except jax.errors.JaxRuntimeError as error:
+        message = str(error)
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+    asked = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message) or re.search(
+        r"Used ([\d.]+)([KMGT])", message
+    )
+    temporaries = 0
+    if asked:
+        temporaries = int(float(asked.group(1)) * 1024 ** "KMGT".index(asked.group(2)) * 1024)
+    first = message.splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
+    return Program(name, tokens, static_bytes, 0, 0, temporaries, 0, {}, exhausted=first)
+
+
+def _program(name: str, tokens: int, compiled) -> Program:
+    memory = compiled.memory_analysis()
+    text = compiled.as_text()
+    counts = {op: len(re.findall(rf"\s{op}(?:-start)?\(", text)) for op in COLLECTIVES}
+    return Program(
+        name,
+        tokens,
+        memory.argument_size_in_bytes,
+        memory.output_size_in_bytes,
+        memory.alias_size_in_bytes,
+        memory.temp_size_in_bytes,
+        memory.generated_code_size_in_bytes,
+        {op: n for op, n in counts.items() if n},
+    )
+
+
+def _costs(compiled) -> tuple[float, float]:
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+    return float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
+
+
+def _extrapolate(cost_of, num_layers: int) -> tuple[float, float]:
+    """Costs at `num_layers` from the twins of 1 and 2 unrolled layers."""
+    one, two = cost_of(1), cost_of(2)
+    return tuple(a + (num_layers - 1) * (b - a) for a, b in zip(one, two, strict=True))
+
+
+def abstract_model(config: ModelConfig) -> Mixtral:
+    return nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+
+
+def _twin(config: ModelConfig, num_layers: int) -> ModelConfig:
+    return config.replace(num_layers=num_layers, scan_layers=False, capacity_factor=1.0)
+
+
+# ---------------------------------------------------------------------------
+# The steps: what they hold before compiling (`static`), and how to compile them.
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    param_bytes: int  # per chip
+    optimizer_bytes: int
+    cache_bytes: int
+    compile: Any  # (costs: bool) -> list[Program]
+
+    @property
+    def static_bytes(self) -> int:
+        return self.param_bytes + self.optimizer_bytes + self.cache_bytes
+
+
+def _inference(config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int) -> Steps:
+    """The prefill of a `seq_len`-token prompt and a decode step over a cache of
+    `seq_len` tokens, as `generate.py` runs them."""
+    model = abstract_model(config)
+    graphdef, params = nnx.split(model)
+    by_path = param_shardings(model, mesh, rules)
+    params = place(params, shardings_like(params, by_path, mesh))
+    cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len))
+    cache = place(cache, cache_shardings(cache, mesh, rules))
+    # Rows split over the batch axes that divide them (a batch of 1 is replicated).
+    rows = named_sharding(steps.BATCH_AXES, (batch, seq_len), mesh, rules)
+    row = named_sharding(steps.BATCH_AXES[:1], (batch,), mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = place(jax.eval_shape(lambda: jax.random.key(0)), replicated)
+    ints = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    mesh_rules = (mesh, tuple(rules))
+    cache_bytes = bytes_per_chip(cache)
+
+    def compile_(costs: bool) -> list[Program]:
+        prompt = (ints((batch, seq_len), sharding=rows), ints((batch,), sharding=row))
+        held = bytes_per_chip(params) + cache_bytes
+        prefill = prefill_step.lower(graphdef, params, *prompt, cache, key, Sampling(), mesh_rules)
+        step = (ints((batch,), sharding=row), ints((batch,), sharding=row))
+        decode = decode_step.lower(graphdef, params, *step, cache, key, Sampling(), mesh_rules)
+        # Decode is priced by what it reads, at no compile: always.
+        decode_costs = _decode_cost(config, params, batch, seq_len, mesh.size, cache_bytes)
+        programs = [
+            _compile("prefill", batch * seq_len, prefill, held),
+            dataclasses.replace(_compile("decode", batch, decode, held), **decode_costs),
+        ]
+        if not costs or programs[0].exhausted:
+            return programs
+
+        def prefill_cost(num_layers: int) -> tuple[float, float]:
+            forward = steps.jit_forward(abstract_model(_twin(config, num_layers)), mesh, rules)
+            return _costs(forward.fn.lower(forward.params, prompt[0], None, None).compile())
+
+        flops, read = _extrapolate(prefill_cost, config.num_layers)
+        costs_ = dict(flops=flops, bytes_accessed=read, cost_source="cost twins")
+        return [dataclasses.replace(programs[0], **costs_), programs[1]]
+
+    return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
+
+
+def _decode_cost(config, params, batch, seq_len, num_chips, cache_bytes) -> dict:
+    """What a decode step reads and computes per chip: every weight but the experts',
+    the experts its tokens chose (expected share, tokens choosing independently) and
+    the whole cache."""
+    c = config
+    flat = flat_params(params)
+    expert_bytes = sum(bytes_per_chip(v) for p, v in flat.items() if "experts" in p)
+    other_bytes = sum(bytes_per_chip(v) for p, v in flat.items() if "experts" not in p)
+    E, k = c.num_experts, c.num_experts_per_tok
+    chosen = 1 - (1 - k / E) ** batch  # expected share of experts that some token chose
+    attention = 2 * c.num_layers * seq_len * c.num_heads * c.head_dim  # q.k and p.v
+    return {
+        "flops": batch * 2 * (active_params(c) + attention) / num_chips,
+        "bytes_accessed": other_bytes + chosen * expert_bytes + cache_bytes,
+        "cost_source": "weights read",
+    }
+
+
+def active_params(c: ModelConfig) -> int:
+    """Parameters one token uses: attention, router, k experts, norms, LM head."""
+    D = c.hidden_size
+    attention = D * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    experts = c.num_experts_per_tok * 3 * D * c.intermediate_size
+    return c.num_layers * (attention + D * c.num_experts + experts + 2 * D) + D * c.vocab_size + D
+
+
+def train_model_config(config: ModelConfig, train_config) -> ModelConfig:
+    """The architecture of `config` with the execution settings of a training config
+    (as `train.build_model` does for a checkpoint), LoRA adapters included."""
+    overrides = train_config.model.to_dict() if train_config.model is not None else {}
+    execution = {k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS}
+    config = ModelConfig.from_dict({**config.to_dict(), **execution})
+    if train_config.lora.rank:
+        config = config.replace(
+            lora_rank=train_config.lora.rank,
+            lora_alpha=train_config.lora.alpha,
+            lora_targets=train.names(train_config.lora.targets),
+        )
+    return config
+
+
+def _training(config: ModelConfig, train_config, mesh, rules, batch, seq_len) -> Steps:
+    """The train step of `train.py`: its optimizer, trainable filter and accumulation."""
+    accumulate = train_config.optimizer.accumulate
+    if batch % accumulate:
+        raise PlanError(
+            f"a batch of {batch} rows does not split into {accumulate} micro-batches "
+            "(optimizer.accumulate); use a multiple of it"
+        )
+
+    def build(model_config: ModelConfig, rows: int, accumulate: int):
+        model = abstract_model(model_config)
+        step = steps.jit_train_step(
+            model,
+            train.make_optimizer(train_config.optimizer, train_config.steps),
+            mesh,
+            rules,
+            trainable=train.trainable_filter(train_config),
+            accumulate=accumulate,
+        )
+        _, trained, _, _ = nnx.split(model, step.trainable, nnx.Param, ...)
+        trained = place(trained, step.state_shardings.params)
+        state = place(jax.eval_shape(step.init_fn, trained), step.state_shardings)
+        array = functools.partial(
+            jax.ShapeDtypeStruct, (rows, seq_len), sharding=step.batch_sharding
+        )
+        data = {
+            "tokens": array(jnp.int32),
+            "targets": array(jnp.int32),
+            "weights": array(jnp.float32),
+        }
+        return step, state, data
+
+    step, state, data = build(config, batch, accumulate)
+    try:
+        steps.check_rows(batch, step.batch_sharding, accumulate)
+    except ValueError as error:
+        raise PlanError(str(error)) from error
+
+    def compile_(costs: bool) -> list[Program]:
+        held = bytes_per_chip(state) + bytes_per_chip(step.frozen)
+        lowered = step.step_fn.lower(state, step.frozen, data)
+        program = _compile("train step", batch * seq_len, lowered, held)
+        if not costs or program.exhausted:
+            return [program]
+
+        def step_cost(num_layers: int) -> tuple[float, float]:
+            twin = _twin(config, num_layers).replace(capacity_factor=config.capacity_factor)
+            twin_step, twin_state, twin_data = build(twin, batch // accumulate, 1)
+            return _costs(
+                twin_step.step_fn.lower(twin_state, twin_step.frozen, twin_data).compile()
+            )
+
+        flops, read = _extrapolate(step_cost, config.num_layers)
+        return [
+            dataclasses.replace(
+                program,
+                flops=flops * accumulate,
+                bytes_accessed=read * accumulate,
+                cost_source="cost twins",
+            )
+        ]
+
+    param_bytes = bytes_per_chip(state.params) + bytes_per_chip(step.frozen)
+    return Steps(param_bytes, bytes_per_chip(state.opt_state), 0, compile_)
+
+
+# ---------------------------------------------------------------------------
+
+
+def make_plan(
+    config: ModelConfig,
+    slice_: TpuSlice,
+    *,
+    mode: str,
+    batch: int,
+    seq_len: int,
+    mesh: Mapping[str, int],
+    train_config: ml_collections.ConfigDict | None = None,
+    rules: Rules = DEFAULT_RULES,
+    costs: bool = True,
+    name: str = "model",
+) -> Plan:
+    """Compiles the steps of `mode` for `slice_` and reads what they need per chip.
+
+    When the parameters, optimizer state and cache alone exceed a chip's memory,
+    nothing is compiled and the plan has no programs.
+    """
+    if mode not in MODES:
+        raise PlanError(f"unknown mode {mode!r}; the modes are {list(MODES)}")
+    if not isinstance(batch, int) or batch < 1 or not isinstance(seq_len, int) or seq_len < 1:
+        raise PlanError(f"batch and seq_len must be positive integers, got {batch}, {seq_len}")
+    if seq_len > config.max_position_embeddings:
+        raise PlanError(
+            f"seq_len {seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; plan a shorter context"
+        )
+    if config.quantization and mode == "full":
+        raise PlanError(
+            f"a {config.quantization} model is frozen: plan --mode lora (QLoRA) or "
+            "inference with it, or full fine-tuning without --quantize"
+        )
+    device_mesh, sizes = slice_mesh(mesh, slice_)
+    if mode == "inference":
+        config = config.replace(capacity_factor=None)  # generation is dropless
+        planned = _inference(config, device_mesh, rules, batch, seq_len)
+    else:
+        if train_config is None or (mode == "lora") != bool(train_config.lora.rank):
+            raise PlanError(
+                f"mode {mode} needs a training config with "
+                f"{'lora.rank > 0' if mode == 'lora' else 'lora.rank = 0'}, such as "
+                f"configs/finetune_{mode}.py"
+            )
+        config = train_model_config(config, train_config)
+        planned = _training(config, train_config, device_mesh, rules, batch, seq_len)
+    usable = int(slice_.chip.hbm * (1 - HEADROOM))
+    programs = planned.compile(costs) if planned.static_bytes <= usable else []
+    return Plan(
+        name,
+        mode,
+        slice_,
+        sizes,
+        batch,
+        seq_len,
+        num_params(config.replace(quantization=None)),
+        planned.param_bytes,
+        planned.optimizer_bytes,
+        planned.cache_bytes,
+        tuple(programs),
+    )
+
+
+def num_params(config: ModelConfig) -> int:
+    model = abstract_model(config)
+    return sum(math.prod(v.shape) for v in flat_params(nnx.state(model, nnx.Param)).values())
+
+
+def candidates(mode: str, config: ModelConfig, num_devices: int) -> list[dict[str, int]]:
+    """A few meshes worth trying for `mode` on `num_devices` chips, most likely first."""
+
+    def divisors(limit: int) -> list[int]:
+        return [d for d in (16, 8, 4, 2) if d <= limit and num_devices % d == 0]
+
+    if mode == "inference":
+        meshes = [{"tensor": t, "fsdp": num_devices // t} for t in divisors(config.num_kv_heads)]
+        meshes += [{"fsdp": num_devices}]
+        meshes += [{"expert": e, "fsdp": num_devices // e} for e in divisors(config.num_experts)]
+    else:
+        meshes = [{"fsdp": num_devices}]
+        meshes += [{"expert": e, "fsdp": num_devices // e} for e in divisors(config.num_experts)]
+        meshes += [{"tensor": t, "fsdp": num_devices // t} for t in divisors(config.num_kv_heads)]
+    return [{a: n for a, n in m.items() if n > 1} or {"fsdp": 1} for m in meshes]
+
+
+def nearest_fit(plan: Plan, config: ModelConfig, *, max_compiles: int = 6, **kwargs) -> Plan | None:
+    """For a plan that does not fit: the first candidate that does, or None. Inference
+    tries halved batches on its mesh first, then other meshes; fine-tuning the other
+    way round (its batch is the optimizer's). Candidates whose parameters, state and
+    cache alone exceed the memory are not compiled; at most `max_compiles` are."""
+    own = {a: n for a, n in plan.mesh.items() if n > 1}
+    meshes = [(m, plan.batch) for m in candidates(plan.mode, config, plan.slice.size) if m != own]
+    batches, batch = [], plan.batch // 2
+    while batch >= 1:
+        batches.append((plan.mesh, batch))
+        batch //= 2
+    tries = batches + meshes if plan.mode == "inference" else meshes + batches
+    compiled = 0
+    for mesh, batch in tries:
+        try:
+            other = make_plan(
+                config,
+                plan.slice,
+                mode=plan.mode,
+                batch=batch,
+                seq_len=plan.seq_len,
+                mesh=mesh,
+                costs=False,
+                name=plan.model,
+                **kwargs,
+            )
+        except (PlanError, ValueError):
+            continue  # e.g. a batch that no longer splits over the mesh
+        if other.fits:
+            return other
+        compiled += bool(other.programs)
+        if compiled >= max_compiles:
+            break
+    return None
