@@ -32,9 +32,10 @@ def empty_cache(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
     dtype: jnp.dtype | None = None,
+    chunk: int = 1,
 ) -> KVCache:
     """`init_cache`, created in its shardings on `mesh`: no device holds the whole cache."""
-    make = functools.partial(init_cache, config, batch_size, max_length, dtype)
+    make = functools.partial(init_cache, config, batch_size, max_length, dtype, chunk)
     if mesh is None:
         return make()
     return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh, rules))()

@@ -7,8 +7,10 @@ With a KV cache (`kv_cache.LayerCache`), a call of T > 1 tokens is a prefill: it
 attends within itself, as without a cache, and writes its keys and values into
 the cache slots it is given. A call of one token per row is a decode step: it
 writes its key and value, then attends over the cache, where each slot's key
-position (-1: empty) decides what it may see. With a sliding window the cache
-is a rolling buffer of W slots (position p lives in slot p mod W).
+position (-1: empty) decides what it may see. A `chunk` of a prompt whose earlier
+tokens are already cached (chunked prefill, a serving engine's) does the same with
+T tokens. With a sliding window the cache is a rolling buffer of W slots (position
+p lives in slot p mod W; a chunk of T needs W + T - 1 of them).
 """
 
 from __future__ import annotations
@@ -144,11 +146,13 @@ class Attention(nnx.Module):
         segment_ids: jax.Array | None,
         cache: LayerCache | None = None,
         projections: Projections | None = None,
+        chunk: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
         and the updated cache keys and values (shaped as given) when a cache is given.
         `projections`: this layer's projections as functions, which a decode step
-        (T = 1, with a cache) uses in place of the einsums."""
+        (T = 1, with a cache) uses in place of the einsums. `chunk`: the T tokens
+        continue what the cache holds and attend over it, as a decode step does."""
         c = self.config
         dtype = x.dtype
         B, T, D = x.shape
@@ -182,7 +186,7 @@ class Attention(nnx.Module):
             v_all = cache.v.at[at].set(new_values.astype(cache.v.dtype), mode="drop")
             axes = CACHE_AXES.k[1:] if own else CACHE_AXES.k
             kv = constrain(k_all, axes), constrain(v_all, axes)
-            if T == 1:  # decode: attend over this layer's cache
+            if T == 1 or chunk:  # decode, or a prompt's chunk: attend over the cache
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
                 keys, values = (a if own else a[cache.layer] for a in kv)  # [B, K, S, H]
                 keys, values = keys.astype(dtype), values.astype(dtype)

@@ -58,11 +58,17 @@ class LayerCache(NamedTuple):
 
 
 def init_cache(
-    config: ModelConfig, batch_size: int, max_length: int, dtype: jnp.dtype | None = None
+    config: ModelConfig,
+    batch_size: int,
+    max_length: int,
+    dtype: jnp.dtype | None = None,
+    chunk: int = 1,
 ) -> KVCache:
-    """An empty cache for `batch_size` sequences of up to `max_length` tokens."""
+    """An empty cache for `batch_size` sequences of up to `max_length` tokens. With a
+    sliding window, a rolling buffer that also holds the window of the first of `chunk`
+    tokens written at once and attending over it (chunked prefill)."""
     c = config
-    S = max_length if c.sliding_window is None else min(max_length, c.sliding_window)
+    S = max_length if c.sliding_window is None else min(max_length, c.sliding_window + chunk - 1)
     shape = (c.num_layers, batch_size, c.num_kv_heads, S, c.head_dim)
     dtype = dtype or c.compute_dtype
     empty = jnp.full((batch_size, S), -1, jnp.int32)

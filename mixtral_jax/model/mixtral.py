@@ -55,12 +55,16 @@ class DecoderBlock(nnx.Module):
         cache: LayerCache | None = None,
         experts_fn: moe.ExpertsFn | None = None,
         projections: Projections | None = None,
+        chunk: bool = False,
     ):
         """`moe_impl`: the SMoE dispatch; `layer` indexes expert weights still stacked
         over layers. With a cache (inference) the SMoE layer never drops a token.
         `experts_fn`, `projections`: a decode step's experts and attention projections
-        as functions, in place of this block's weights (`Unstacked`)."""
-        attn, kv = self.attention(self.attn_norm(x), positions, segment_ids, cache, projections)
+        as functions, in place of this block's weights (`Unstacked`). `chunk`: the
+        tokens continue the cached ones (`Mixtral.forward`)."""
+        attn, kv = self.attention(
+            self.attn_norm(x), positions, segment_ids, cache, projections, chunk
+        )
         h = x + attn
         out = self.moe(
             self.moe_norm(h),
@@ -166,6 +170,7 @@ class Mixtral(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         unstacked: Unstacked | None = None,
+        chunk: bool = False,
     ) -> ModelOutput:
         """Logits and each layer's routing (and the updated cache).
 
@@ -178,6 +183,9 @@ class Mixtral(nnx.Module):
         below the cache length unless the cache is a sliding window's buffer.
         unstacked: a decode step's blocks in buffers of their own (`Unstacked`), read
         in place of the stacked layers.
+        chunk: with a cache, T > 1 tokens that continue what each row's cache holds (a
+        chunk of a prompt, prefilled piece by piece): they attend over the cache, their
+        own keys included, instead of only among themselves.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -185,6 +193,8 @@ class Mixtral(nnx.Module):
         decode = cache is not None and T == 1
         if unstacked is not None and not decode:
             raise ValueError("unstacked weights are for decode steps (one token per row)")
+        if chunk and cache is None:
+            raise ValueError("a chunk continues the sequences in a cache; pass the cache")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
@@ -196,7 +206,9 @@ class Mixtral(nnx.Module):
             kv = (cache.k, cache.v)
         moe_impl = moe.DECODE_IMPL if decode else c.moe_impl
         inputs = (positions, segment_ids, token_mask, slots, key_positions)
-        x, (stats, weights, experts), kv = self._run_layers(x, kv, inputs, moe_impl, unstacked)
+        x, (stats, weights, experts), kv = self._run_layers(
+            x, kv, inputs, moe_impl, unstacked, chunk
+        )
         x = self.final_norm(x)
         if unstacked is not None and unstacked.lm_head is not None:
             logits = unstacked.lm_head(x[:, 0])[:, None]
@@ -206,7 +218,9 @@ class Mixtral(nnx.Module):
         new_cache = None if cache is None else KVCache(*kv, key_positions)
         return ModelOutput(logits, LayerRouting(stats, weights, experts), new_cache)
 
-    def _run_layers(self, x, kv, inputs, moe_impl: str, unstacked: Unstacked | None):
+    def _run_layers(
+        self, x, kv, inputs, moe_impl: str, unstacked: Unstacked | None, chunk: bool = False
+    ):
         """x through every block: scanned over the stacked parameters, or in a Python
         loop over their slices or over a backend's `unstacked` buffers (each layer's
         cache given alone when the cache is one buffer per layer)."""
@@ -216,7 +230,7 @@ class Mixtral(nnx.Module):
         # copies a dynamic slice that feeds a matmul), once more than needed.
         keep_stacked = nnx.PathContains("experts") if moe_impl == "sorted" else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
-        block = self._block(graphdef, stacked, moe_impl, inputs)
+        block = self._block(graphdef, stacked, moe_impl, inputs, chunk)
         per_layer_cache = kv is not None and isinstance(kv[0], tuple)
         if unstacked is not None:
             attention = unstacked.attention or (None,) * c.num_layers
@@ -245,7 +259,7 @@ class Mixtral(nnx.Module):
             kv = tuple(tuple(a) for a in zip(*layer_kv, strict=True))
         return x, _stack(outs), kv
 
-    def _block(self, graphdef, stacked, moe_impl, inputs):
+    def _block(self, graphdef, stacked, moe_impl, inputs, chunk: bool = False):
         """One block as a function of (x, kv) and (its parameters, its layer index), and
         optionally its experts and attention projections as functions (`Unstacked`)."""
         positions, segment_ids, token_mask, slots, key_positions = inputs
@@ -265,6 +279,7 @@ class Mixtral(nnx.Module):
                 cache=cache,
                 experts_fn=experts_fn,
                 projections=projections,
+                chunk=chunk,
             )
             return (x, kv), (out.stats, out.weights, out.experts)
 
