@@ -1,12 +1,15 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p.
 
-Pure functions of [B, V] logits and a PRNG key; the parameters are static, so
-each setting compiles once.
+Pure functions of [B, V] logits. `sample` takes one PRNG key and static parameters
+(each setting compiles once), as `generate` uses; `sample_rows` takes each row's
+own parameters and seed as arrays, as a serving batch of unrelated requests needs.
+`logprobs` gives what OpenAI's API reports of a token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +47,26 @@ def allowed(logits: jax.Array, sampling: Sampling) -> jax.Array:
     keeps the smallest set of most likely tokens whose probability reaches p
     (always at least the most likely one).
     """
-    keep = jnp.ones(logits.shape, bool)
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]  # [B, 1]
-        keep &= logits >= kth
-    if sampling.top_p is not None and sampling.top_p < 1:
-        probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
-        order = jnp.argsort(-probs, axis=-1)
-        sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of better tokens
-        sorted_keep = before < sampling.top_p
-        keep &= jnp.zeros_like(keep).at[jnp.arange(keep.shape[0])[:, None], order].set(sorted_keep)
-    return keep
+    B = logits.shape[0]
+    top_k = jnp.full((B,), sampling.top_k or 0, jnp.int32)
+    top_p = jnp.full((B,), 1.0 if sampling.top_p is None else sampling.top_p, jnp.float32)
+    return allowed_rows(logits, top_k, top_p)
+
+
+def allowed_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`allowed` with each row's own cut: top_k [B] (0: none), top_p [B] (1: none)."""
+    V = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)  # [B, V] most likely first
+    ordered = jnp.take_along_axis(logits, order, axis=-1)
+    k = jnp.where((top_k > 0) & (top_k < V), top_k, V)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
+    keep = logits >= kth
+    # top-p over what top-k kept, in the same order (softmax keeps it).
+    probs = jax.nn.softmax(jnp.where(ordered >= kth, ordered, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of better tokens
+    sorted_keep = (before < top_p[:, None]) | (top_p[:, None] >= 1)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return keep & jnp.zeros_like(keep).at[rows, order].set(sorted_keep)
 
 
 def argmax(logits: jax.Array) -> jax.Array:
@@ -77,3 +88,51 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     logits = logits / sampling.temperature
     logits = jnp.where(allowed(logits, sampling), logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class RowSampling(NamedTuple):
+    """Each row's own sampling, as arrays [B]: a serving batch mixes requests.
+
+    A row draws with the key `fold_in(key(seed), step)`, `step` being how many tokens
+    its request has drawn, so a seeded request gets the same tokens whatever shares
+    its batch."""
+
+    temperature: jax.Array  # float32; 0: greedy
+    top_k: jax.Array  # int32; 0: no cut
+    top_p: jax.Array  # float32; 1: no cut
+    seed: jax.Array  # uint32
+    step: jax.Array  # int32
+
+
+def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
+    """logits [B, V] -> next tokens [B] int32, each row by its own `RowSampling`."""
+    logits = logits.astype(jnp.float32)
+    greedy = argmax(logits)
+    drawing = rows.temperature > 0
+
+    def draw(logits):
+        scaled = logits / jnp.where(drawing, rows.temperature, 1.0)[:, None]
+        scaled = jnp.where(allowed_rows(scaled, rows.top_k, rows.top_p), scaled, -jnp.inf)
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(rows.seed, rows.step)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(drawing, drawn, greedy)
+
+    # An all-greedy batch (the common case) never sorts the vocabulary.
+    return jax.lax.cond(jnp.any(drawing), draw, lambda _: greedy, logits)
+
+
+class Logprobs(NamedTuple):
+    """Log-probabilities under the model's distribution (before temperature and cuts),
+    as OpenAI's API reports them."""
+
+    chosen: jax.Array  # [...] of the token given
+    top_ids: jax.Array  # [..., n] the n most likely tokens, best first
+    top: jax.Array  # [..., n] their log-probabilities
+
+
+def logprobs(logits: jax.Array, tokens: jax.Array, n: int) -> Logprobs:
+    """logits [..., V], tokens [...] -> the tokens' log-probabilities and the top `n`."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+    top, top_ids = jax.lax.top_k(log_probs, n)
+    return Logprobs(chosen, top_ids.astype(jnp.int32), top)
