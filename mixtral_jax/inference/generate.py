@@ -52,7 +52,12 @@ class Generation(NamedTuple):
     timing: Timing
 
 
-def _rules(mesh_rules):
+def mesh_rules_of(mesh: jax.sharding.Mesh | None, rules: Rules) -> tuple | None:
+    """The (mesh, rules) a jitted step takes as a static argument, None without a mesh."""
+    return (mesh, tuple(rules)) if mesh is not None else None
+
+
+def rules_context(mesh_rules):
     """The activation sharding rules to trace under, when generating on a mesh."""
     return use_rules(*mesh_rules) if mesh_rules else contextlib.nullcontext()
 
@@ -67,7 +72,7 @@ def prefill_step(graphdef, params, tokens, lengths, cache: KVCache, key, samplin
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    with _rules(mesh_rules):
+    with rules_context(mesh_rules):
         out = model.forward(tokens, positions, segment_ids, cache=cache)
     last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     return sample(last, key, sampling), out.cache
@@ -87,7 +92,7 @@ def _decode(
     """tokens, positions [B] -> next tokens [B], cache. `unstacked`: the blocks' weights
     in buffers of their own (a backend's, `backends.for_decode`)."""
     model = nnx.merge(graphdef, params)
-    with _rules(mesh_rules):
+    with rules_context(mesh_rules):
         out = model.forward(tokens[:, None], positions[:, None], cache=cache, unstacked=unstacked)
     return sample(out.logits[:, 0], key, sampling), out.cache
 
@@ -154,7 +159,7 @@ def generate_tokens(
     cache = empty_cache(c, B, T + max_new_tokens, mesh, rules)
     keys = iter(jax.random.split(jax.random.key(seed), max_new_tokens))
     start = time.perf_counter()
-    mesh_rules = (mesh, tuple(rules)) if mesh is not None else None
+    mesh_rules = mesh_rules_of(mesh, rules)
     next_tokens, cache = prefill_step(
         graphdef,
         params,

@@ -1,0 +1,505 @@
+"""The serving engine: continuous batching over a fixed number of decode slots.
+
+    engine = Engine(model, max_batch=16, max_len=2048, prefill_chunk=256)
+    engine.submit(Request(prompt_ids, max_tokens=64, on_output=print))
+    engine.start()          # a thread that steps while there is work (or: engine.step())
+
+Each step (`scheduler.Scheduler` decides what runs) admits waiting requests into
+free slots, prefills chunks of their prompts (each chunk one jitted call on that
+slot's rows of the KV cache, attending over the chunks before it), then runs one
+decode step for every slot whose prompt is in the cache. A request that ends frees
+its slot at once; the next step gives it to a waiting one, whose first chunk
+forgets what the slot held.
+
+Shapes are fixed: the cache is [L, max_batch, K, max_len, H]; chunks are padded to
+a few bucket lengths (powers of two up to `prefill_chunk`); the decode step always
+runs every slot, idle ones masked (never written, never routed). After `warmup`,
+requests coming and going compile nothing. Each request samples with its own
+parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
+those `generate` gives it alone. The decode step runs on the backend
+`backends.for_decode` chooses, as `generate`'s does; the SMoE never drops a token.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax import backends
+from mixtral_jax.inference.cache import empty_cache
+from mixtral_jax.inference.generate import mesh_rules_of, rules_context
+from mixtral_jax.inference.requests import (
+    MAX_TOP_LOGPROBS,
+    Output,
+    QueueFull,
+    Request,
+    TokenLogprob,
+)
+from mixtral_jax.inference.sampling import Logprobs, RowSampling, logprobs, sample_rows
+from mixtral_jax.inference.scheduler import Chunk, Scheduler, Sequence
+from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.mixtral import Mixtral, Unstacked
+from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules
+
+log = logging.getLogger(__name__)
+
+# The shortest prefill bucket: shorter chunks are padded to it.
+MIN_BUCKET = 16
+
+
+def buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """The chunk lengths that compile: powers of two from MIN_BUCKET, and prefill_chunk."""
+    sizes = {prefill_chunk}
+    size = MIN_BUCKET
+    while size < prefill_chunk:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def _slot_axes(cache: KVCache) -> KVCache:
+    """Where the slots (the batch) are in each of the cache's arrays."""
+    per_layer = isinstance(cache.k, tuple)
+    kv = tuple(0 for _ in cache.k) if per_layer else 1
+    return KVCache(kv, kv, 0)
+
+
+def _slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
+    """One slot's part of the cache, batch 1."""
+    return jax.tree.map(
+        lambda a, axis: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis), cache, _slot_axes(cache)
+    )
+
+
+def _put_slot_rows(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
+    return jax.tree.map(
+        lambda a, r, axis: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis),
+        cache,
+        rows,
+        _slot_axes(cache),
+    )
+
+
+_STATIC = ("graphdef", "mesh_rules", "prompt_logprobs")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def prefill_chunk(
+    graphdef,
+    params,
+    cache: KVCache,
+    slot,
+    tokens,
+    start,
+    length,
+    fresh,
+    targets,
+    rows: RowSampling,
+    mesh_rules,
+    prompt_logprobs: bool,
+):
+    """Prompt tokens [C] (the first `length` real, at positions start..) into `slot`'s
+    cache rows (emptied first when `fresh`); the token drawn from the last real one's
+    logits and its log-probabilities; with `prompt_logprobs`, those of `targets` [C]
+    (the prompt's next tokens) at every position."""
+    model = nnx.merge(graphdef, params)
+    (C,) = tokens.shape
+    own = _slot_rows(cache, slot)
+    own = own._replace(positions=jnp.where(fresh, -1, own.positions))
+    index = jnp.arange(C, dtype=jnp.int32)
+    with rules_context(mesh_rules):
+        out = model.forward(
+            tokens[None],
+            (start + index)[None],
+            (index < length).astype(jnp.int32)[None],
+            cache=own,
+            chunk=True,
+        )
+    cache = _put_slot_rows(cache, out.cache, slot)
+    last = jax.lax.dynamic_index_in_dim(out.logits[0], length - 1, keepdims=True)  # [1, V]
+    token = sample_rows(last, rows)
+    drawn = logprobs(last, token, MAX_TOP_LOGPROBS)
+    prompt = logprobs(out.logits[0], targets, MAX_TOP_LOGPROBS) if prompt_logprobs else None
+    return token[0], drawn, prompt, cache
+
+
+def _decode(
+    graphdef,
+    params,
+    cache: KVCache,
+    tokens,
+    positions,
+    active,
+    rows: RowSampling,
+    mesh_rules,
+    with_logprobs: bool,
+    unstacked: Unstacked | None,
+):
+    """One token for every active slot: tokens, positions, active [B] -> next tokens
+    [B] (and their log-probabilities), cache. Idle slots are padding: never written."""
+    model = nnx.merge(graphdef, params)
+    with rules_context(mesh_rules):
+        out = model.forward(
+            tokens[:, None],
+            positions[:, None],
+            active.astype(jnp.int32)[:, None],
+            cache=cache,
+            unstacked=unstacked,
+        )
+    logits = out.logits[:, 0]
+    token = sample_rows(logits, rows)
+    drawn = logprobs(logits, token, MAX_TOP_LOGPROBS) if with_logprobs else None
+    return token, drawn, out.cache
+
+
+@functools.cache
+def _jitted_decode(compiler_options: tuple):
+    return jax.jit(
+        _decode,
+        static_argnames=("graphdef", "mesh_rules", "with_logprobs"),
+        donate_argnames=("cache",),
+        compiler_options=dict(compiler_options) or None,
+    )
+
+
+class Engine:
+    """Continuous batching for `model` (module docstring). Thread-safe: `submit` and
+    `cancel` from any thread; `step` from one (the engine's own after `start`).
+
+    max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
+    prefill_chunk: prompt tokens prefilled per step, in all. max_queue: requests
+    waiting for a slot before `submit` raises QueueFull. With a `mesh` (the model on
+    it), the cache is split over it by `rules` and the steps shard as `generate`'s.
+    """
+
+    def __init__(
+        self,
+        model: Mixtral,
+        *,
+        max_batch: int = 16,
+        max_len: int = 2048,
+        prefill_chunk: int = 256,
+        max_queue: int = 256,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
+    ):
+        c = model.config
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_len", max_len),
+            ("prefill_chunk", prefill_chunk),
+            ("max_queue", max_queue),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_len > c.max_position_embeddings:
+            raise ValueError(
+                f"max_len {max_len} exceeds the model's max_position_embeddings "
+                f"{c.max_position_embeddings}; lower it"
+            )
+        self.model = model
+        self.max_batch, self.max_len = max_batch, max_len
+        self.buckets = buckets(min(prefill_chunk, max_len))
+        self.scheduler = Scheduler(max_batch, self.buckets[-1], max_queue)
+        self._graphdef, self._params = nnx.split(model)
+        self._mesh_rules = mesh_rules_of(mesh, rules)
+        self._backend = backends.for_decode(model, max_batch, mesh)
+        self._decode_fn = _jitted_decode(self._backend.compiler_options)
+        self._new_cache = functools.partial(
+            empty_cache, c, max_batch, max_len, mesh, rules, chunk=self.buckets[-1]
+        )
+        self.cache = self._fresh_cache()
+        self._lock = threading.Condition()
+        self._incoming: list[Sequence] = []
+        self._cancels: set[str] = set()
+        self._accepting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.tokens_generated = 0  # since the engine started
+
+    # ---- from any thread ----
+
+    def submit(self, request: Request) -> None:
+        """Queues `request`; raises RequestError (what is wrong, `param` naming the
+        field) or QueueFull (retry later; also once `stop` has begun)."""
+        request.check(self.model.config.vocab_size, self.max_len)
+        seed = random.getrandbits(32) if request.seed is None else request.seed % 2**32
+        with self._lock:
+            if not self._accepting:
+                raise QueueFull("the server is shutting down and takes no new requests")
+            if self.queue_depth >= self.scheduler.max_queue:
+                raise QueueFull(
+                    f"{self.queue_depth} requests are waiting already (max_queue "
+                    f"{self.scheduler.max_queue}); retry later"
+                )
+            self._incoming.append(Sequence(request, seed))
+            self._lock.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        """Ends the request at the next step, its slot free for the step after, with a
+        last output `finish_reason="cancelled"`; nothing if it has ended already."""
+        with self._lock:
+            self._cancels.add(request_id)
+            self._lock.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._incoming) + len(self.scheduler.waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return len(self.scheduler.running)
+
+    def busy(self) -> bool:
+        return bool(self._incoming or self.scheduler.busy)
+
+    def start(self) -> None:
+        """Steps on a thread of the engine's own whenever there is work."""
+        self._thread = threading.Thread(target=self._loop, name="mixtral-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Takes no new requests, finishes those it has (for `timeout` seconds at most),
+        cancels what is left, and ends the thread."""
+        with self._lock:
+            self._accepting = False
+            self._lock.notify_all()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        with self._lock:
+            self._cancels.update(s.request.id for s in self._sequences())
+            self._stopping = True
+            self._lock.notify_all()
+        self._thread.join()
+        self._thread = None
+
+    # ---- on the engine's thread ----
+
+    def step(self) -> list[Output]:
+        """One step: admit, prefill chunks, decode. Returns what it produced, one output
+        per request that has news, each also given to its request's `on_output`."""
+        news: dict[Sequence, None] = {}  # in order, once each
+        self._take_incoming(news)
+        self.scheduler.admit()
+        for chunk in self.scheduler.chunks():
+            self._guarded([chunk.sequence], news, self._prefill, chunk, news)
+        decoding = self.scheduler.decoding()
+        if decoding:
+            self._guarded(decoding, news, self._decode, decoding, news)
+        outputs = [(sequence, sequence.output()) for sequence in news]
+        self._deliver(outputs)
+        return [output for _, output in outputs]
+
+    def run_until_idle(self) -> None:
+        """Steps until no request is left (tests and benchmarks drive it so, no thread)."""
+        while self.busy():
+            self.step()
+
+    def warmup(self) -> None:
+        """Compiles every program requests can need: each prefill bucket with and
+        without the prompt's log-probabilities, the decode step with and without
+        log-probabilities. What they write is never seen: a slot's first chunk
+        empties it, and the decode step here has no active slot."""
+        for length in self.buckets:
+            for prompt_logprobs in (False, True):
+                sequence = Sequence(Request([0] * length, 1), 0, slot=0)
+                self._run_prefill(Chunk(sequence, 0, length), prompt_logprobs)
+        for with_logprobs in (False, True):
+            self._run_decode([], with_logprobs)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.busy() and not self._stopping and self._accepting:
+                    self._lock.wait()
+                if not self.busy() and (self._stopping or not self._accepting):
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug, not one request's fault: fail them all, go on
+                log.exception("an engine step failed; failing the requests in flight")
+                news: dict[Sequence, None] = {}
+                for sequence in list(self.scheduler.running):
+                    self._end(sequence, news, "error", "internal error in the engine")
+                self._deliver([(s, s.output()) for s in news])
+
+    def _sequences(self) -> tuple[Sequence, ...]:
+        return (*self._incoming, *self.scheduler.waiting, *self.scheduler.running)
+
+    def _take_incoming(self, news: dict) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancels, self._cancels = self._cancels, set()
+        self.scheduler.waiting.extend(incoming)  # counted against max_queue by submit
+        for sequence in self.scheduler.running + list(self.scheduler.waiting):
+            if sequence.request.id in cancels:
+                self._end(sequence, news, "cancelled")
+
+    def _end(self, sequence: Sequence, news: dict, reason: str, error: str | None = None):
+        if sequence.finish_reason is None:
+            self.scheduler.remove(sequence)
+            sequence.finish_reason, sequence.error = reason, error
+            news[sequence] = None
+
+    def _accept(self, sequence: Sequence, token: int, logprob: TokenLogprob, news: dict):
+        """A drawn token: kept (unless a stop id), and the sequence ended when done."""
+        r = sequence.request
+        news[sequence] = None
+        if token in r.stop_ids:
+            self._end(sequence, news, "stop")
+            return
+        sequence.generated.append(token)
+        sequence.new_tokens.append(token)
+        self.tokens_generated += 1
+        if r.logprobs is not None:
+            sequence.new_logprobs.append(logprob)
+        if len(sequence.generated) >= r.max_tokens:
+            self._end(sequence, news, "length")
+
+    def _guarded(self, sequences: list[Sequence], news: dict, fn, *args) -> None:
+        """fn(*args); if it raises, those `sequences` fail alone (all running ones if
+        the failed call had consumed the cache, which is then made anew)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception("a step failed for %d request(s)", len(sequences))
+            if any(a.is_deleted() for a in jax.tree.leaves(self.cache)):
+                self.cache = self._fresh_cache()
+                sequences = list(self.scheduler.running)
+            for sequence in sequences:
+                self._end(sequence, news, "error", f"{type(e).__name__}: {e}")
+
+    def _deliver(self, outputs: list[tuple[Sequence, Output]]) -> None:
+        """Each output to its request's `on_output`; one that raises ends that request
+        alone, with an error output."""
+        for sequence, output in outputs:
+            on_output = sequence.request.on_output
+            if on_output is None:
+                continue
+            try:
+                on_output(output)
+            except Exception as e:
+                log.exception("request %s: its on_output raised", output.request_id)
+                if output.finished:
+                    continue
+                news: dict[Sequence, None] = {}
+                self._end(sequence, news, "error", f"{type(e).__name__}: {e}")
+                try:
+                    on_output(sequence.output())
+                except Exception:
+                    log.exception("request %s: its error output raised", output.request_id)
+
+    # ---- device calls ----
+
+    def _fresh_cache(self) -> KVCache:
+        """An empty cache in the backend's layout, committed to the model's devices as
+        the steps' outputs are (a jitted call compiles anew for an uncommitted one)."""
+        cache = self._backend.cache(self._new_cache())
+        if self._mesh_rules is None:
+            device = next(iter(jax.tree.leaves(self._params)[0].devices()))
+            cache = jax.device_put(cache, device)
+        return cache
+
+    def _prefill(self, chunk: Chunk, news: dict) -> None:
+        sequence, r = chunk.sequence, chunk.sequence.request
+        token, drawn, prompt = self._run_prefill(chunk, r.prompt_logprobs is not None)
+        sequence.prefilled += chunk.length
+        if prompt is not None:
+            if chunk.start == 0:
+                sequence.prompt_logprobs = [TokenLogprob(None)]
+            # Position i's log-probabilities are those of prompt token i + 1; the last
+            # position's next token is the one drawn.
+            real = chunk.length - 1 if chunk.last else chunk.length
+            sequence.prompt_logprobs += _token_logprobs(prompt, r.prompt_logprobs, slice(real))
+        if not chunk.last:
+            return
+        if r.max_tokens == 0:
+            self._end(sequence, news, "length")
+            return
+        token = int(token)
+        self._accept(sequence, token, _token_logprobs(drawn, r.logprobs or 0, slice(1))[0], news)
+
+    def _run_prefill(self, chunk: Chunk, prompt_logprobs: bool):
+        sequence, r = chunk.sequence, chunk.sequence.request
+        bucket = next(b for b in self.buckets if b >= chunk.length)
+        tokens = np.zeros(bucket, np.int32)
+        tokens[: chunk.length] = r.prompt[chunk.start : chunk.start + chunk.length]
+        targets = np.zeros(bucket, np.int32)
+        after = r.prompt[chunk.start + 1 : chunk.start + chunk.length + 1]
+        targets[: len(after)] = after
+        token, drawn, prompt, self.cache = prefill_chunk(
+            self._graphdef,
+            self._params,
+            self.cache,
+            np.int32(sequence.slot),
+            tokens,
+            np.int32(chunk.start),
+            np.int32(chunk.length),
+            np.bool_(chunk.start == 0),
+            targets,
+            self._row_sampling([sequence], rows=1),
+            self._mesh_rules,
+            prompt_logprobs,
+        )
+        return token, drawn, prompt
+
+    def _decode(self, decoding: list[Sequence], news: dict) -> None:
+        with_logprobs = any(s.request.logprobs is not None for s in decoding)
+        tokens, drawn = self._run_decode(decoding, with_logprobs)
+        tokens = np.asarray(tokens)
+        for sequence in decoding:
+            slot, n = sequence.slot, sequence.request.logprobs or 0
+            logprob = _token_logprobs(drawn, n, slice(slot, slot + 1))[0] if with_logprobs else None
+            self._accept(sequence, int(tokens[slot]), logprob, news)
+
+    def _run_decode(self, decoding: list[Sequence], with_logprobs: bool):
+        B = self.max_batch
+        tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        active = np.zeros(B, bool)
+        for sequence in decoding:
+            tokens[sequence.slot] = sequence.generated[-1]
+            positions[sequence.slot] = sequence.position
+            active[sequence.slot] = True
+        token, drawn, self.cache = self._decode_fn(
+            self._graphdef,
+            self._params,
+            self.cache,
+            tokens,
+            positions,
+            active,
+            self._row_sampling(decoding, rows=B),
+            self._mesh_rules,
+            with_logprobs,
+            self._backend.unstacked,
+        )
+        return token, drawn
+
+    def _row_sampling(self, sequences: list[Sequence], rows: int) -> RowSampling:
+        """Each sequence's sampling at its slot's row (or in row 0 of one)."""
+        temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+        top_p, seed = np.ones(rows, np.float32), np.zeros(rows, np.uint32)
+        step = np.zeros(rows, np.int32)
+        for sequence in sequences:
+            i = sequence.slot if rows > 1 else 0
+            r = sequence.request
+            temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+            seed[i], step[i] = sequence.seed, len(sequence.generated)
+        return RowSampling(temperature, top_k, top_p, seed, step)
+
+
+def _token_logprobs(lp: Logprobs, top: int, rows: slice) -> list[TokenLogprob]:
+    """`rows` of `lp` as TokenLogprobs, with `top` alternatives each."""
+    chosen, ids, values = (np.asarray(a)[rows] for a in lp)
+    return [
+        TokenLogprob(float(c), tuple(zip(map(int, i[:top]), map(float, v[:top]), strict=True)))
+        for c, i, v in zip(chosen, ids, values, strict=True)
+    ]
