@@ -42,9 +42,7 @@ def mixed_requests(vocab: int, count: int, seed: int, **params) -> list[Request]
     """Prompts of 1-60 tokens and 1-30 new tokens, as a varied load has them."""
     rs = np.random.RandomState(seed)
     return [
-        Request(
-            rs.randint(3, vocab, rs.randint(1, 61)).tolist(), int(rs.randint(1, 31)), **params
-        )
+        Request(rs.randint(3, vocab, rs.randint(1, 61)).tolist(), int(rs.randint(1, 31)), **params)
         for _ in range(count)
     ]
 
@@ -294,7 +292,7 @@ def test_stop_ids_end_a_request_and_are_not_returned(model, engine):
         (dict(temperature=-1.0), "temperature", "temperature must be >= 0"),
         (dict(top_p=0.0), "top_p", r"top_p must be in \(0, 1\]"),
         (dict(logprobs=21), "logprobs", r"logprobs must be in \[0, 20\]"),
-        (dict(prompt=[1, 10_000]), None, "outside the vocabulary"),
+        (dict(prompt=[1, 10_000]), "prompt", "outside the vocabulary"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_field(engine, changes, param, message):
@@ -342,7 +340,8 @@ for name, mesh in (("one", None), ("mesh", make_mesh(data=2, fsdp=1, tensor=2, e
     engine = Engine(model, max_batch=4, max_len=64, prefill_chunk=16, mesh=mesh)
     tokens = {}
     for i, p in enumerate(prompts):
-        engine.submit(Request(p, 12, on_output=lambda o, i=i: tokens.setdefault(i, []).extend(o.tokens)))
+        sink = lambda o, i=i: tokens.setdefault(i, []).extend(o.tokens)
+        engine.submit(Request(p, 12, on_output=sink))
     engine.run_until_idle()
     out[name] = [tokens[i] for i in range(len(prompts))]
     out[name + "_cache"] = str(engine.cache.k.sharding.spec) if mesh is not None else ""

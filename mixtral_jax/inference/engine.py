@@ -307,14 +307,15 @@ class Engine:
     def warmup(self) -> None:
         """Compiles every program requests can need: each prefill bucket with and
         without the prompt's log-probabilities, the decode step with and without
-        log-probabilities. What they write is never seen: a slot's first chunk
-        empties it, and the decode step here has no active slot."""
-        for length in self.buckets:
-            for prompt_logprobs in (False, True):
-                sequence = Sequence(Request([0] * length, 1), 0, slot=0)
-                self._run_prefill(Chunk(sequence, 0, length), prompt_logprobs)
-        for with_logprobs in (False, True):
-            self._run_decode([], with_logprobs)
+        log-probabilities."""
+        programs = [
+            (prefill_chunk, self._prefill_args(Chunk(Sequence(Request([0] * n, 1), 0, 0), 0, n), p))
+            for n in self.buckets
+            for p in (False, True)
+        ]
+        programs += [(self._decode_fn, self._decode_args([], p)) for p in (False, True)]
+        for jitted, args in programs:
+            jitted.lower(*args).compile()  # cached for the calls to come
 
     def _loop(self) -> None:
         while True:
@@ -404,9 +405,11 @@ class Engine:
         """An empty cache in the backend's layout, committed to the model's devices as
         the steps' outputs are (a jitted call compiles anew for an uncommitted one)."""
         cache = self._backend.cache(self._new_cache())
-        if self._mesh_rules is None:
-            device = next(iter(jax.tree.leaves(self._params)[0].devices()))
-            cache = jax.device_put(cache, device)
+        if self._mesh_rules is None:  # on the parameters' one device, as they are placed
+            placed = jax.tree.leaves(self._params)[0].sharding
+            if isinstance(placed, jax.sharding.NamedSharding):
+                placed = jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec())
+            cache = jax.device_put(cache, placed)
         return cache
 
     def _prefill(self, chunk: Chunk, news: dict) -> None:
@@ -429,6 +432,12 @@ class Engine:
         self._accept(sequence, token, _token_logprobs(drawn, r.logprobs or 0, slice(1))[0], news)
 
     def _run_prefill(self, chunk: Chunk, prompt_logprobs: bool):
+        token, drawn, prompt, self.cache = prefill_chunk(
+            *self._prefill_args(chunk, prompt_logprobs)
+        )
+        return token, drawn, prompt
+
+    def _prefill_args(self, chunk: Chunk, prompt_logprobs: bool) -> tuple:
         sequence, r = chunk.sequence, chunk.sequence.request
         bucket = next(b for b in self.buckets if b >= chunk.length)
         tokens = np.zeros(bucket, np.int32)
@@ -436,7 +445,7 @@ class Engine:
         targets = np.zeros(bucket, np.int32)
         after = r.prompt[chunk.start + 1 : chunk.start + chunk.length + 1]
         targets[: len(after)] = after
-        token, drawn, prompt, self.cache = prefill_chunk(
+        return (
             self._graphdef,
             self._params,
             self.cache,
@@ -450,7 +459,6 @@ class Engine:
             self._mesh_rules,
             prompt_logprobs,
         )
-        return token, drawn, prompt
 
     def _decode(self, decoding: list[Sequence], news: dict) -> None:
         with_logprobs = any(s.request.logprobs is not None for s in decoding)
@@ -462,6 +470,10 @@ class Engine:
             self._accept(sequence, int(tokens[slot]), logprob, news)
 
     def _run_decode(self, decoding: list[Sequence], with_logprobs: bool):
+        token, drawn, self.cache = self._decode_fn(*self._decode_args(decoding, with_logprobs))
+        return token, drawn
+
+    def _decode_args(self, decoding: list[Sequence], with_logprobs: bool) -> tuple:
         B = self.max_batch
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
         active = np.zeros(B, bool)
@@ -469,7 +481,7 @@ class Engine:
             tokens[sequence.slot] = sequence.generated[-1]
             positions[sequence.slot] = sequence.position
             active[sequence.slot] = True
-        token, drawn, self.cache = self._decode_fn(
+        return (
             self._graphdef,
             self._params,
             self.cache,
@@ -481,7 +493,6 @@ class Engine:
             with_logprobs,
             self._backend.unstacked,
         )
-        return token, drawn
 
     def _row_sampling(self, sequences: list[Sequence], rows: int) -> RowSampling:
         """Each sequence's sampling at its slot's row (or in row 0 of one)."""

@@ -55,7 +55,9 @@ class Request:
             raise RequestError("the prompt is empty; give at least one token", "prompt")
         bad = next((t for t in self.prompt if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+            raise RequestError(
+                f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt"
+            )
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise RequestError(
                 f"max_tokens must be a whole number >= 0, got {self.max_tokens!r}", "max_tokens"

@@ -112,7 +112,13 @@ def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
 
     def draw(logits):
         scaled = logits / jnp.where(drawing, rows.temperature, 1.0)[:, None]
-        scaled = jnp.where(allowed_rows(scaled, rows.top_k, rows.top_p), scaled, -jnp.inf)
+
+        def cut(scaled):
+            return jnp.where(allowed_rows(scaled, rows.top_k, rows.top_p), scaled, -jnp.inf)
+
+        # Cuts sort the vocabulary: only when a drawing row asks for one.
+        cutting = jnp.any(drawing & ((rows.top_k > 0) | (rows.top_p < 1)))
+        scaled = jax.lax.cond(cutting, cut, lambda scaled: scaled, scaled)
         keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(rows.seed, rows.step)
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         return jnp.where(drawing, drawn, greedy)
