@@ -4,6 +4,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The OpenAI-compatible server (python -m mixtral_jax.serve, inference/server.py).
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]
+
 setup(
     name="mixtral_jax",
     version="0.1.0",
@@ -42,6 +45,9 @@ setup(
         # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA wheel.
         "test": [
             "matplotlib>=3.8",  # .[plots]: the routing analysis and the notebooks draw figures
+            *SERVE,
+            "openai>=1.50",  # the serving tests talk to the server as users do
+            "httpx>=0.27",
             "pytest>=8",
             "torch==2.13.0; python_version == '3.11'",
             "transformers>=5.0; python_version == '3.11'",
@@ -54,6 +60,8 @@ setup(
             # libtpu, so that tests/test_plan.py compiles for a TPU slice (x86 Linux only).
             "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
+        # python -m mixtral_jax.serve: the HTTP front and its /metrics.
+        "serve": SERVE,
         # The routing analysis's figures (python -m mixtral_jax.routing, analysis/figures.py).
         "plots": ["matplotlib>=3.8"],
         # tools/plan.py: compile for TPU topologies on any x86 Linux machine.

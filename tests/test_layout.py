@@ -22,7 +22,7 @@ ROOMS = (
     "planning",
     "__init__",  # the public API
 )
-COMMANDS = ("generate", "train", "evaluate", "routing")  # python -m mixtral_jax.NAME
+COMMANDS = ("generate", "train", "evaluate", "routing", "serve")  # python -m mixtral_jax.NAME
 
 
 def module_name(path: Path) -> str:

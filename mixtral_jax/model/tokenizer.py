@@ -92,6 +92,17 @@ class Tokenizer:
         """Text of `ids`; `<s>`, `</s>` and other control pieces are dropped."""
         return self.sp.decode([int(i) for i in ids])
 
+    def token_text(self, token: int) -> str:
+        """One token's text alone, as log-probabilities name it: its piece with `▁` as a
+        space; a byte piece (`<0x0A>`) as that byte's character where it is one alone."""
+        token = int(token)
+        if self.sp.is_byte(token):
+            byte = int(self.sp.id_to_piece(token)[3:5], 16)
+            return chr(byte) if byte < 0x80 else self.sp.id_to_piece(token)
+        if self.sp.is_control(token):
+            return self.sp.id_to_piece(token)
+        return self.sp.id_to_piece(token).replace("\u2581", " ")
+
     def encode_chat(self, messages: Sequence[Mapping[str, str]], *, train: bool = False):
         """The instruct encoding of a conversation, a list of {"role": "system" |
         "user" | "assistant", "content": str}.

@@ -99,12 +99,17 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def default_cache_dir() -> Path:
+    """Where mixtral_jax keeps what it compiles: $MIXTRAL_JAX_CACHE, else
+    ~/.cache/mixtral_jax."""
+    return Path(os.environ.get("MIXTRAL_JAX_CACHE", "~/.cache/mixtral_jax")).expanduser()
+
+
 def build(compiler: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """The kernel's shared library, compiled unless the cache has it for this source,
     jaxlib and CPU. Raises RuntimeError (with the compiler's message) if it fails."""
     compiler = compiler or os.environ.get("CXX", "c++")
-    cache = Path(cache_dir or os.environ.get("MIXTRAL_JAX_CACHE", "~/.cache/mixtral_jax"))
-    cache = cache.expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     include = jax.ffi.include_dir()
     parts = (compiler, *_FLAGS, include, importlib.metadata.version("jaxlib"), _cpu_signature())
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(parts).encode()).hexdigest()

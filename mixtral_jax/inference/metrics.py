@@ -1,0 +1,88 @@
+"""What a serving engine reports to Prometheus (`GET /metrics`), in plain names.
+
+queue_depth                     gauge: requests waiting for a slot
+active_slots                    gauge: slots holding a request
+max_slots                       gauge: the engine's slots (--max_batch)
+prompt_tokens_total             counter: prompt tokens of finished requests
+tokens_generated_total          counter: tokens generated
+requests_finished_total{reason} counter: stop, length, cancelled, error
+time_to_first_token_seconds     histogram: from the request's arrival to its first token
+inter_token_latency_seconds     histogram: between a request's successive tokens
+request_duration_seconds        histogram: from arrival to the last output
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mixtral_jax.inference.engine import Engine
+from mixtral_jax.inference.requests import Output
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServingMetrics:
+    """The metrics of one engine, in `registry`. `timer()` follows one request."""
+
+    def __init__(self, engine: Engine, registry: CollectorRegistry):
+        Gauge("queue_depth", "Requests waiting for a slot", registry=registry).set_function(
+            lambda: engine.queue_depth
+        )
+        Gauge("active_slots", "Slots holding a request", registry=registry).set_function(
+            lambda: engine.active_slots
+        )
+        Gauge("max_slots", "The engine's decode slots", registry=registry).set(engine.max_batch)
+        self.prompt_tokens = Counter(
+            "prompt_tokens", "Prompt tokens of finished requests", registry=registry
+        )
+        self.generated = Counter("tokens_generated", "Tokens generated", registry=registry)
+        self.finished = Counter(
+            "requests_finished", "Requests ended, by reason", ["reason"], registry=registry
+        )
+        self.first_token = Histogram(
+            "time_to_first_token_seconds",
+            "From a request's arrival to its first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "inter_token_latency_seconds",
+            "Between a request's successive tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "request_duration_seconds",
+            "From a request's arrival to its last output",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def timer(self, prompt_tokens: int) -> RequestTimer:
+        return RequestTimer(self, prompt_tokens)
+
+
+class RequestTimer:
+    """Observes one request's outputs as they are produced (on the engine's thread)."""
+
+    def __init__(self, metrics: ServingMetrics, prompt_tokens: int):
+        self.metrics, self.prompt_tokens = metrics, prompt_tokens
+        self.arrival = self.last = time.perf_counter()
+        self.tokens = 0
+
+    def observe(self, output: Output) -> None:
+        now, m = time.perf_counter(), self.metrics
+        for _ in output.tokens:
+            if self.tokens == 0:
+                m.first_token.observe(now - self.arrival)
+            else:
+                m.inter_token.observe(now - self.last)
+            self.tokens += 1
+            self.last = now
+        m.generated.inc(len(output.tokens))
+        if output.finished:
+            m.finished.labels(output.finish_reason).inc()
+            m.prompt_tokens.inc(self.prompt_tokens)
+            m.duration.observe(now - self.arrival)

@@ -1,0 +1,154 @@
+"""The serving command, `python -m mixtral_jax.serve`: an OpenAI-compatible HTTP server.
+
+python -m mixtral_jax.serve                                   # the embedded model, :8000
+python -m mixtral_jax.serve --checkpoint DIR --max_batch 16 --max_len 4096 --port 8000
+
+Needs the `.[serve]` extra (FastAPI, uvicorn, prometheus-client). SIGTERM or Ctrl-C
+stops admitting, lets the requests in flight finish (cancels them after
+--shutdown_timeout seconds) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+from mixtral_jax import cli
+from mixtral_jax.backends.cpu.kernels import default_cache_dir
+from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
+from mixtral_jax.parallel.mesh import make_mesh, parse_mesh
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mixtral_jax.serve",
+        description="Serve a Mixtral checkpoint over OpenAI's completions and chat API, "
+        "with continuous batching and streaming.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a directory written by tools/convert.py or a training export "
+        "(default: the small model embedded in the package)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model_name",
+        default=None,
+        help="the `model` clients ask for "
+        "(default: the checkpoint directory's name, or mixtral-embedded)",
+    )
+    p.add_argument("--max_batch", type=int, default=16, help="decode slots")
+    p.add_argument(
+        "--max_len",
+        type=int,
+        default=None,
+        help="longest prompt + answer per slot (default: the model's context, at most 4096)",
+    )
+    p.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled per step, so long prompts never stall decoding",
+    )
+    p.add_argument(
+        "--max_queue",
+        type=int,
+        default=256,
+        help="requests waiting for a slot before new ones get 429",
+    )
+    p.add_argument(
+        "--shutdown_timeout",
+        type=float,
+        default=30.0,
+        help="seconds the requests in flight get to finish on SIGTERM",
+    )
+    p.add_argument("--mesh", default=None, help="e.g. tensor=8: the model sharded over a mesh")
+    p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16")
+    p.add_argument("--quantize", default=None, help="int8 or int4, as the checkpoint loads")
+    p.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer.model file, or mistral-v1 / mistral-v3 (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--no_warmup",
+        action="store_true",
+        help="compile on the first requests instead of before listening",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mixtral_jax.serve`; returns the exit status."""
+    args = parser().parse_args(argv)
+    return cli.run(lambda: _serve(args), (ValueError, OSError, ImportError))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from mixtral_jax.inference.server import create_app
+    except ImportError as e:
+        raise ImportError(
+            f"serving needs the .[serve] extra: pip install -e '.[serve]' ({e})"
+        ) from None
+    from mixtral_jax.inference.engine import Engine
+
+    # Compiled programs are kept across starts: a restart skips most of the warm-up.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+    checkpoint = args.checkpoint or EMBEDDED
+    name = args.model_name or (
+        "mixtral-embedded" if args.checkpoint is None else Path(args.checkpoint).resolve().name
+    )
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    start = time.perf_counter()
+    model = load(
+        checkpoint, dtype=args.dtype, mesh=mesh, quantize=args.quantize, group_size=args.group_size
+    )
+    tokenizer = load_tokenizer(args.tokenizer or checkpoint)
+    max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
+    engine = Engine(
+        model,
+        max_batch=args.max_batch,
+        max_len=max_len,
+        prefill_chunk=args.prefill_chunk,
+        max_queue=args.max_queue,
+        mesh=mesh,
+    )
+    if not args.no_warmup:
+        engine.warmup()
+    print(
+        f"serving {name!r} ({model.config.num_layers} layers, {args.max_batch} slots of "
+        f"{max_len} tokens) on http://{args.host}:{args.port}/v1, ready after "
+        f"{time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    app = create_app(engine, tokenizer, name, shutdown_timeout=args.shutdown_timeout)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down; by then the
+    # requests in flight are done, so the process ends as asked, with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    print("server stopped", file=sys.stderr)
