@@ -1,0 +1,170 @@
+"""The server under faults: a full queue answers 429, a client that goes away frees its
+slot, a request that fails ends alone, and SIGTERM finishes what is in flight and
+exits 0. One small server (2 slots, 2 waiting) for the module; SIGTERM on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import mixtral_jax
+from mixtral_jax.inference import openai_api
+from mixtral_jax.inference.engine import Engine
+from tests import ROOT
+from tests.serving import NAME, free_port, running_server, wait_until
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine(mixtral_jax.load(), max_batch=2, max_len=MAX_LEN, prefill_chunk=32, max_queue=2)
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with running_server(engine, mixtral_jax.load_tokenizer()) as url:
+        yield url
+
+
+def complete(url: str, prompt: str = "def f(x):", **fields) -> httpx.Response:
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0} | fields
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def test_a_full_queue_answers_429_and_the_accepted_ones_complete(url, engine):
+    """8 long requests at once into 2 slots and a queue of 2."""
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": NAME, "prompt": "import", "max_tokens": 120, "temperature": 0}
+            return await asyncio.gather(
+                *(client.post(f"{url}/v1/completions", json=body) for _ in range(8))
+            )
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(429) >= 2 and set(codes) == {200, 429}
+    refused = next(r for r in responses if r.status_code == 429).json()["error"]
+    assert refused["type"] == "rate_limit_exceeded" and "max_queue" in refused["message"]
+    done = [r.json()["choices"][0] for r in responses if r.status_code == 200]
+    assert len({c["text"] for c in done}) == 1 and all(c["finish_reason"] for c in done)
+    assert wait_until(lambda: not engine.busy())
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, engine):
+    body = {
+        "model": NAME,
+        "prompt": "class A:",
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line.startswith("data: "))
+        assert engine.active_slots == 1
+    # Closed after three chunks: the slot is free a step or two later, not 200 tokens on.
+    assert wait_until(lambda: engine.active_slots == 0, timeout=5)
+    assert not engine.busy()
+    assert complete(url).status_code == 200
+
+
+def test_a_request_that_fails_ends_alone_and_the_server_serves_on(url, engine, monkeypatch):
+    expected = complete(url).json()["choices"][0]["text"]
+    add = openai_api.Answer.add
+
+    def add_or_fail(self, output):
+        if "BOOM" in self.stops:
+            raise RuntimeError("a fault injected into one request")
+        return add(self, output)
+
+    monkeypatch.setattr(openai_api.Answer, "add", add_or_fail)
+
+    async def mixed():
+        async with httpx.AsyncClient(timeout=120) as client:
+            base = {"model": NAME, "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
+            return await asyncio.gather(
+                client.post(f"{url}/v1/completions", json=base),
+                client.post(f"{url}/v1/completions", json=base | {"stop": ["BOOM"]}),
+                client.post(f"{url}/v1/completions", json=base),
+            )
+
+    good, bad, good_too = asyncio.run(mixed())
+    assert bad.status_code == 500
+    assert bad.json()["error"]["type"] == "server_error"
+    assert "a fault injected" in bad.json()["error"]["message"]
+    for response in (good, good_too):
+        assert response.json()["choices"][0]["text"] == expected
+    assert wait_until(lambda: not engine.busy())
+    monkeypatch.undo()
+    assert complete(url).json()["choices"][0]["text"] == expected
+
+
+def test_sigterm_finishes_what_is_in_flight_and_exits_0(tmp_path):
+    port = free_port()
+    env = dict(os.environ, MIXTRAL_JAX_CACHE=str(tmp_path))
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_jax.serve",
+            "--port",
+            str(port),
+            "--max_len",
+            "256",
+            "--prefill_chunk",
+            "32",
+            "--max_batch",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _healthy(url), timeout=240), server.stderr.read()
+        body = {
+            "model": NAME,
+            "prompt": "def f(x):",
+            "max_tokens": 60,
+            "temperature": 0,
+            "stream": True,
+        }
+        chunks = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            for line in filter(None, response.iter_lines()):
+                if not chunks:  # the first token is out: stop the server
+                    server.send_signal(signal.SIGTERM)
+                chunks.append(line)
+        assert chunks[-1] == "data: [DONE]"
+        assert len(chunks) > 10  # it went on after the signal
+        assert '"finish_reason": "length"' in chunks[-2] or '"finish_reason": "stop"' in chunks[-2]
+        assert server.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.5)
+        return False
