@@ -204,6 +204,8 @@ def test_models_health_and_metrics(url, client):
         "time_to_first_token_seconds_bucket",
         "inter_token_latency_seconds_bucket",
         'requests_finished_total{reason="length"}',
+        'engine_busy_seconds_total{phase="decode"}',
+        "decode_rows_total",
     ):
         assert f"\n{name}" in text, name
     generated = next(

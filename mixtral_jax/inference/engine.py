@@ -26,6 +26,7 @@ import functools
 import logging
 import random
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -222,7 +223,11 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.tokens_generated = 0  # since the engine started
+        # Since the engine started: tokens generated; seconds spent prefilling and
+        # decoding; rows the decode steps computed.
+        self.tokens_generated = 0
+        self.busy_seconds = {"prefill": 0.0, "decode": 0.0}
+        self.decode_rows = 0
 
     # ---- from any thread ----
 
@@ -290,11 +295,19 @@ class Engine:
         news: dict[Sequence, None] = {}  # in order, once each
         self._take_incoming(news)
         self.scheduler.admit()
-        for chunk in self.scheduler.chunks():
+        start = time.perf_counter()
+        chunks = self.scheduler.chunks()
+        for chunk in chunks:
             self._guarded([chunk.sequence], news, self._prefill, chunk, news)
+        if chunks:
+            jax.block_until_ready(self.cache)
+        prefilled = time.perf_counter()
         decoding = self.scheduler.decoding()
         if decoding:
             self._guarded(decoding, news, self._decode, decoding, news)
+        self.busy_seconds["prefill"] += prefilled - start
+        self.busy_seconds["decode"] += time.perf_counter() - prefilled
+        self.decode_rows += len(decoding)
         outputs = [(sequence, sequence.output()) for sequence in news]
         self._deliver(outputs)
         return [output for _, output in outputs]

@@ -6,6 +6,8 @@ max_slots                       gauge: the engine's slots (--max_batch)
 prompt_tokens_total             counter: prompt tokens of finished requests
 tokens_generated_total          counter: tokens generated
 requests_finished_total{reason} counter: stop, length, cancelled, error
+engine_busy_seconds_total{phase} counter: seconds spent prefilling and decoding
+decode_rows_total               counter: rows the decode steps computed
 time_to_first_token_seconds     histogram: from the request's arrival to its first token
 inter_token_latency_seconds     histogram: between a request's successive tokens
 request_duration_seconds        histogram: from arrival to the last output
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from mixtral_jax.inference.engine import Engine
 from mixtral_jax.inference.requests import Output
@@ -27,13 +31,7 @@ class ServingMetrics:
     """The metrics of one engine, in `registry`. `timer()` follows one request."""
 
     def __init__(self, engine: Engine, registry: CollectorRegistry):
-        Gauge("queue_depth", "Requests waiting for a slot", registry=registry).set_function(
-            lambda: engine.queue_depth
-        )
-        Gauge("active_slots", "Slots holding a request", registry=registry).set_function(
-            lambda: engine.active_slots
-        )
-        Gauge("max_slots", "The engine's decode slots", registry=registry).set(engine.max_batch)
+        registry.register(_EngineCollector(engine))
         self.prompt_tokens = Counter(
             "prompt_tokens", "Prompt tokens of finished requests", registry=registry
         )
@@ -62,6 +60,26 @@ class ServingMetrics:
 
     def timer(self, prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, prompt_tokens)
+
+
+class _EngineCollector(Collector):
+    """What the engine counts itself, read at each scrape."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        yield GaugeMetricFamily("queue_depth", "Requests waiting for a slot", e.queue_depth)
+        yield GaugeMetricFamily("active_slots", "Slots holding a request", e.active_slots)
+        yield GaugeMetricFamily("max_slots", "The engine's decode slots", e.max_batch)
+        busy = CounterMetricFamily(
+            "engine_busy_seconds", "Seconds spent prefilling and decoding", labels=["phase"]
+        )
+        for phase, seconds in e.busy_seconds.items():
+            busy.add_metric([phase], seconds)
+        yield busy
+        yield CounterMetricFamily("decode_rows", "Rows the decode steps computed", e.decode_rows)
 
 
 class RequestTimer:

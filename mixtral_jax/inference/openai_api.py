@@ -53,6 +53,7 @@ class _Common(BaseModel):
     top_k: int = Field(default=0, ge=0)  # an extension, as vLLM's: 0 is no cut
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # an extension, as vLLM's: generate max_tokens whatever comes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)

@@ -175,7 +175,7 @@ async def _respond(engine, metrics, http: Request, body, choices, params, render
     sampling = dict(
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed
     )
-    stop_ids = frozenset({render.tokenizer.eos_id})
+    stop_ids = frozenset() if body.ignore_eos else frozenset({render.tokenizer.eos_id})
     try:
         for choice in choices:
             call.submit(choice, stop_ids=stop_ids, **sampling, **params)
