@@ -4,6 +4,7 @@
     python tools/bench.py --seq_len 2048 --sections prefill
     python tools/bench.py --sections decode    # generation: batch 1 and 16
     python tools/bench.py --sections quantized # decode with bfloat16, int8, int4 weights
+    python tools/bench.py --sections serve     # a load through the server, static, transformers
 
 Every figure is a median over repeats, taken in one run so that the figures
 can be compared (machines differ from day to day; compare ratios, not times).
@@ -18,12 +19,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,15 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mixtral_jax import Mixtral, ModelConfig  # noqa: E402
 from mixtral_jax.backends.cpu.decode import COMPILER_OPTIONS  # noqa: E402
-from mixtral_jax.checkpoints import hub  # noqa: E402
+from mixtral_jax.checkpoints import hub, store  # noqa: E402
 from mixtral_jax.inference.generate import generate_tokens  # noqa: E402
 from mixtral_jax.model.config import load_config_file  # noqa: E402
 from mixtral_jax.model.moe import SparseMoE  # noqa: E402
 from mixtral_jax.params import flat_params  # noqa: E402
 from mixtral_jax.planning.plan import element_bits  # noqa: E402
 from mixtral_jax.quant import quantize  # noqa: E402
+from tools import serve_load  # noqa: E402
 
-SECTIONS = ("prefill", "moe", "decode", "quantized")
+SECTIONS = ("prefill", "moe", "decode", "quantized", "serve")
 
 
 def load_config(path: str) -> ModelConfig:
@@ -391,6 +398,136 @@ def bench_quantized(args, config: ModelConfig, peak: float):
             print(f"  {name:<12} {size / 8e6:6.0f} MB {rate:13.1f} {rate / reference:7.2f}x")
 
 
+def bench_serve(args, config: ModelConfig, peak: float):
+    """One open-loop load (tools/serve_load.py) through `python -m mixtral_jax.serve` over
+    HTTP, through static batches of `generate`, and through transformers' `generate`."""
+    torch, _ = torch_or_none()
+    load = serve_load.make_load(args.serve_requests, args.serve_rate, config.vocab_size, seed=1)
+    prompt_tokens = sum(len(j.prompt) for j in load)
+    answer_tokens = sum(j.max_tokens for j in load)
+    print(
+        f"\nServe: {len(load)} requests arriving at {args.serve_rate}/s (Poisson), prompts 16-512 "
+        f"tokens ({prompt_tokens} in all), answers 16-256 ({answer_tokens}), greedy, "
+        f"{SERVE_BATCH} slots / static batches of {SERVE_BATCH}"
+    )
+    if torch is not None:
+        hf = hf_model(config, args.init_std, args.seed)
+        model = hub.from_hub_state_dict(hf.state_dict(), config)
+    else:
+        print("  (torch/transformers not installed: no reference row)")
+        model = Mixtral(config, rngs=nnx.Rngs(args.seed))
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "checkpoint"
+        store.save(checkpoint, flat_params(model), config)
+        served = _serve_http(args, checkpoint, load)
+    probe = bandwidth_probe()
+    bandwidth = probe()
+    bound = (
+        SERVE_BATCH * bandwidth / active_weight_bytes(config, experts_touched(config, SERVE_BATCH))
+    )
+
+    def ours(jobs):
+        prompts, n = [j.prompt for j in jobs], max(j.max_tokens for j in jobs)
+        generate_tokens(model, prompts, max_new_tokens=n)  # compiles this batch's shapes
+        marks = []
+        start = time.perf_counter()
+        tokens, _ = generate_tokens(
+            model,
+            prompts,
+            max_new_tokens=n,
+            on_token=lambda row, _: row or marks.append(time.perf_counter()),
+        )
+        return tokens, marks[0] - start, list(np.diff(marks))
+
+    rows["mixtral_jax generate, static"] = serve_load.run_static(ours, load, SERVE_BATCH)
+    if torch is not None:
+
+        def transformers_batch(jobs):
+            n = max(j.max_tokens for j in jobs)
+            T = max(len(j.prompt) for j in jobs)
+            ids = torch.zeros((len(jobs), T), dtype=torch.long)
+            mask = torch.zeros((len(jobs), T), dtype=torch.long)
+            for row, job in enumerate(jobs):  # left-padded, as transformers wants
+                ids[row, T - len(job.prompt) :] = torch.as_tensor(job.prompt)
+                mask[row, T - len(job.prompt) :] = 1
+            marks = Marks()
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                    streamer=marks,
+                )
+            steps = marks.times[1:]  # the first put is the prompt
+            return out[:, T:].tolist(), steps[0] - start, list(np.diff(steps))
+
+        rows[HF_ROW + ", static"] = serve_load.run_static(transformers_batch, load, SERVE_BATCH)
+    rows = {"mixtral_jax serve (continuous)": served[:2], **rows}
+    reference = None
+    serve_load.header()
+    for name, (results, makespan) in rows.items():
+        rate = serve_load.summarize(name, results, makespan, reference)
+        reference = reference or rate
+    _, _, before, after = served
+    decode_s = after['engine_busy_seconds_total{phase="decode"}'] - before.get(
+        'engine_busy_seconds_total{phase="decode"}', 0.0
+    )
+    prefill_s = after['engine_busy_seconds_total{phase="prefill"}'] - before.get(
+        'engine_busy_seconds_total{phase="prefill"}', 0.0
+    )
+    decoded = after["decode_rows_total"] - before.get("decode_rows_total", 0.0)
+    print(
+        f"  the server's decode steps: {decoded / decode_s:.1f} tokens/s, "
+        f"{100 * decoded / decode_s / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
+        f"({bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s); the engine spent "
+        f"{prefill_s:.1f} s prefilling and {decode_s:.1f} s decoding"
+    )
+
+
+SERVE_BATCH = 16
+
+
+def _serve_http(args, checkpoint: Path, load):
+    """The load through `python -m mixtral_jax.serve` in a process of its own; the
+    results, the makespan and the server's metrics before and after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    longest = max(len(j.prompt) + j.max_tokens for j in load)
+    command = [
+        sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", str(checkpoint),
+        "--tokenizer", "mistral-v1", "--port", str(port), "--model_name", "bench",
+        "--max_batch", str(SERVE_BATCH), "--max_len", str(max(longest, 1024)),
+        "--prefill_chunk", str(args.prefill_chunk), "--max_queue", str(len(load)),
+    ]  # fmt: skip
+    server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(1)
+        before = serve_load.scrape(url)
+        results, makespan = serve_load.run_http(url, "bench", load)
+        after = serve_load.scrape(url)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+    return results, makespan, before, after
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -413,6 +550,9 @@ def main(argv=None):
     )
     parser.add_argument("--prompt_len", type=int, default=128, help="decode: prompt tokens")
     parser.add_argument("--new_tokens", type=int, default=32, help="decode: new tokens")
+    parser.add_argument("--serve_requests", type=int, default=64, help="serve: requests")
+    parser.add_argument("--serve_rate", type=float, default=2.0, help="serve: arrivals per s")
+    parser.add_argument("--prefill_chunk", type=int, default=256, help="serve: the server's")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     if args.seq_len > config.max_position_embeddings:
@@ -438,6 +578,8 @@ def main(argv=None):
         bench_decode(args, config, peak)
     if "quantized" in sections:
         bench_quantized(args, config, peak)
+    if "serve" in sections:
+        bench_serve(args, config, peak)
 
 
 if __name__ == "__main__":

@@ -122,12 +122,15 @@ def prefill_chunk(
             (index < length).astype(jnp.int32)[None],
             cache=own,
             chunk=True,
+            # Every position's logits only when the prompt's log-probabilities are asked.
+            logits_at=None if prompt_logprobs else (length - 1)[None],
         )
     cache = _put_slot_rows(cache, out.cache, slot)
-    last = jax.lax.dynamic_index_in_dim(out.logits[0], length - 1, keepdims=True)  # [1, V]
+    logits = out.logits[0]  # [C, V], or [1, V]: the last real token's
+    last = jax.lax.dynamic_index_in_dim(logits, length - 1 if prompt_logprobs else 0)  # [1, V]
     token = sample_rows(last, rows)
     drawn = logprobs(last, token, MAX_TOP_LOGPROBS)
-    prompt = logprobs(out.logits[0], targets, MAX_TOP_LOGPROBS) if prompt_logprobs else None
+    prompt = logprobs(logits, targets, MAX_TOP_LOGPROBS) if prompt_logprobs else None
     return token[0], drawn, prompt, cache
 
 

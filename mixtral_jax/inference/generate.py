@@ -73,9 +73,8 @@ def prefill_step(graphdef, params, tokens, lengths, cache: KVCache, key, samplin
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
     with rules_context(mesh_rules):
-        out = model.forward(tokens, positions, segment_ids, cache=cache)
-    last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
-    return sample(last, key, sampling), out.cache
+        out = model.forward(tokens, positions, segment_ids, cache=cache, logits_at=lengths - 1)
+    return sample(out.logits[:, 0], key, sampling), out.cache
 
 
 def _decode(

@@ -171,6 +171,7 @@ class Mixtral(nnx.Module):
         cache: KVCache | None = None,
         unstacked: Unstacked | None = None,
         chunk: bool = False,
+        logits_at: jax.Array | None = None,
     ) -> ModelOutput:
         """Logits and each layer's routing (and the updated cache).
 
@@ -186,6 +187,9 @@ class Mixtral(nnx.Module):
         chunk: with a cache, T > 1 tokens that continue what each row's cache holds (a
         chunk of a prompt, prefilled piece by piece): they attend over the cache, their
         own keys included, instead of only among themselves.
+        logits_at: int [B], one index into T per row: only there are logits computed
+        (logits [B, 1, V]), as a prefill needs the last prompt token's alone; the LM
+        head is a large share of a short prompt's work.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -209,6 +213,8 @@ class Mixtral(nnx.Module):
         x, (stats, weights, experts), kv = self._run_layers(
             x, kv, inputs, moe_impl, unstacked, chunk
         )
+        if logits_at is not None:  # [B, 1, D]: one position's hidden state per row
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
         if unstacked is not None and unstacked.lm_head is not None:
             logits = unstacked.lm_head(x[:, 0])[:, None]
