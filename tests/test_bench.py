@@ -46,3 +46,36 @@ def test_a_decode_rate_needs_three_new_tokens(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--sections", "decode", "--new_tokens", "2"])
     assert "at least 3 new tokens" in capsys.readouterr().err
+
+
+def test_a_serving_load_has_the_lengths_and_rate_asked():
+    from tools import serve_load
+
+    load = serve_load.make_load(400, rate=4.0, vocab=100, prompts=(16, 32), answers=(5, 9))
+    arrivals = [j.arrival for j in load]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals)
+    assert all(16 <= len(j.prompt) <= 32 and 5 <= j.max_tokens <= 9 for j in load)
+    assert all(0 <= t < 100 for j in load for t in j.prompt)
+    assert load[-1].arrival / (len(load) - 1) == pytest.approx(1 / 4.0, rel=0.15)
+
+
+def test_static_batching_takes_what_has_arrived_and_runs_to_the_longest():
+    """Three requests, batches of 2: the first batch holds the one there at t=0, the
+    second the two that arrived while it ran; each row's tokens end at its own length."""
+    from tools import serve_load
+
+    jobs = [serve_load.Job(0.0, [1], 3), serve_load.Job(0.5, [1], 2), serve_load.Job(1.0, [1], 4)]
+    batches = []
+
+    def generate_batch(batch):
+        batches.append([j.arrival for j in batch])
+        n = max(j.max_tokens for j in batch)
+        return [[7] * n for _ in batch], 1.0, [0.25] * (n - 1)
+
+    results, makespan = serve_load.run_static(generate_batch, jobs, batch=2)
+    assert batches == [[0.0], [0.5, 1.0]]
+    first, second, third = results
+    assert (first.first, first.end, first.tokens) == (1.0, 1.5, 3)  # 1 s, then 2 steps
+    assert (second.first, second.end, second.tokens) == (2.5, 2.75, 2)  # starts at 1.5
+    assert (third.first, third.end, third.tokens) == (2.5, 3.25, 4)
+    assert makespan == 3.25 and third.gaps == [0.25] * 3

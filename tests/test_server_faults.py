@@ -36,9 +36,9 @@ def url(engine):
         yield url
 
 
-def complete(url: str, prompt: str = "def f(x):", **fields) -> httpx.Response:
+def complete(url: str, prompt: str = "def f(x):", timeout: float = 120, **fields):
     body = {"model": NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0} | fields
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
 
 
 def test_a_full_queue_answers_429_and_the_accepted_ones_complete(url, engine):
@@ -65,18 +65,28 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, engine):
     body = {
         "model": NAME,
         "prompt": "class A:",
-        "max_tokens": 200,
+        "max_tokens": 240,
+        "ignore_eos": True,
         "temperature": 0,
         "stream": True,
     }
+    before = engine.tokens_generated
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(3):
             next(line for line in lines if line.startswith("data: "))
         assert engine.active_slots == 1
-    # Closed after three chunks: the slot is free a step or two later, not 200 tokens on.
+    # Closed after three chunks: the slot is free a step or two later, not 240 tokens on.
     assert wait_until(lambda: engine.active_slots == 0, timeout=5)
+    assert engine.tokens_generated - before < 200
     assert not engine.busy()
+    assert complete(url).status_code == 200
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(url, engine):
+    with pytest.raises(httpx.ReadTimeout):
+        complete(url, "class A:", max_tokens=200, timeout=0.5)
+    assert wait_until(lambda: engine.active_slots == 0, timeout=5)
     assert complete(url).status_code == 200
 
 

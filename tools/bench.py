@@ -402,13 +402,21 @@ def bench_serve(args, config: ModelConfig, peak: float):
     """One open-loop load (tools/serve_load.py) through `python -m mixtral_jax.serve` over
     HTTP, through static batches of `generate`, and through transformers' `generate`."""
     torch, _ = torch_or_none()
-    load = serve_load.make_load(args.serve_requests, args.serve_rate, config.vocab_size, seed=1)
+    prompts, answers = (
+        tuple(map(int, r.split(","))) for r in (args.serve_prompts, args.serve_answers)
+    )
+    contenders = set(args.serve_contenders.split(","))
+    load = serve_load.make_load(
+        args.serve_requests, args.serve_rate, config.vocab_size, prompts, answers, seed=1
+    )
     prompt_tokens = sum(len(j.prompt) for j in load)
     answer_tokens = sum(j.max_tokens for j in load)
     print(
-        f"\nServe: {len(load)} requests arriving at {args.serve_rate}/s (Poisson), prompts 16-512 "
-        f"tokens ({prompt_tokens} in all), answers 16-256 ({answer_tokens}), greedy, "
-        f"{SERVE_BATCH} slots / static batches of {SERVE_BATCH}"
+        f"\nServe: {len(load)} requests arriving at {args.serve_rate}/s (Poisson), prompts "
+        f"{prompts[0]}-{prompts[1]} tokens ({prompt_tokens} in all), answers "
+        f"{answers[0]}-{answers[1]} ({answer_tokens}), greedy, {SERVE_BATCH} slots / static "
+        f"batches of {SERVE_BATCH}, prefill {args.prefill_rows} x {args.prefill_chunk} tokens "
+        "a step"
     )
     if torch is not None:
         hf = hf_model(config, args.init_std, args.seed)
@@ -417,15 +425,12 @@ def bench_serve(args, config: ModelConfig, peak: float):
         print("  (torch/transformers not installed: no reference row)")
         model = Mixtral(config, rngs=nnx.Rngs(args.seed))
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "checkpoint"
-        store.save(checkpoint, flat_params(model), config)
-        served = _serve_http(args, checkpoint, load)
-    probe = bandwidth_probe()
-    bandwidth = probe()
-    bound = (
-        SERVE_BATCH * bandwidth / active_weight_bytes(config, experts_touched(config, SERVE_BATCH))
-    )
+    if "server" in contenders:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = Path(tmp) / "checkpoint"
+            store.save(checkpoint, flat_params(model), config)
+            results, makespan, before, after = _serve_http(args, checkpoint, load)
+        rows["mixtral_jax serve (continuous)"] = results, makespan
 
     def ours(jobs):
         prompts, n = [j.prompt for j in jobs], max(j.max_tokens for j in jobs)
@@ -440,8 +445,9 @@ def bench_serve(args, config: ModelConfig, peak: float):
         )
         return tokens, marks[0] - start, list(np.diff(marks))
 
-    rows["mixtral_jax generate, static"] = serve_load.run_static(ours, load, SERVE_BATCH)
-    if torch is not None:
+    if "static" in contenders:
+        rows[STATIC_ROW] = serve_load.run_static(ours, load, SERVE_BATCH)
+    if torch is not None and "transformers" in contenders:
 
         def transformers_batch(jobs):
             n = max(j.max_tokens for j in jobs)
@@ -468,28 +474,32 @@ def bench_serve(args, config: ModelConfig, peak: float):
             return out[:, T:].tolist(), steps[0] - start, list(np.diff(steps))
 
         rows[HF_ROW + ", static"] = serve_load.run_static(transformers_batch, load, SERVE_BATCH)
-    rows = {"mixtral_jax serve (continuous)": served[:2], **rows}
-    reference = None
+    rates = {name: serve_load.output_rate(results, m) for name, (results, m) in rows.items()}
+    print(f"  (x: output tokens/s against {STATIC_ROW!r})")
     serve_load.header()
     for name, (results, makespan) in rows.items():
-        rate = serve_load.summarize(name, results, makespan, reference)
-        reference = reference or rate
-    _, _, before, after = served
-    decode_s = after['engine_busy_seconds_total{phase="decode"}'] - before.get(
-        'engine_busy_seconds_total{phase="decode"}', 0.0
-    )
-    prefill_s = after['engine_busy_seconds_total{phase="prefill"}'] - before.get(
-        'engine_busy_seconds_total{phase="prefill"}', 0.0
-    )
-    decoded = after["decode_rows_total"] - before.get("decode_rows_total", 0.0)
-    print(
-        f"  the server's decode steps: {decoded / decode_s:.1f} tokens/s, "
-        f"{100 * decoded / decode_s / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
-        f"({bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s); the engine spent "
-        f"{prefill_s:.1f} s prefilling and {decode_s:.1f} s decoding"
-    )
+        serve_load.summarize(name, results, makespan, rates.get(STATIC_ROW))
+    if "server" in contenders:
+        bandwidth = bandwidth_probe()()
+        step_bytes = active_weight_bytes(config, experts_touched(config, SERVE_BATCH))
+        bound = SERVE_BATCH * bandwidth / step_bytes
+
+        def delta(name: str) -> float:
+            return after[name] - before.get(name, 0.0)
+
+        decode_s = delta('engine_busy_seconds_total{phase="decode"}')
+        prefill_s = delta('engine_busy_seconds_total{phase="prefill"}')
+        decoded = delta("decode_rows_total")
+        print(
+            f"  the server's decode steps: {decoded / decode_s:.1f} tokens/s, "
+            f"{100 * decoded / decode_s / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
+            f"({bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s); the engine spent "
+            f"{prefill_s:.1f} s prefilling {prompt_tokens} prompt tokens "
+            f"({prompt_tokens / prefill_s:.0f}/s) and {decode_s:.1f} s decoding"
+        )
 
 
+STATIC_ROW = "mixtral_jax generate, static"
 SERVE_BATCH = 16
 
 
@@ -504,7 +514,8 @@ def _serve_http(args, checkpoint: Path, load):
         sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", str(checkpoint),
         "--tokenizer", "mistral-v1", "--port", str(port), "--model_name", "bench",
         "--max_batch", str(SERVE_BATCH), "--max_len", str(max(longest, 1024)),
-        "--prefill_chunk", str(args.prefill_chunk), "--max_queue", str(len(load)),
+        "--prefill_chunk", str(args.prefill_chunk), "--prefill_rows", str(args.prefill_rows),
+        "--max_queue", str(len(load)),
     ]  # fmt: skip
     server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -552,7 +563,19 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=32, help="decode: new tokens")
     parser.add_argument("--serve_requests", type=int, default=64, help="serve: requests")
     parser.add_argument("--serve_rate", type=float, default=2.0, help="serve: arrivals per s")
-    parser.add_argument("--prefill_chunk", type=int, default=256, help="serve: the server's")
+    parser.add_argument("--prefill_chunk", type=int, default=512, help="serve: the server's")
+    parser.add_argument("--prefill_rows", type=int, default=4, help="serve: the server's")
+    parser.add_argument(
+        "--serve_prompts", default="16,512", help="serve: prompt lengths, uniform in [a, b]"
+    )
+    parser.add_argument(
+        "--serve_answers", default="16,256", help="serve: max_tokens, uniform in [a, b]"
+    )
+    parser.add_argument(
+        "--serve_contenders",
+        default="server,static,transformers",
+        help="serve: which of server, static (our generate), transformers to run",
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
     if args.seq_len > config.max_position_embeddings:

@@ -122,13 +122,17 @@ def run_static(
     return results, clock
 
 
+def output_rate(results: list[Result], makespan: float) -> float:
+    return sum(r.tokens for r in results) / makespan
+
+
 def summarize(name: str, results: list[Result], makespan: float, reference: float | None):
-    """One row: output tokens/s, TTFT and inter-token p50/p99, requests complete."""
-    tokens = sum(r.tokens for r in results)
+    """One row: output tokens/s (and against `reference`'s), TTFT and inter-token latency
+    p50/p99, requests complete."""
     complete = sum(r.tokens == r.expected for r in results)
     ttft = [r.first - r.arrival for r in results]
     gaps = [g for r in results for g in r.gaps]
-    rate = tokens / makespan
+    rate = output_rate(results, makespan)
     ratio = f"{rate / reference:5.2f}x" if reference else "    -"
     print(
         f"  {name:<34} {rate:8.1f} {ratio} "

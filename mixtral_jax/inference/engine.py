@@ -1,18 +1,19 @@
 """The serving engine: continuous batching over a fixed number of decode slots.
 
-    engine = Engine(model, max_batch=16, max_len=2048, prefill_chunk=256)
+    engine = Engine(model, max_batch=16, max_len=2048, prefill_chunk=512)
     engine.submit(Request(prompt_ids, max_tokens=64, on_output=print))
     engine.start()          # a thread that steps while there is work (or: engine.step())
 
 Each step (`scheduler.Scheduler` decides what runs) admits waiting requests into
-free slots, prefills chunks of their prompts (each chunk one jitted call on that
-slot's rows of the KV cache, attending over the chunks before it), then runs one
-decode step for every slot whose prompt is in the cache. A request that ends frees
+free slots, prefills a chunk of up to `prefill_rows` of their prompts (in one jitted
+call on those slots' rows of the KV cache, each attending over its chunks before),
+then runs one decode step for every slot whose prompt is in the cache. A request that ends frees
 its slot at once; the next step gives it to a waiting one, whose first chunk
 forgets what the slot held.
 
-Shapes are fixed: the cache is [L, max_batch, K, max_len, H]; chunks are padded to
-a few bucket lengths (powers of two up to `prefill_chunk`); the decode step always
+Shapes are fixed: the cache is [L, max_batch, K, max_len, H]; a prefill call is one
+row or `prefill_rows`, its chunks padded to a few bucket lengths (powers of two up to
+`prefill_chunk`); the decode step always
 runs every slot, idle ones masked (never written, never routed). After `warmup`,
 requests coming and going compile nothing. Each request samples with its own
 parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
@@ -65,73 +66,84 @@ def buckets(prefill_chunk: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def _slot_axes(cache: KVCache) -> KVCache:
-    """Where the slots (the batch) are in each of the cache's arrays."""
-    per_layer = isinstance(cache.k, tuple)
-    kv = tuple(0 for _ in cache.k) if per_layer else 1
-    return KVCache(kv, kv, 0)
+def _slot_axis(cache: KVCache) -> int:
+    """Where the slots (the batch) are in the keys and values: [B, K, S, H] per layer,
+    or [L, B, K, S, H] (positions are [B, S])."""
+    return 0 if isinstance(cache.k, tuple) else 1
 
 
-def _slot_rows(cache: KVCache, slot: jax.Array) -> KVCache:
-    """One slot's part of the cache, batch 1."""
-    return jax.tree.map(
-        lambda a, axis: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis), cache, _slot_axes(cache)
+def _slot_rows(cache: KVCache, slots: jax.Array) -> KVCache:
+    """The cache's rows of `slots` [R] (batch R); a slot past the end (an unused row of
+    a call) reads as empty."""
+
+    def take(a, axis, fill):
+        return jnp.take(a, slots, axis=axis, mode="fill", fill_value=fill)
+
+    axis = _slot_axis(cache)
+    k, v = (jax.tree.map(lambda a, axis=axis: take(a, axis, 0), x) for x in (cache.k, cache.v))
+    return KVCache(k, v, take(cache.positions, 0, -1))
+
+
+def _put_slot_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
+    """`rows` written back into the cache at `slots`; a slot past the end is dropped."""
+
+    def put(a, r, axis):
+        return a.at[(slice(None),) * axis + (slots,)].set(r, mode="drop")
+
+    axis = _slot_axis(cache)
+    k, v = (
+        jax.tree.map(lambda a, r, axis=axis: put(a, r, axis), x, r)
+        for x, r in ((cache.k, rows.k), (cache.v, rows.v))
     )
-
-
-def _put_slot_rows(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
-    return jax.tree.map(
-        lambda a, r, axis: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis),
-        cache,
-        rows,
-        _slot_axes(cache),
-    )
+    return KVCache(k, v, put(cache.positions, rows.positions, 0))
 
 
 _STATIC = ("graphdef", "mesh_rules", "prompt_logprobs")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def prefill_chunk(
+def prefill_chunks(
     graphdef,
     params,
     cache: KVCache,
-    slot,
+    slots,
     tokens,
-    start,
-    length,
+    starts,
+    lengths,
     fresh,
     targets,
     rows: RowSampling,
     mesh_rules,
     prompt_logprobs: bool,
 ):
-    """Prompt tokens [C] (the first `length` real, at positions start..) into `slot`'s
-    cache rows (emptied first when `fresh`); the token drawn from the last real one's
-    logits and its log-probabilities; with `prompt_logprobs`, those of `targets` [C]
-    (the prompt's next tokens) at every position."""
+    """R prompts' chunks in one call: tokens [R, C] (row r's first lengths[r] real, at
+    positions starts[r]..) into the cache rows of slots [R] (emptied first where
+    `fresh`; a slot past the end is an unused row). Returns the token each row draws
+    from its last real token's logits, with its log-probabilities; with
+    `prompt_logprobs`, those of `targets` [R, C] (the prompts' next tokens) everywhere."""
     model = nnx.merge(graphdef, params)
-    (C,) = tokens.shape
-    own = _slot_rows(cache, slot)
-    own = own._replace(positions=jnp.where(fresh, -1, own.positions))
+    R, C = tokens.shape
+    own = _slot_rows(cache, slots)
+    own = own._replace(positions=jnp.where(fresh[:, None], -1, own.positions))
     index = jnp.arange(C, dtype=jnp.int32)
+    last = jnp.maximum(lengths - 1, 0)  # [R]
     with rules_context(mesh_rules):
         out = model.forward(
-            tokens[None],
-            (start + index)[None],
-            (index < length).astype(jnp.int32)[None],
+            tokens,
+            starts[:, None] + index,
+            (index < lengths[:, None]).astype(jnp.int32),
             cache=own,
             chunk=True,
             # Every position's logits only when the prompt's log-probabilities are asked.
-            logits_at=None if prompt_logprobs else (length - 1)[None],
+            logits_at=None if prompt_logprobs else last,
         )
-    cache = _put_slot_rows(cache, out.cache, slot)
-    logits = out.logits[0]  # [C, V], or [1, V]: the last real token's
-    last = jax.lax.dynamic_index_in_dim(logits, length - 1 if prompt_logprobs else 0)  # [1, V]
-    token = sample_rows(last, rows)
-    drawn = logprobs(last, token, MAX_TOP_LOGPROBS)
-    prompt = logprobs(logits, targets, MAX_TOP_LOGPROBS) if prompt_logprobs else None
-    return token[0], drawn, prompt, cache
+    cache = _put_slot_rows(cache, out.cache, slots)
+    at = last if prompt_logprobs else jnp.zeros_like(last)
+    final = jnp.take_along_axis(out.logits, at[:, None, None], axis=1)[:, 0]  # [R, V]
+    token = sample_rows(final, rows)
+    drawn = logprobs(final, token, MAX_TOP_LOGPROBS)
+    prompt = logprobs(out.logits, targets, MAX_TOP_LOGPROBS) if prompt_logprobs else None
+    return token, drawn, prompt, cache
 
 
 def _decode(
@@ -178,8 +190,9 @@ class Engine:
     `cancel` from any thread; `step` from one (the engine's own after `start`).
 
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
-    prefill_chunk: prompt tokens prefilled per step, in all. max_queue: requests
-    waiting for a slot before `submit` raises QueueFull. With a `mesh` (the model on
+    prefill_rows: prompts prefilled per step, together in one call; prefill_chunk:
+    the most tokens of each. max_queue: requests waiting for a slot before `submit`
+    raises QueueFull. With a `mesh` (the model on
     it), the cache is split over it by `rules` and the steps shard as `generate`'s.
     """
 
@@ -189,7 +202,8 @@ class Engine:
         *,
         max_batch: int = 16,
         max_len: int = 2048,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 512,
+        prefill_rows: int = 4,
         max_queue: int = 256,
         mesh: jax.sharding.Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
@@ -199,6 +213,7 @@ class Engine:
             ("max_batch", max_batch),
             ("max_len", max_len),
             ("prefill_chunk", prefill_chunk),
+            ("prefill_rows", prefill_rows),
             ("max_queue", max_queue),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -211,7 +226,9 @@ class Engine:
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         self.buckets = buckets(min(prefill_chunk, max_len))
-        self.scheduler = Scheduler(max_batch, self.buckets[-1], max_queue)
+        self.scheduler = Scheduler(max_batch, self.buckets[-1], prefill_rows, max_queue)
+        # A step's chunks go in one call of one row, or of `prefill_rows` (some unused).
+        self.row_buckets = tuple(sorted({1, prefill_rows}))
         self._graphdef, self._params = nnx.split(model)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
@@ -300,9 +317,8 @@ class Engine:
         self.scheduler.admit()
         start = time.perf_counter()
         chunks = self.scheduler.chunks()
-        for chunk in chunks:
-            self._guarded([chunk.sequence], news, self._prefill, chunk, news)
         if chunks:
+            self._guarded([c.sequence for c in chunks], news, self._prefill, chunks, news)
             jax.block_until_ready(self.cache)
         prefilled = time.perf_counter()
         decoding = self.scheduler.decoding()
@@ -321,14 +337,14 @@ class Engine:
             self.step()
 
     def warmup(self) -> None:
-        """Compiles every program requests can need: each prefill bucket with and
-        without the prompt's log-probabilities, the decode step with and without
-        log-probabilities."""
-        programs = [
-            (prefill_chunk, self._prefill_args(Chunk(Sequence(Request([0] * n, 1), 0, 0), 0, n), p))
-            for n in self.buckets
-            for p in (False, True)
-        ]
+        """Compiles every program requests can need: each prefill bucket, for one row
+        and for `prefill_rows`, with and without the prompts' log-probabilities; the
+        decode step with and without log-probabilities."""
+        programs = []
+        for n in self.buckets:
+            for rows in self.row_buckets:
+                chunks = [Chunk(Sequence(Request([0] * n, 1), 0, i), 0, n) for i in range(rows)]
+                programs += [(prefill_chunks, self._prefill_args(chunks, p)) for p in (0, 1)]
         programs += [(self._decode_fn, self._decode_args([], p)) for p in (False, True)]
         for jitted, args in programs:
             jitted.lower(*args).compile()  # cached for the calls to come
@@ -428,52 +444,61 @@ class Engine:
             cache = jax.device_put(cache, placed)
         return cache
 
-    def _prefill(self, chunk: Chunk, news: dict) -> None:
-        sequence, r = chunk.sequence, chunk.sequence.request
-        token, drawn, prompt = self._run_prefill(chunk, r.prompt_logprobs is not None)
-        sequence.prefilled += chunk.length
-        if prompt is not None:
-            if chunk.start == 0:
-                sequence.prompt_logprobs = [TokenLogprob(None)]
-            # Position i's log-probabilities are those of prompt token i + 1; the last
-            # position's next token is the one drawn.
-            real = chunk.length - 1 if chunk.last else chunk.length
-            sequence.prompt_logprobs += _token_logprobs(prompt, r.prompt_logprobs, slice(real))
-        if not chunk.last:
-            return
-        if r.max_tokens == 0:
-            self._end(sequence, news, "length")
-            return
-        token = int(token)
-        self._accept(sequence, token, _token_logprobs(drawn, r.logprobs or 0, slice(1))[0], news)
+    def _prefill(self, chunks: list[Chunk], news: dict) -> None:
+        prompt_logprobs = any(c.sequence.request.prompt_logprobs is not None for c in chunks)
+        args = self._prefill_args(chunks, prompt_logprobs)
+        tokens, drawn, prompt, self.cache = prefill_chunks(*args)
+        tokens = np.asarray(tokens)
+        for row, chunk in enumerate(chunks):
+            sequence, r = chunk.sequence, chunk.sequence.request
+            sequence.prefilled += chunk.length
+            if r.prompt_logprobs is not None:
+                if chunk.start == 0:
+                    sequence.prompt_logprobs = [TokenLogprob(None)]
+                # Position i's log-probabilities are those of prompt token i + 1; the
+                # last position's next token is the one drawn.
+                real = chunk.length - 1 if chunk.last else chunk.length
+                sequence.prompt_logprobs += _token_logprobs(
+                    prompt, r.prompt_logprobs, (row, slice(real))
+                )
+            if not chunk.last:
+                continue
+            if r.max_tokens == 0:
+                self._end(sequence, news, "length")
+                continue
+            logprob = _token_logprobs(drawn, r.logprobs or 0, slice(row, row + 1))[0]
+            self._accept(sequence, int(tokens[row]), logprob, news)
 
-    def _run_prefill(self, chunk: Chunk, prompt_logprobs: bool):
-        token, drawn, prompt, self.cache = prefill_chunk(
-            *self._prefill_args(chunk, prompt_logprobs)
-        )
-        return token, drawn, prompt
-
-    def _prefill_args(self, chunk: Chunk, prompt_logprobs: bool) -> tuple:
-        sequence, r = chunk.sequence, chunk.sequence.request
-        bucket = next(b for b in self.buckets if b >= chunk.length)
-        tokens = np.zeros(bucket, np.int32)
-        tokens[: chunk.length] = r.prompt[chunk.start : chunk.start + chunk.length]
-        targets = np.zeros(bucket, np.int32)
-        after = r.prompt[chunk.start + 1 : chunk.start + chunk.length + 1]
-        targets[: len(after)] = after
+    def _prefill_args(self, chunks: list[Chunk], prompt_logprobs: bool) -> tuple:
+        """The arrays of one call for `chunks`: [R, C] with R and C the smallest buckets
+        that hold them; unused rows point past the last slot."""
+        R = next(b for b in self.row_buckets if b >= len(chunks))
+        C = next(b for b in self.buckets if b >= max(c.length for c in chunks))
+        tokens, targets = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32)
+        slots = np.full(R, self.max_batch, np.int32)
+        starts, lengths = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        fresh = np.zeros(R, bool)
+        for row, chunk in enumerate(chunks):
+            prompt = chunk.sequence.request.prompt
+            tokens[row, : chunk.length] = prompt[chunk.start : chunk.start + chunk.length]
+            after = prompt[chunk.start + 1 : chunk.start + chunk.length + 1]
+            targets[row, : len(after)] = after
+            slots[row], starts[row], lengths[row] = chunk.sequence.slot, chunk.start, chunk.length
+            fresh[row] = chunk.start == 0
+        sampling = self._row_sampling([c.sequence for c in chunks], R, by_slot=False)
         return (
             self._graphdef,
             self._params,
             self.cache,
-            np.int32(sequence.slot),
+            slots,
             tokens,
-            np.int32(chunk.start),
-            np.int32(chunk.length),
-            np.bool_(chunk.start == 0),
+            starts,
+            lengths,
+            fresh,
             targets,
-            self._row_sampling([sequence], rows=1),
+            sampling,
             self._mesh_rules,
-            prompt_logprobs,
+            bool(prompt_logprobs),
         )
 
     def _decode(self, decoding: list[Sequence], news: dict) -> None:
@@ -504,26 +529,28 @@ class Engine:
             tokens,
             positions,
             active,
-            self._row_sampling(decoding, rows=B),
+            self._row_sampling(decoding, B),
             self._mesh_rules,
             with_logprobs,
             self._backend.unstacked,
         )
 
-    def _row_sampling(self, sequences: list[Sequence], rows: int) -> RowSampling:
-        """Each sequence's sampling at its slot's row (or in row 0 of one)."""
+    def _row_sampling(
+        self, sequences: list[Sequence], rows: int, by_slot: bool = True
+    ) -> RowSampling:
+        """Each sequence's sampling, at its slot's row (or in the order given)."""
         temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
         top_p, seed = np.ones(rows, np.float32), np.zeros(rows, np.uint32)
         step = np.zeros(rows, np.int32)
-        for sequence in sequences:
-            i = sequence.slot if rows > 1 else 0
+        for i, sequence in enumerate(sequences):
+            i = sequence.slot if by_slot else i
             r = sequence.request
             temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
             seed[i], step[i] = sequence.seed, len(sequence.generated)
         return RowSampling(temperature, top_k, top_p, seed, step)
 
 
-def _token_logprobs(lp: Logprobs, top: int, rows: slice) -> list[TokenLogprob]:
+def _token_logprobs(lp: Logprobs, top: int, rows: slice | tuple) -> list[TokenLogprob]:
     """`rows` of `lp` as TokenLogprobs, with `top` alternatives each."""
     chosen, ids, values = (np.asarray(a)[rows] for a in lp)
     return [

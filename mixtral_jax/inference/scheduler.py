@@ -5,10 +5,10 @@ Plain Python, no JAX: the engine asks it each step what to run.
     waiting (FIFO, at most max_queue) --admit--> a free slot --prefill chunks--> decode
     --stop id / max_tokens / cancel--> the slot is free again, for the next step
 
-Each step admits waiting requests into free slots, hands out prefill chunks in
-admission order within a budget of `prefill_chunk` prompt tokens (so one long
-prompt is prefilled over several steps while the others keep decoding), then one
-decode step for every slot whose prompt is in the cache.
+Each step admits waiting requests into free slots, hands out prefill chunks (at most
+`prefill_rows` prompts, oldest first, a chunk of at most `prefill_chunk` tokens each:
+a long prompt is prefilled over several steps while the others keep decoding), then
+one decode step for every slot whose prompt is in the cache.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class Chunk(NamedTuple):
 class Scheduler:
     """Slots, the queue and this step's work: see the module docstring."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int, max_queue: int):
-        self.prefill_chunk = prefill_chunk
+    def __init__(self, max_batch: int, prefill_chunk: int, prefill_rows: int, max_queue: int):
+        self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
         self.max_queue = max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -108,17 +108,13 @@ class Scheduler:
         return admitted
 
     def chunks(self) -> list[Chunk]:
-        """This step's prefill: chunks of the running prompts, oldest first, at most
-        `prefill_chunk` tokens in all."""
-        budget, chunks = self.prefill_chunk, []
-        for sequence in self.running:
-            if budget == 0:
-                break
-            if sequence.prefilling:
-                length = min(len(sequence.request.prompt) - sequence.prefilled, budget)
-                chunks.append(Chunk(sequence, sequence.prefilled, length))
-                budget -= length
-        return chunks
+        """This step's prefill: the next chunk of each of the `prefill_rows` oldest
+        running prompts not yet in the cache."""
+        prefilling = [s for s in self.running if s.prefilling][: self.prefill_rows]
+        return [
+            Chunk(s, s.prefilled, min(len(s.request.prompt) - s.prefilled, self.prefill_chunk))
+            for s in prefilling
+        ]
 
     def decoding(self) -> list[Sequence]:
         """The running sequences whose prompt is in the cache."""

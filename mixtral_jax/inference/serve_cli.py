@@ -56,8 +56,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill_chunk",
         type=int,
-        default=256,
-        help="prompt tokens prefilled per step, so long prompts never stall decoding",
+        default=512,
+        help="the most tokens of a prompt prefilled per step: long prompts never stall "
+        "decoding for long",
+    )
+    p.add_argument(
+        "--prefill_rows",
+        type=int,
+        default=4,
+        help="prompts prefilled together per step (one call: larger matmuls)",
     )
     p.add_argument(
         "--max_queue",
@@ -124,6 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         max_len=max_len,
         prefill_chunk=args.prefill_chunk,
+        prefill_rows=args.prefill_rows,
         max_queue=args.max_queue,
         mesh=mesh,
     )
