@@ -249,6 +249,18 @@ def test_models_health_and_metrics(url, client):
         ("chat/completions", {"model": NAME, "messages": []}, "messages", "at least 1"),
         (
             "chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": "a " * 300}]},
+            "messages",
+            "shorten the prompt",
+        ),
+        (
+            "chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": "a"}], "max_tokens": 300},
+            "max_tokens",
+            "exceeds this server's context",
+        ),
+        (
+            "chat/completions",
             {"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]},
             "messages",
             "first message",

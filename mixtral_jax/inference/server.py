@@ -45,8 +45,8 @@ class _Choice:
 class _Call:
     """One HTTP request's engine requests; their outputs arrive on one queue."""
 
-    def __init__(self, engine: Engine, metrics: ServingMetrics):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: Engine, metrics: ServingMetrics, body):
+        self.engine, self.metrics, self.body = engine, metrics, body
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[_Choice, Output]] = asyncio.Queue()
         self.choices: list[_Choice] = []
@@ -63,7 +63,9 @@ class _Call:
         try:
             self.engine.submit(request)
         except RequestError as e:
-            raise api.ApiError(str(e), e.param) from None
+            # A chat's prompt is its messages.
+            chat = isinstance(self.body, api.ChatRequest) and e.param == "prompt"
+            raise api.ApiError(str(e), "messages" if chat else e.param) from None
         except QueueFull as e:
             raise api.ApiError(str(e), None, 429, "rate_limit_exceeded") from None
         self.choices.append(choice)
@@ -157,7 +159,10 @@ def create_app(
     async def chat(body: api.ChatRequest, request: Request):
         body.check(model_name)
         ids = body.prompt(tokenizer)
-        max_tokens = body.max_completion_tokens or body.max_tokens or engine.max_len - len(ids)
+        # By default the rest of the context (at least one token: a prompt that fills
+        # it is refused as too long).
+        rest = max(engine.max_len - len(ids), 1)
+        max_tokens = body.max_completion_tokens or body.max_tokens or rest
         choices = [_Choice(0, ids, "", api.Answer(tokenizer, body.stops))]
         params = dict(
             max_tokens=max_tokens,
@@ -171,7 +176,7 @@ def create_app(
 
 async def _respond(engine, metrics, http: Request, body, choices, params, render):
     """Submits the choices, then answers: one JSON body, or an event stream."""
-    call = _Call(engine, metrics)
+    call = _Call(engine, metrics, body)
     sampling = dict(
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed
     )
@@ -229,6 +234,9 @@ async def _events(call: _Call, render, body) -> AsyncIterator[str]:
             yield _sse(render.usage_chunk(call.choices))
     except api.ApiError as e:
         yield _sse(e.body())
+    except Exception as e:  # the stream has begun: the error is its last event
+        log.exception("a streamed request failed")
+        yield _sse(api.ApiError(f"internal error: {e}", None, 500, "server_error").body())
     finally:
         call.cancel()
     yield "data: [DONE]\n\n"
