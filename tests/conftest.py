@@ -47,3 +47,18 @@ def sp_model(tmp_path_factory) -> str:
         minloglevel=2,
     )
     return str(directory / "tok.model")
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The model embedded in the package, loaded once for the session."""
+    import mixtral_jax
+
+    return mixtral_jax.load()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    import mixtral_jax
+
+    return mixtral_jax.load_tokenizer()

@@ -20,13 +20,13 @@ HELD_OUT = {"code": "eval_code.jsonl", "docstrings": "eval.jsonl"}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return mixtral_jax.load()
+def model(embedded_model):
+    return embedded_model
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return mixtral_jax.load_tokenizer()
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 def test_is_a_small_mixtral_with_its_tokenizer(model, tokenizer):

@@ -23,13 +23,13 @@ MAX_LEN = 256
 
 
 @pytest.fixture(scope="module")
-def model():
-    return mixtral_jax.load()
+def model(embedded_model):
+    return embedded_model
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return mixtral_jax.load_tokenizer()
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,15 @@ def hf_model(config: ModelConfig, init_std: float, seed: int):
     return transformers.MixtralForCausalLM(hf_config).eval()
 
 
+def twins(args, config: ModelConfig):
+    """transformers' random model and ours with its weights; without torch, (None, ours)."""
+    if torch_or_none()[0] is None:
+        print("  (torch/transformers not installed: no reference rows)")
+        return None, Mixtral(config, rngs=nnx.Rngs(args.seed))
+    hf = hf_model(config, args.init_std, args.seed)
+    return hf, hub.from_hub_state_dict(hf.state_dict(), config)
+
+
 def bench_prefill(args, config: ModelConfig, peak: float):
     torch, _ = torch_or_none()
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq_len))
@@ -284,12 +293,7 @@ def bench_decode(args, config: ModelConfig, peak: float):
     )
     probe = bandwidth_probe()
     print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
-    if torch is not None:
-        hf = hf_model(config, args.init_std, args.seed)
-        model = hub.from_hub_state_dict(hf.state_dict(), config)
-    else:
-        print("  (torch/transformers not installed: no reference rows)")
-        model = Mixtral(config, rngs=nnx.Rngs(args.seed))
+    hf, model = twins(args, config)
     for batch in (1, 16):
         prompts = np.random.RandomState(batch).randint(3, config.vocab_size, (batch, prompt))
         ids = prompts.tolist()
@@ -418,18 +422,13 @@ def bench_serve(args, config: ModelConfig, peak: float):
         f"batches of {SERVE_BATCH}, prefill {args.prefill_rows} x {args.prefill_chunk} tokens "
         "a step"
     )
-    if torch is not None:
-        hf = hf_model(config, args.init_std, args.seed)
-        model = hub.from_hub_state_dict(hf.state_dict(), config)
-    else:
-        print("  (torch/transformers not installed: no reference row)")
-        model = Mixtral(config, rngs=nnx.Rngs(args.seed))
+    hf, model = twins(args, config)
     rows = {}
     if "server" in contenders:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = Path(tmp) / "checkpoint"
             store.save(checkpoint, flat_params(model), config)
-            results, makespan, before, after = _serve_http(args, checkpoint, load)
+            results, makespan, before, after = _serve_http(args, config, checkpoint, load)
         rows["mixtral_jax serve (continuous)"] = results, makespan
 
     def ours(jobs):
@@ -503,17 +502,18 @@ STATIC_ROW = "mixtral_jax generate, static"
 SERVE_BATCH = 16
 
 
-def _serve_http(args, checkpoint: Path, load):
+def _serve_http(args, config: ModelConfig, checkpoint: Path, load):
     """The load through `python -m mixtral_jax.serve` in a process of its own; the
     results, the makespan and the server's metrics before and after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     longest = max(len(j.prompt) + j.max_tokens for j in load)
+    max_len = max(longest, min(1024, config.max_position_embeddings))
     command = [
         sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", str(checkpoint),
         "--tokenizer", "mistral-v1", "--port", str(port), "--model_name", "bench",
-        "--max_batch", str(SERVE_BATCH), "--max_len", str(max(longest, 1024)),
+        "--max_batch", str(SERVE_BATCH), "--max_len", str(max_len),
         "--prefill_chunk", str(args.prefill_chunk), "--prefill_rows", str(args.prefill_rows),
         "--max_queue", str(len(load)),
     ]  # fmt: skip
