@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -20,6 +21,19 @@ wohl grenzenlos sein. Les élèves étudient à l'école. 東京は日本の首�
 def fibonacci(n):
     return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drops the programs a module compiled when it ends. XLA:CPU keeps each program's
+    machine code in memory mappings of its own while the program lives; the whole
+    suite's programs in one process would pass the kernel's limit on mappings
+    (vm.max_map_count, 65530 by default) and crash inside a compile."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

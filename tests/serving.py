@@ -41,13 +41,3 @@ def running_server(engine: Engine, tokenizer, **app_options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(60)
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    """Whether `condition()` came true within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()

@@ -4,6 +4,8 @@ failure to itself."""
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from mixtral_jax.inference.engine import Engine, buckets
 from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.inference.requests import QueueFull, Request, RequestError
 from mixtral_jax.inference.sampling import RowSampling, argmax, sample_rows
-from tests import run_script
+from tests import run_script, wait_until
 
 MAX_LEN = 96
 
@@ -136,7 +138,7 @@ def test_nothing_compiles_after_warmup(model, engine):
         engine.run_until_idle()
         assert len({o.request_id for o in sink.outputs if o.finished}) == len(requests)
     finally:
-        jax.monitoring.clear_event_listeners()
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == []
 
 
@@ -354,3 +356,27 @@ def test_the_engine_on_a_mesh_gives_the_same_tokens():
     out = run_script(MESH_SCRIPT)
     assert out["mesh"] == out["one"]
     assert "data" in out["mesh_cache"] and "tensor" in out["mesh_cache"]
+
+
+def test_stop_finishes_what_it_can_then_cancels_the_rest(model):
+    """On its own thread: `stop` refuses new requests, lets the running ones go on for
+    its timeout, then cancels what is left and ends the thread."""
+    engine = Engine(model, max_batch=1, max_len=MAX_LEN, prefill_chunk=16)
+    engine.warmup()
+    sink = Collected()
+
+    def slow(output):  # a slow consumer: each step of the long request takes 10 ms
+        sink(output)
+        time.sleep(0.01)
+
+    short, long = Request([1, 2], 2, on_output=sink), Request([1, 3], 90, on_output=slow)
+    engine.submit(short)
+    engine.submit(long)
+    engine.start()
+    assert wait_until(lambda: short.id in sink.tokens and long.id in sink.tokens, timeout=30)
+    engine.stop(timeout=0)
+    assert sink.finish(short.id).finish_reason == "length"
+    assert sink.finish(long.id).finish_reason == "cancelled"
+    assert len(sink.tokens[long.id]) < 89 and not engine.busy()
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit(Request([1, 2], 2))

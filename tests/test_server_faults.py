@@ -16,8 +16,8 @@ import pytest
 
 from mixtral_jax.inference import openai_api
 from mixtral_jax.inference.engine import Engine
-from tests import ROOT
-from tests.serving import NAME, free_port, running_server, wait_until
+from tests import ROOT, wait_until
+from tests.serving import NAME, free_port, running_server
 
 MAX_LEN = 1024  # room for answers that take seconds, to give up on
 

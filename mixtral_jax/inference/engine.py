@@ -192,8 +192,8 @@ class Engine:
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
     prefill_rows: prompts prefilled per step, together in one call; prefill_chunk:
     the most tokens of each. max_queue: requests waiting for a slot before `submit`
-    raises QueueFull. With a `mesh` (the model on
-    it), the cache is split over it by `rules` and the steps shard as `generate`'s.
+    raises QueueFull. With a `mesh` (the model on it), the cache is split over it by
+    `rules` and the steps shard as `generate`'s.
     """
 
     def __init__(
@@ -300,8 +300,7 @@ class Engine:
         if self._thread is None:
             return
         self._thread.join(timeout)
-        with self._lock:
-            self._cancels.update(s.request.id for s in self._sequences())
+        with self._lock:  # what is left is cancelled on the engine's thread
             self._stopping = True
             self._lock.notify_all()
         self._thread.join()
@@ -317,9 +316,8 @@ class Engine:
         self.scheduler.admit()
         start = time.perf_counter()
         chunks = self.scheduler.chunks()
-        if chunks:
+        if chunks:  # (reads the drawn tokens back: the call is done)
             self._guarded([c.sequence for c in chunks], news, self._prefill, chunks, news)
-            jax.block_until_ready(self.cache)
         prefilled = time.perf_counter()
         decoding = self.scheduler.decoding()
         if decoding:
@@ -365,16 +363,16 @@ class Engine:
                     self._end(sequence, news, "error", "internal error in the engine")
                 self._deliver([(s, s.output()) for s in news])
 
-    def _sequences(self) -> tuple[Sequence, ...]:
-        return (*self._incoming, *self.scheduler.waiting, *self.scheduler.running)
-
     def _take_incoming(self, news: dict) -> None:
+        """New requests onto the queue; cancelled ones (every one, once `stop` has
+        waited its time) ended."""
         with self._lock:
             incoming, self._incoming = self._incoming, []
             cancels, self._cancels = self._cancels, set()
+            everything = self._stopping
         self.scheduler.waiting.extend(incoming)  # counted against max_queue by submit
         for sequence in self.scheduler.running + list(self.scheduler.waiting):
-            if sequence.request.id in cancels:
+            if everything or sequence.request.id in cancels:
                 self._end(sequence, news, "cancelled")
 
     def _end(self, sequence: Sequence, news: dict, reason: str, error: str | None = None):
