@@ -32,11 +32,13 @@ from mixtral_jax.planning.plan import (  # noqa: E402
     _costs,
     _twin,
     abstract_model,
+    largest_batch,
     make_plan,
     nearest_fit,
     slice_mesh,
     train_model_config,
 )
+from mixtral_jax.planning.report import largest_batch as largest_text  # noqa: E402
 from mixtral_jax.planning.report import report, tokens_per_s, verdict  # noqa: E402
 from mixtral_jax.planning.topology import GiB, PlanError, get_slice  # noqa: E402
 
@@ -175,6 +177,33 @@ def too_small(config: ModelConfig) -> dict:
     }
 
 
+def serving(config: ModelConfig) -> dict:
+    """The server's programs for 8 slots of 64 tokens, and the most slots that fit on a
+    chip with room for about twice what one slot's plan needs."""
+    mesh = {"tensor": 2, "data": 4}
+    kwargs = dict(mode="serve", seq_len=64, mesh=mesh, costs=False, prefill_rows=2)
+    result = make_plan(config, get_slice("cpu:8"), batch=8, prefill_chunk=32, **kwargs)
+    one = make_plan(config, get_slice("cpu:8"), batch=1, **kwargs)
+    chip = get_slice("cpu:8", hbm_gib=2 * one.peak / (1 - HEADROOM) / GiB)
+    largest = largest_batch(config, chip, seq_len=64, mesh=mesh, prefill_rows=2)
+    more = make_plan(config, chip, batch=largest.batch + 4, **kwargs)
+    return {
+        "programs": {p.name: p.tokens for p in result.programs},
+        "cache_bytes": result.cache_bytes,
+        # [L, B, K, S, H] keys and values split by slot (data) and KV head (tensor),
+        # float32; slot positions [B, S] int32 split by slot.
+        "expected_cache_bytes": 2 * 4 * (8 // 4) * (2 // 2) * 64 * 16 * 4 + (8 // 4) * 64 * 4,
+        "fits": result.fits,
+        "largest_batch": largest.batch,
+        "largest_fits": largest.fits,
+        "largest_peak": largest.peak,
+        "usable": largest.usable,
+        "more_fits": more.fits,
+        "text": largest_text(largest, result),
+        "none_text": largest_text(None, result),
+    }
+
+
 def tpu(config: ModelConfig) -> dict:
     """The same plan for a v5e-4 slice, compiled by the TPU compiler (needs libtpu)."""
     try:
@@ -205,6 +234,7 @@ if __name__ == "__main__":
                 "quantized": quantized(config),
                 "lora": lora(config),
                 "too_small": too_small(config),
+                "serving": serving(config),
                 "tpu": tpu(config),
             }
         )

@@ -81,6 +81,18 @@ def test_a_plan_that_does_not_fit_says_so_and_finds_one_that_does(results):
     )
 
 
+def test_serving_plans_the_servers_programs_and_the_most_slots_that_fit(results):
+    got = results["serving"]
+    assert got["programs"] == {"prefill": 2 * 32, "decode": 8} and got["fits"]
+    assert got["cache_bytes"] == got["expected_cache_bytes"]
+    # The largest batch fits, four more slots (one per data shard) do not.
+    n = got["largest_batch"]
+    assert got["largest_fits"] and got["largest_peak"] <= got["usable"]
+    assert n > 8 and n % 4 == 0 and not got["more_fits"]
+    assert got["text"].startswith(f"largest batch: {n} slots × 64 tokens (peak")
+    assert got["none_text"] == "largest batch: not one slot of 64 tokens fits; use a larger slice"
+
+
 def test_the_tpu_compiler_plans_a_v5e_slice(results):
     got = results["tpu"]
     if "skipped" in got:

@@ -5,7 +5,8 @@
         --batch 16 --seq_len 4096 --mesh fsdp=2,expert=8
     python tools/plan.py --config configs/tiny.py --topology cpu:8 --mode full
     python tools/plan.py --topology v6e-1 --quantize int4      # 8x7B in int4 on one chip
-    python tools/plan.py --table         # regenerates the table in docs/tpu-plan.md
+    python tools/plan.py --topology v5e-8 --mode serve --seq_len 4096 --quantize int8
+    python tools/plan.py --table         # regenerates the tables in docs/tpu-plan.md
 
 The project's own prefill, decode and train steps are compiled with abstract
 arrays for the slice's devices (TPU topologies need libtpu: pip install -e
@@ -14,6 +15,11 @@ printed per chip: parameters, optimizer state, KV cache, temporaries and total
 against the chip's memory, FLOPs and bytes per step, a roofline time and
 tokens/s, the collectives, and a verdict. A plan that does not fit is followed
 by the nearest mesh or batch that does. See mixtral_jax/planning/plan.py for the method.
+
+--mode serve plans the server (`python -m mixtral_jax.serve`): --batch slots
+(default 16, its --max_batch) of --seq_len tokens (its --max_len), its prefill
+call (--prefill_rows x --prefill_chunk) and decode step, and then finds the
+largest batch of slots that fits, with its decode roofline.
 
 Without --mesh, the recipe of configs/meshes.py named SLICE:MODE is used when
 there is one (e.g. v5e-8:inference), else tensor parallelism over the KV heads
@@ -56,6 +62,7 @@ def _prepare_jax(argv: list[str]) -> None:
 _prepare_jax(sys.argv[1:])
 
 from mixtral_jax import cli  # noqa: E402
+from mixtral_jax.inference.engine import PREFILL_CHUNK, PREFILL_ROWS  # noqa: E402
 from mixtral_jax.model.config import ModelConfig, load_config_file  # noqa: E402
 from mixtral_jax.parallel.mesh import parse_mesh  # noqa: E402
 from mixtral_jax.planning import plan, report  # noqa: E402
@@ -68,6 +75,7 @@ from mixtral_jax.planning.topology import (  # noqa: E402
 )
 
 MARKERS = ("<!-- plan-table:begin -->", "<!-- plan-table:end -->")
+SERVE_MARKERS = ("<!-- serve-table:begin -->", "<!-- serve-table:end -->")
 CACHE = ROOT / "runs" / "plan_table.jsonl"  # finished rows of --table
 TABLE_DOC = ROOT / "docs" / "tpu-plan.md"
 GENERATIONS = ("v5p", "v4")  # full fine-tuning: the smallest slice of each that fits
@@ -95,10 +103,16 @@ QUANTIZED_TABLE = [
         ("v6e-1", 1, 4096, "int4"),
     )
 ] + [("configs/mixtral_8x7b.py", "v5e-8", "lora", 8, 4096, "int8")]  # finetune_qlora.py
+# Serving 8x7B: the most slots of 4096 tokens each slice holds (`--table serve`).
+SERVE_TABLE = [
+    ("configs/mixtral_8x7b.py", slice_, 4096, scheme)
+    for slice_ in ("v5e-8", "v6e-8")
+    for scheme in (None, "int8")
+]
 
 
 def default_mesh(slice_: TpuSlice, mode: str, config: ModelConfig) -> dict[str, int]:
-    recipe = f"{slice_.name}:{mode}"
+    recipe = f"{slice_.name}:{'inference' if mode == 'serve' else mode}"
     from configs import meshes
 
     if recipe in meshes.RECIPES:
@@ -119,22 +133,25 @@ def make(
     tries=6,
     quantize=None,
     group_size=128,
+    **serving,
 ):
-    """(plan, nearest fitting plan or None, whether a search ran)."""
+    """(plan, nearest fitting plan or None, whether a search ran); `serving`: the
+    server's prefill_rows and prefill_chunk."""
     config = ModelConfig.from_dict(load_config_file(args_config))
     if quantize:
         config = config.replace(quantization=quantize, quant_group_size=group_size)
     slice_ = get_slice(topology, hbm_gib)
-    if mode != "inference":
+    if mode not in ("inference", "serve"):
         train_config = load_config_file(train_config or ROOT / f"configs/finetune_{mode}.py")
         batch = batch or train_config.data.batch_size
         seq_len = seq_len or train_config.data.seq_len
-    batch, seq_len = batch or 1, seq_len or min(4096, config.max_position_embeddings)
+    batch = batch or (16 if mode == "serve" else 1)
+    seq_len = seq_len or min(4096, config.max_position_embeddings)
     mesh = parse_mesh(mesh) if mesh else default_mesh(slice_, mode, config)
     name = Path(args_config).stem.removeprefix("mixtral_").replace("b", "B")
     if quantize or (train_config and train_config.model.get("quantization")):
         name += f" {quantize or train_config.model.quantization}"
-    kwargs = dict(mode=mode, seq_len=seq_len, train_config=train_config, name=name)
+    kwargs = dict(mode=mode, seq_len=seq_len, train_config=train_config, name=name, **serving)
     result = plan.make_plan(config, slice_, batch=batch, mesh=mesh, costs=costs, **kwargs)
     nearest = None
     if not result.fits and tries:
@@ -190,6 +207,38 @@ def table_row(
     return report.table_row(result)
 
 
+def largest_serving(
+    config_file,
+    topology,
+    seq_len,
+    mesh=None,
+    quantize=None,
+    group_size=128,
+    hbm_gib=None,
+    **serving,
+):
+    """The plan with the most slots that fits (`plan.largest_batch`), or None."""
+    config = ModelConfig.from_dict(load_config_file(config_file))
+    if quantize:
+        config = config.replace(quantization=quantize, quant_group_size=group_size)
+    slice_ = get_slice(topology, hbm_gib)
+    mesh = parse_mesh(mesh) if mesh else default_mesh(slice_, "serve", config)
+    name = Path(config_file).stem.removeprefix("mixtral_").replace("b", "B")
+    name += f" {quantize}" if quantize else ""
+    return plan.largest_batch(config, slice_, seq_len=seq_len, mesh=mesh, name=name, **serving)
+
+
+def serve_table() -> str:
+    rows = [report.TABLE_HEADER]
+    for config, slice_, seq_len, scheme in SERVE_TABLE:
+        print(f"serve {config} {slice_} {seq_len} {scheme or ''}", flush=True)
+        largest = largest_serving(config, slice_, seq_len, quantize=scheme)
+        if largest is not None:
+            rows.append(report.table_row(largest))
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def full_row(model: str, generation: str) -> str:
     """Full fine-tuning on the smallest slice of `generation` that fits, with one
     4096-token row per chip in each of the 4 micro-batches; "" when none does."""
@@ -211,12 +260,12 @@ def full_slices(generation: str) -> list[str]:
     return [f"{generation}-{chips * per_chip}" for chips in sorted(shapes) if chips >= 8]
 
 
-def write_table(table: str) -> None:
+def write_table(table: str, markers: tuple[str, str] = MARKERS) -> None:
     text = TABLE_DOC.read_text(encoding="utf-8")
-    begin, end = (text.find(m) for m in MARKERS)
+    begin, end = (text.find(m) for m in markers)
     if begin < 0 or end < begin:
-        raise SystemExit(f"{TABLE_DOC} has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
-    text = text[: begin + len(MARKERS[0])] + "\n" + table + "\n" + text[end:]
+        raise SystemExit(f"{TABLE_DOC} has no {markers[0]} ... {markers[1]} block to fill")
+    text = text[: begin + len(markers[0])] + "\n" + table + "\n" + text[end:]
     TABLE_DOC.write_text(text, encoding="utf-8")
 
 
@@ -225,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "configs/mixtral_8x7b.py"))
     parser.add_argument("--topology", default="v5e-8", help="v5e-8, v5p:2x2x2, cpu:8, ...")
     parser.add_argument("--mode", default="inference", choices=plan.MODES)
-    parser.add_argument("--batch", type=int, default=None, help="rows per step")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (serve: slots)")
     parser.add_argument("--seq_len", type=int, default=None, help="context / training length")
     parser.add_argument("--mesh", default=None, help="e.g. data=2,tensor=4 (default: see above)")
     parser.add_argument("--train_config", default=None, help="default configs/finetune_MODE.py")
@@ -236,7 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
     parser.add_argument(
-        "--table", action="store_true", help="regenerate the table of docs/tpu-plan.md"
+        "--prefill_rows", type=int, default=PREFILL_ROWS, help="serve: prompts per prefill call"
+    )
+    parser.add_argument(
+        "--prefill_chunk", type=int, default=PREFILL_CHUNK, help="serve: tokens per prompt"
+    )
+    parser.add_argument(
+        "--table",
+        nargs="?",
+        const="all",
+        choices=("all", "serve"),
+        help="regenerate docs/tpu-plan.md's tables (all) or its serving table (serve)",
     )
     parser.add_argument("--fresh", action="store_true", help="with --table: ignore kept rows")
     args = parser.parse_args(argv)
@@ -245,9 +304,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(args: argparse.Namespace) -> None:
     if args.table:
-        write_table(plan_table(args.fresh))
-        print(f"{TABLE_DOC.relative_to(ROOT)}: plan table regenerated")
+        if args.table == "all":
+            write_table(plan_table(args.fresh))
+        write_table(serve_table(), SERVE_MARKERS)
+        print(f"{TABLE_DOC.relative_to(ROOT)}: plan tables regenerated")
         return
+    serving = {}
+    if args.mode == "serve":
+        serving = dict(prefill_rows=args.prefill_rows, prefill_chunk=args.prefill_chunk)
     start = time.perf_counter()
     result, nearest, searched = make(
         args.config,
@@ -261,8 +325,21 @@ def _plan(args: argparse.Namespace) -> None:
         not args.no_costs,
         quantize=args.quantize,
         group_size=args.group_size,
+        **serving,
     )
     print(report.report(result, nearest, searched))
+    if args.mode == "serve":
+        largest = largest_serving(
+            args.config,
+            args.topology,
+            result.seq_len,
+            args.mesh,
+            args.quantize,
+            args.group_size,
+            args.hbm_gib,
+            **serving,
+        )
+        print(report.largest_batch(largest, result))
     print(f"(planned in {time.perf_counter() - start:.0f} s)")
 
 

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # The shortest prefill bucket: shorter chunks are padded to it.
 MIN_BUCKET = 16
+# Defaults: the most tokens of one prompt per step, and prompts per prefill call.
+PREFILL_CHUNK, PREFILL_ROWS = 512, 4
 
 
 def buckets(prefill_chunk: int) -> tuple[int, ...]:
@@ -176,7 +178,9 @@ def _decode(
 
 
 @functools.cache
-def _jitted_decode(compiler_options: tuple):
+def jitted_decode(compiler_options: tuple = ()):
+    """The decode step, jitted with the backend's compiler options (none: the plain
+    path, as on a TPU)."""
     return jax.jit(
         _decode,
         static_argnames=("graphdef", "mesh_rules", "with_logprobs"),
@@ -202,8 +206,8 @@ class Engine:
         *,
         max_batch: int = 16,
         max_len: int = 2048,
-        prefill_chunk: int = 512,
-        prefill_rows: int = 4,
+        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_rows: int = PREFILL_ROWS,
         max_queue: int = 256,
         mesh: jax.sharding.Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
@@ -232,7 +236,7 @@ class Engine:
         self._graphdef, self._params = nnx.split(model)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
-        self._decode_fn = _jitted_decode(self._backend.compiler_options)
+        self._decode_fn = jitted_decode(self._backend.compiler_options)
         self._new_cache = functools.partial(
             empty_cache, c, max_batch, max_len, mesh, rules, chunk=self.buckets[-1]
         )

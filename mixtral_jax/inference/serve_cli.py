@@ -23,6 +23,7 @@ import jax
 from mixtral_jax import cli
 from mixtral_jax.backends.cpu.kernels import default_cache_dir
 from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
+from mixtral_jax.inference.engine import PREFILL_CHUNK, PREFILL_ROWS, Engine
 from mixtral_jax.parallel.mesh import make_mesh, parse_mesh
 
 
@@ -56,14 +57,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill_chunk",
         type=int,
-        default=512,
+        default=PREFILL_CHUNK,
         help="the most tokens of a prompt prefilled per step: long prompts never stall "
         "decoding for long",
     )
     p.add_argument(
         "--prefill_rows",
         type=int,
-        default=4,
+        default=PREFILL_ROWS,
         help="prompts prefilled together per step (one call: larger matmuls)",
     )
     p.add_argument(
@@ -110,7 +111,6 @@ def _serve(args: argparse.Namespace) -> None:
         raise ImportError(
             f"serving needs the .[serve] extra: pip install -e '.[serve]' ({e})"
         ) from None
-    from mixtral_jax.inference.engine import Engine
 
     # Compiled programs are kept across starts: a restart skips most of the warm-up.
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -1,7 +1,8 @@
 """Plans: what a model needs per chip on a TPU slice, told by the TPU compiler itself.
 
 The project's own jitted functions (the prefill and decode steps of
-`inference/generate.py`, the train step of `training/steps.py`) are lowered with abstract arrays
+`inference/generate.py`, the serving engine's of `inference/engine.py`, the train
+step of `training/steps.py`) are lowered with abstract arrays
 (`jax.ShapeDtypeStruct` with shardings: no weights, nothing allocated) and
 compiled for the devices of a slice: TPU devices from
 `jax.experimental.topologies` when libtpu is installed (`pip install -e
@@ -17,6 +18,10 @@ A decode step reads only the experts its tokens chose, which no static count
 sees: it is priced by what it reads (weights, the chosen experts' share, the
 cache). The roofline time of a step is max(FLOPs / peak, bytes / bandwidth)
 per chip; it ignores communication, whose collectives are listed instead.
+
+Serving holds one cache slot of the whole context per request, and a slot is the
+one thing that grows: `largest_batch` starts where the weights and the slots alone
+fill a chip, compiles, and takes off as many slots as the compiled peak is over.
 """
 
 from __future__ import annotations
@@ -35,19 +40,20 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.inference.cache import cache_shardings
+from mixtral_jax.inference.engine import PREFILL_CHUNK, PREFILL_ROWS, jitted_decode, prefill_chunks
 from mixtral_jax.inference.generate import decode_step, prefill_step
-from mixtral_jax.inference.sampling import Sampling
+from mixtral_jax.inference.sampling import RowSampling, Sampling
 from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
 from mixtral_jax.model.kv_cache import init_cache
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.parallel.placement import param_shardings, place, shardings_like
-from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules, named_sharding
+from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules, named_sharding, spec_axes
 from mixtral_jax.params import flat_params
 from mixtral_jax.planning.topology import Chip, PlanError, TpuSlice
 from mixtral_jax.training import steps, train
 
-MODES = ("inference", "lora", "full")
+MODES = ("inference", "serve", "lora", "full")
 # Memory the TPU runtime and fragmentation take beyond what the program needs.
 HEADROOM = 0.05
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -265,16 +271,75 @@ def _inference(config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int)
         ]
         if not costs or programs[0].exhausted:
             return programs
-
-        def prefill_cost(num_layers: int) -> tuple[float, float]:
-            forward = steps.jit_forward(abstract_model(_twin(config, num_layers)), mesh, rules)
-            return _costs(forward.fn.lower(forward.params, prompt[0], None, None).compile())
-
-        flops, read = _extrapolate(prefill_cost, config.num_layers)
-        costs_ = dict(flops=flops, bytes_accessed=read, cost_source="cost twins")
-        return [dataclasses.replace(programs[0], **costs_), programs[1]]
+        prefill_costs = _forward_costs(config, mesh, rules, prompt[0])
+        return [dataclasses.replace(programs[0], **prefill_costs), programs[1]]
 
     return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
+
+
+def _serving(
+    config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int, rows: int, chunk: int
+) -> Steps:
+    """The server's programs (`inference/engine.py`) for `batch` slots of `seq_len`
+    tokens, each in its largest form: a prefill call of `rows` prompts' chunks of
+    `chunk` tokens with the prompts' log-probabilities, and the decode step over every
+    slot with the drawn tokens'. The prefill's costs are those of a forward over the
+    chunks (their attention over the chunks before them is not counted)."""
+    model = abstract_model(config)
+    graphdef, params = nnx.split(model)
+    by_path = param_shardings(model, mesh, rules)
+    params = place(params, shardings_like(params, by_path, mesh))
+    chunk = min(chunk, seq_len)
+    cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len, None, chunk))
+    cache = place(cache, cache_shardings(cache, mesh, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def array(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    def sampling(n: int) -> RowSampling:
+        floats, ints = array((n,), jnp.float32), array((n,))
+        return RowSampling(floats, ints, floats, array((n,), jnp.uint32), ints)
+
+    mesh_rules = (mesh, tuple(rules))
+    cache_bytes = bytes_per_chip(cache)
+
+    def compile_(costs: bool) -> list[Program]:
+        held = bytes_per_chip(params) + cache_bytes
+        R, C = (rows,), (rows, chunk)
+        chunks = (array(R), array(C), array(R), array(R), array(R, jnp.bool_), array(C))
+        prefill = prefill_chunks.lower(
+            graphdef, params, cache, *chunks, sampling(rows), mesh_rules, True
+        )
+        slots = (array((batch,)), array((batch,)), array((batch,), jnp.bool_))
+        decode = jitted_decode().lower(
+            graphdef, params, cache, *slots, sampling(batch), mesh_rules, True, None
+        )
+        decode_costs = _decode_cost(config, params, batch, seq_len, mesh.size, cache_bytes)
+        programs = [
+            _compile("prefill", rows * chunk, prefill, held),
+            dataclasses.replace(_compile("decode", batch, decode, held), **decode_costs),
+        ]
+        if not costs or programs[0].exhausted:
+            return programs
+        tokens = jax.ShapeDtypeStruct(
+            C, jnp.int32, sharding=named_sharding(steps.BATCH_AXES, C, mesh, rules)
+        )
+        prefill_costs = _forward_costs(config, mesh, rules, tokens)
+        return [dataclasses.replace(programs[0], **prefill_costs), programs[1]]
+
+    return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
+
+
+def _forward_costs(config: ModelConfig, mesh: Mesh, rules, tokens) -> dict:
+    """FLOPs and bytes of a forward pass over `tokens` (abstract), from the cost twins."""
+
+    def cost(num_layers: int) -> tuple[float, float]:
+        forward = steps.jit_forward(abstract_model(_twin(config, num_layers)), mesh, rules)
+        return _costs(forward.fn.lower(forward.params, tokens, None, None).compile())
+
+    flops, read = _extrapolate(cost, config.num_layers)
+    return dict(flops=flops, bytes_accessed=read, cost_source="cost twins")
 
 
 def _decode_cost(config, params, batch, seq_len, num_chips, cache_bytes) -> dict:
@@ -399,8 +464,12 @@ def make_plan(
     rules: Rules = DEFAULT_RULES,
     costs: bool = True,
     name: str = "model",
+    prefill_rows: int = PREFILL_ROWS,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Plan:
     """Compiles the steps of `mode` for `slice_` and reads what they need per chip.
+    Serving (`batch` slots of `seq_len` tokens) prefills `prefill_rows` prompts'
+    chunks of `prefill_chunk` tokens per call, as the server's options say.
 
     When the parameters, optimizer state and cache alone exceed a chip's memory,
     nothing is compiled and the plan has no programs.
@@ -420,9 +489,14 @@ def make_plan(
             "inference with it, or full fine-tuning without --quantize"
         )
     device_mesh, sizes = slice_mesh(mesh, slice_)
-    if mode == "inference":
+    if mode in ("inference", "serve"):
         config = config.replace(capacity_factor=None)  # generation is dropless
-        planned = _inference(config, device_mesh, rules, batch, seq_len)
+        if mode == "inference":
+            planned = _inference(config, device_mesh, rules, batch, seq_len)
+        else:
+            planned = _serving(
+                config, device_mesh, rules, batch, seq_len, prefill_rows, prefill_chunk
+            )
     else:
         if train_config is None or (mode == "lora") != bool(train_config.lora.rank):
             raise PlanError(
@@ -460,7 +534,7 @@ def candidates(mode: str, config: ModelConfig, num_devices: int) -> list[dict[st
     def divisors(limit: int) -> list[int]:
         return [d for d in (16, 8, 4, 2) if d <= limit and num_devices % d == 0]
 
-    if mode == "inference":
+    if mode in ("inference", "serve"):
         meshes = [{"tensor": t, "fsdp": num_devices // t} for t in divisors(config.num_kv_heads)]
         meshes += [{"fsdp": num_devices}]
         meshes += [{"expert": e, "fsdp": num_devices // e} for e in divisors(config.num_experts)]
@@ -482,7 +556,7 @@ def nearest_fit(plan: Plan, config: ModelConfig, *, max_compiles: int = 6, **kwa
     while batch >= 1:
         batches.append((plan.mesh, batch))
         batch //= 2
-    tries = batches + meshes if plan.mode == "inference" else meshes + batches
+    tries = batches + meshes if plan.mode in ("inference", "serve") else meshes + batches
     compiled = 0
     for mesh, batch in tries:
         try:
@@ -505,3 +579,50 @@ def nearest_fit(plan: Plan, config: ModelConfig, *, max_compiles: int = 6, **kwa
         if compiled >= max_compiles:
             break
     return None
+
+
+def largest_batch(
+    config: ModelConfig,
+    slice_: TpuSlice,
+    *,
+    seq_len: int,
+    mesh: Mapping[str, int],
+    max_compiles: int = 4,
+    **kwargs,
+) -> Plan | None:
+    """Serving: the plan with the most slots of `seq_len` tokens that fits, or None
+    when not even one does. Slots are what grows with the batch: the first try is as
+    many as the memory that the batch of 1 leaves holds in cache alone, and if that
+    fits, no more would. A try that is over brackets the answer with the largest that
+    fit, and the next try is where the line through the two peaks meets the memory.
+    At most `max_compiles` tries past the batch of 1; the batch is a multiple of the
+    mesh axes the cache's slots split over."""
+
+    def plan_at(batch: int) -> Plan:
+        return make_plan(
+            config,
+            slice_,
+            mode="serve",
+            batch=batch,
+            seq_len=seq_len,
+            mesh=mesh,
+            costs=False,
+            **kwargs,
+        )
+
+    fits, over = plan_at(1), None  # the largest that fits, the smallest that does not
+    if not fits.fits:
+        return None
+    split = spec_axes(dict(kwargs.get("rules", DEFAULT_RULES)).get("batch"))
+    step = math.prod(n for a, n in fits.mesh.items() if a in split)
+    batch = (fits.usable - (fits.peak - fits.cache_bytes)) // fits.cache_bytes * step
+    for _ in range(max_compiles):
+        if batch <= fits.batch or (over is not None and batch >= over.batch):
+            break
+        tried = plan_at(batch)
+        if tried.fits and over is None:
+            return tried
+        fits, over = (tried, over) if tried.fits else (fits, tried)
+        per_slot = (over.peak - fits.peak) / (over.batch - fits.batch)
+        batch = int(fits.batch + (fits.usable - fits.peak) / per_slot) // step * step
+    return fits

@@ -100,6 +100,19 @@ def report(plan: Plan, nearest: Plan | None = None, searched: bool = False) -> s
     return "\n".join(lines)
 
 
+def largest_batch(largest: Plan | None, plan: Plan) -> str:
+    """The serving plan's last line: the most slots that fit, and their decode speed."""
+    if largest is None:
+        return f"largest batch: not one slot of {plan.seq_len:,} tokens fits; use a larger slice"
+    decode = next(p for p in largest.programs if p.name == "decode")
+    speed = tokens_per_s(decode, largest.slice.chip)
+    line = (
+        f"largest batch: {largest.batch} slots × {largest.seq_len:,} tokens "
+        f"(peak {gib(largest.peak)} per chip, in the {largest.peak_step})"
+    )
+    return line + (f"; decode roofline {_si(speed)} tokens/s" if speed else "")
+
+
 COLUMNS = (
     "model",
     "mode",
