@@ -263,16 +263,11 @@ def _inference(config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int)
         prefill = prefill_step.lower(graphdef, params, *prompt, cache, key, Sampling(), mesh_rules)
         step = (ints((batch,), sharding=row), ints((batch,), sharding=row))
         decode = decode_step.lower(graphdef, params, *step, cache, key, Sampling(), mesh_rules)
-        # Decode is priced by what it reads, at no compile: always.
         decode_costs = _decode_cost(config, params, batch, seq_len, mesh.size, cache_bytes)
-        programs = [
-            _compile("prefill", batch * seq_len, prefill, held),
-            dataclasses.replace(_compile("decode", batch, decode, held), **decode_costs),
-        ]
-        if not costs or programs[0].exhausted:
-            return programs
-        prefill_costs = _forward_costs(config, mesh, rules, prompt[0])
-        return [dataclasses.replace(programs[0], **prefill_costs), programs[1]]
+        prefill_costs = costs and (lambda: _forward_costs(config, mesh, rules, prompt[0]))
+        return _generation(
+            held, prefill, batch * seq_len, decode, batch, decode_costs, prefill_costs
+        )
 
     return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
 
@@ -316,19 +311,28 @@ def _serving(
             graphdef, params, cache, *slots, sampling(batch), mesh_rules, True, None
         )
         decode_costs = _decode_cost(config, params, batch, seq_len, mesh.size, cache_bytes)
-        programs = [
-            _compile("prefill", rows * chunk, prefill, held),
-            dataclasses.replace(_compile("decode", batch, decode, held), **decode_costs),
-        ]
-        if not costs or programs[0].exhausted:
-            return programs
         tokens = jax.ShapeDtypeStruct(
             C, jnp.int32, sharding=named_sharding(steps.BATCH_AXES, C, mesh, rules)
         )
-        prefill_costs = _forward_costs(config, mesh, rules, tokens)
-        return [dataclasses.replace(programs[0], **prefill_costs), programs[1]]
+        prefill_costs = costs and (lambda: _forward_costs(config, mesh, rules, tokens))
+        return _generation(held, prefill, rows * chunk, decode, batch, decode_costs, prefill_costs)
 
     return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
+
+
+def _generation(
+    held: int, prefill, prefill_tokens: int, decode, batch: int, decode_costs: dict, prefill_costs
+) -> list[Program]:
+    """The prefill and decode programs, compiled. Decode is priced by what it reads, at
+    no compile: always; the prefill by `prefill_costs()` (cost twins) when it is given
+    and the prefill compiled."""
+    programs = [
+        _compile("prefill", prefill_tokens, prefill, held),
+        dataclasses.replace(_compile("decode", batch, decode, held), **decode_costs),
+    ]
+    if prefill_costs and not programs[0].exhausted:
+        programs[0] = dataclasses.replace(programs[0], **prefill_costs())
+    return programs
 
 
 def _forward_costs(config: ModelConfig, mesh: Mesh, rules, tokens) -> dict:
