@@ -225,7 +225,14 @@ def largest_serving(
     mesh = parse_mesh(mesh) if mesh else default_mesh(slice_, "serve", config)
     name = Path(config_file).stem.removeprefix("mixtral_").replace("b", "B")
     name += f" {quantize}" if quantize else ""
-    return plan.largest_batch(config, slice_, seq_len=seq_len, mesh=mesh, name=name, **serving)
+
+    def tried(p: plan.Plan) -> None:
+        state = "fits" if p.fits else "over"
+        print(f"  {p.batch} slots: peak {report.gib(p.peak)} per chip, {state}", flush=True)
+
+    return plan.largest_batch(
+        config, slice_, seq_len=seq_len, mesh=mesh, name=name, progress=tried, **serving
+    )
 
 
 def serve_table() -> str:
@@ -329,6 +336,7 @@ def _plan(args: argparse.Namespace) -> None:
     )
     print(report.report(result, nearest, searched))
     if args.mode == "serve":
+        print("the most slots that fit, compiled:", flush=True)
         largest = largest_serving(
             args.config,
             args.topology,

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -592,6 +592,7 @@ def largest_batch(
     seq_len: int,
     mesh: Mapping[str, int],
     max_compiles: int = 4,
+    progress: Callable[[Plan], None] | None = None,
     **kwargs,
 ) -> Plan | None:
     """Serving: the plan with the most slots of `seq_len` tokens that fits, or None
@@ -599,11 +600,12 @@ def largest_batch(
     many as the memory that the batch of 1 leaves holds in cache alone, and if that
     fits, no more would. A try that is over brackets the answer with the largest that
     fit, and the next try is where the line through the two peaks meets the memory.
-    At most `max_compiles` tries past the batch of 1; the batch is a multiple of the
-    mesh axes the cache's slots split over."""
+    At most `max_compiles` tries past the batch of 1 (each given to `progress`), so
+    a bracket left open gives a lower bound; the batch is a multiple of the mesh axes
+    the cache's slots split over."""
 
     def plan_at(batch: int) -> Plan:
-        return make_plan(
+        tried = make_plan(
             config,
             slice_,
             mode="serve",
@@ -613,6 +615,9 @@ def largest_batch(
             costs=False,
             **kwargs,
         )
+        if progress is not None:
+            progress(tried)
+        return tried
 
     fits, over = plan_at(1), None  # the largest that fits, the smallest that does not
     if not fits.fits:
