@@ -120,6 +120,16 @@ def default_mesh(slice_: TpuSlice, mode: str, config: ModelConfig) -> dict[str, 
     return plan.candidates(mode, config, slice_.size)[0]
 
 
+def model_config(config_file, quantize=None, group_size=128) -> tuple[ModelConfig, str]:
+    """The model's config, quantized as asked, and its name in the tables ("8x7B int8")."""
+    config = ModelConfig.from_dict(load_config_file(config_file))
+    name = Path(config_file).stem.removeprefix("mixtral_").replace("b", "B")
+    if quantize:
+        config = config.replace(quantization=quantize, quant_group_size=group_size)
+        name += f" {quantize}"
+    return config, name
+
+
 def make(
     args_config,
     topology,
@@ -137,9 +147,7 @@ def make(
 ):
     """(plan, nearest fitting plan or None, whether a search ran); `serving`: the
     server's prefill_rows and prefill_chunk."""
-    config = ModelConfig.from_dict(load_config_file(args_config))
-    if quantize:
-        config = config.replace(quantization=quantize, quant_group_size=group_size)
+    config, name = model_config(args_config, quantize, group_size)
     slice_ = get_slice(topology, hbm_gib)
     if mode not in ("inference", "serve"):
         train_config = load_config_file(train_config or ROOT / f"configs/finetune_{mode}.py")
@@ -148,9 +156,8 @@ def make(
     batch = batch or (16 if mode == "serve" else 1)
     seq_len = seq_len or min(4096, config.max_position_embeddings)
     mesh = parse_mesh(mesh) if mesh else default_mesh(slice_, mode, config)
-    name = Path(args_config).stem.removeprefix("mixtral_").replace("b", "B")
-    if quantize or (train_config and train_config.model.get("quantization")):
-        name += f" {quantize or train_config.model.quantization}"
+    if not quantize and train_config and train_config.model.get("quantization"):
+        name += f" {train_config.model.quantization}"
     kwargs = dict(mode=mode, seq_len=seq_len, train_config=train_config, name=name, **serving)
     result = plan.make_plan(config, slice_, batch=batch, mesh=mesh, costs=costs, **kwargs)
     nearest = None
@@ -218,13 +225,9 @@ def largest_serving(
     **serving,
 ):
     """The plan with the most slots that fits (`plan.largest_batch`), or None."""
-    config = ModelConfig.from_dict(load_config_file(config_file))
-    if quantize:
-        config = config.replace(quantization=quantize, quant_group_size=group_size)
+    config, name = model_config(config_file, quantize, group_size)
     slice_ = get_slice(topology, hbm_gib)
     mesh = parse_mesh(mesh) if mesh else default_mesh(slice_, "serve", config)
-    name = Path(config_file).stem.removeprefix("mixtral_").replace("b", "B")
-    name += f" {quantize}" if quantize else ""
 
     def tried(p: plan.Plan) -> None:
         state = "fits" if p.fits else "over"

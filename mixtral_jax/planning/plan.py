@@ -20,8 +20,9 @@ cache). The roofline time of a step is max(FLOPs / peak, bytes / bandwidth)
 per chip; it ignores communication, whose collectives are listed instead.
 
 Serving holds one cache slot of the whole context per request, and a slot is the
-one thing that grows: `largest_batch` starts where the weights and the slots alone
-fill a chip, compiles, and takes off as many slots as the compiled peak is over.
+one thing that grows: `largest_batch` starts where the batch of 1's memory and the
+slots' cache fill a chip, and, when that is over, compiles where the line through
+two compiled peaks meets the memory.
 """
 
 from __future__ import annotations
@@ -242,10 +243,7 @@ class Steps:
 def _inference(config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int) -> Steps:
     """The prefill of a `seq_len`-token prompt and a decode step over a cache of
     `seq_len` tokens, as `generate.py` runs them."""
-    model = abstract_model(config)
-    graphdef, params = nnx.split(model)
-    by_path = param_shardings(model, mesh, rules)
-    params = place(params, shardings_like(params, by_path, mesh))
+    graphdef, params = _placed(config, mesh, rules)
     cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len))
     cache = place(cache, cache_shardings(cache, mesh, rules))
     # Rows split over the batch axes that divide them (a batch of 1 is replicated).
@@ -272,6 +270,14 @@ def _inference(config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int)
     return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
 
 
+def _placed(config: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any]:
+    """The abstract model's graphdef and its parameters in their shardings on `mesh`."""
+    model = abstract_model(config)
+    graphdef, params = nnx.split(model)
+    by_path = param_shardings(model, mesh, rules)
+    return graphdef, place(params, shardings_like(params, by_path, mesh))
+
+
 def _serving(
     config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int, rows: int, chunk: int
 ) -> Steps:
@@ -280,10 +286,7 @@ def _serving(
     `chunk` tokens with the prompts' log-probabilities, and the decode step over every
     slot with the drawn tokens'. The prefill's costs are those of a forward over the
     chunks (their attention over the chunks before them is not counted)."""
-    model = abstract_model(config)
-    graphdef, params = nnx.split(model)
-    by_path = param_shardings(model, mesh, rules)
-    params = place(params, shardings_like(params, by_path, mesh))
+    graphdef, params = _placed(config, mesh, rules)
     chunk = min(chunk, seq_len)
     cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len, None, chunk))
     cache = place(cache, cache_shardings(cache, mesh, rules))
