@@ -306,10 +306,13 @@ def test_bad_requests_are_refused_naming_the_field(engine, changes, param, messa
 
 def test_a_full_queue_refuses_and_bad_settings_are_named(model):
     engine = Engine(model, max_batch=1, max_len=MAX_LEN, max_queue=2)
-    for _ in range(2):
-        engine.submit(Request([1, 2], 2))
-    with pytest.raises(QueueFull, match="2 requests are waiting already"):
-        engine.submit(Request([1, 2], 2))
+    for _ in range(3):  # one for the free slot, two to wait: all taken before a step
+        engine.submit(Request([1, 2], 8))
+    with pytest.raises(QueueFull, match="3 requests are waiting for a slot"):
+        engine.submit(Request([1, 2], 8))
+    engine.step()  # one in the slot (8 tokens take more than a step), two waiting
+    with pytest.raises(QueueFull, match="2 requests are waiting for a slot"):
+        engine.submit(Request([1, 2], 8))
     engine.run_until_idle()
     engine.submit(Request([1, 2], 2))  # room again
     engine.run_until_idle()

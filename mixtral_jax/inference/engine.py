@@ -195,8 +195,8 @@ class Engine:
 
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
     prefill_rows: prompts prefilled per step, together in one call; prefill_chunk:
-    the most tokens of each. max_queue: requests waiting for a slot before `submit`
-    raises QueueFull. With a `mesh` (the model on it), the cache is split over it by
+    the most tokens of each. max_queue: requests waiting, beyond the free slots,
+    before `submit` raises QueueFull. With a `mesh` (the model on it), the cache is split over it by
     `rules` and the steps shard as `generate`'s.
     """
 
@@ -263,9 +263,9 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise QueueFull("the server is shutting down and takes no new requests")
-            if self.queue_depth >= self.scheduler.max_queue:
+            if self.scheduler.full(len(self._incoming)):
                 raise QueueFull(
-                    f"{self.queue_depth} requests are waiting already (max_queue "
+                    f"{self.queue_depth} requests are waiting for a slot (max_queue "
                     f"{self.scheduler.max_queue}); retry later"
                 )
             self._incoming.append(Sequence(request, seed))
@@ -374,7 +374,7 @@ class Engine:
             incoming, self._incoming = self._incoming, []
             cancels, self._cancels = self._cancels, set()
             everything = self._stopping
-        self.scheduler.waiting.extend(incoming)  # counted against max_queue by submit
+        self.scheduler.waiting.extend(incoming)  # held to max_queue by submit
         for sequence in self.scheduler.running + list(self.scheduler.waiting):
             if everything or sequence.request.id in cancels:
                 self._end(sequence, news, "cancelled")

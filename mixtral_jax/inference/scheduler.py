@@ -17,7 +17,7 @@ import collections
 import dataclasses
 from typing import NamedTuple
 
-from mixtral_jax.inference.requests import Output, QueueFull, Request, TokenLogprob
+from mixtral_jax.inference.requests import Output, Request, TokenLogprob
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,13 +88,11 @@ class Scheduler:
         self.slots: list[Sequence | None] = [None] * max_batch
         self.running: list[Sequence] = []  # in slots, in admission order
 
-    def add(self, sequence: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(
-                f"{len(self.waiting)} requests are waiting already (--max_queue "
-                f"{self.max_queue}); retry later"
-            )
-        self.waiting.append(sequence)
+    def full(self, incoming: int) -> bool:
+        """Whether `incoming` more requests (not yet in `waiting`) would leave max_queue
+        or more waiting once the free slots have taken theirs. Safe to call from another
+        thread: the count may lag a step, never by more than one admission."""
+        return incoming + len(self.waiting) - self.slots.count(None) >= self.max_queue
 
     def admit(self) -> list[Sequence]:
         """Waiting sequences moved into free slots, oldest first."""

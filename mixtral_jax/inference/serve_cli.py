@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
         "--max_queue",
         type=int,
         default=256,
-        help="requests waiting for a slot before new ones get 429",
+        help="requests waiting, beyond the free slots, before new ones get 429",
     )
     p.add_argument(
         "--shutdown_timeout",
