@@ -4,6 +4,7 @@ back to the Hub bit for bit, and every bad input refused with nothing left behin
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from mixtral_jax.checkpoints import convert
 from mixtral_jax.checkpoints.hub import WeightError
-from mixtral_jax.checkpoints.load import load, load_tokenizer
+from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
 from mixtral_jax.checkpoints.sources import SafetensorsFile, SourceError
 from mixtral_jax.checkpoints.store import CheckpointError, read_config, save
 from mixtral_jax.params import flat_params
@@ -188,6 +189,23 @@ def test_cli_converts_and_summarises(tmp_path):
 def test_not_a_checkpoint_is_named():
     with pytest.raises(CheckpointError, match="not a mixtral_jax checkpoint"):
         load(ROOT / "configs")
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path):
+    """A data file truncated (a full disk, a killed copy) and a config that does not
+    parse: one line naming the file; no TensorStore traceback, nor the echoes of the
+    reads that were pending (pytest would report them as unraisable exceptions)."""
+    shutil.copytree(EMBEDDED, tmp_path / "model")
+    piece = tmp_path / "model" / "params" / "layer_00001" / "expert_002"
+    data = max(piece.glob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="is damaged: ") as error:
+        load(tmp_path / "model")
+    assert "layer_00001/expert_002" in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / "model" / "mixtral_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="mixtral_config.json does not parse"):
+        load(tmp_path / "model")
 
 
 MESH_SCRIPT = """

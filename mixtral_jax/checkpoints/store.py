@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mixtral_jax.checkpoints import damage
 from mixtral_jax.checkpoints.hub import is_expert
 from mixtral_jax.model.config import ModelConfig
 from mixtral_jax.model.mixtral import param_shapes, param_structs
@@ -100,9 +101,13 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
             f"{directory} is not a mixtral_jax checkpoint (no {CONFIG_FILE}); convert "
             "PyTorch weights first: python tools/convert.py SOURCE_DIR OUTPUT_DIR"
         )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not parse ({e}): the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r}")
     return ModelConfig.from_dict(meta["config"]), meta["dtype"]
 
 
@@ -251,7 +256,14 @@ def restore_piece(path: Path, targets: Mapping[ParamPath, jax.ShapeDtypeStruct],
     if not path.is_dir():
         raise CheckpointError(f"{directory}: {path} is missing; the checkpoint is incomplete")
     on_disk = {p: _packed(t) if t.dtype == jnp.int4 else t for p, t in targets.items()}
-    values = _flatten(ocp.StandardCheckpointer().restore(path.absolute(), _nest(on_disk)))
+    try:
+        with damage.quietly():
+            restored = ocp.StandardCheckpointer().restore(path.absolute(), _nest(on_disk))
+    except Exception as e:  # noqa: BLE001 - whatever the reader met, the piece is damaged
+        raise CheckpointError(
+            f"{directory} is damaged: {damage.describe(path, e)}; convert or export it again"
+        ) from None
+    values = _flatten(restored)
     for p, t in targets.items():
         if t.dtype == jnp.int4:
             values[p] = jax.jit(int4.unpack_int4, out_shardings=t.sharding)(values[p])

@@ -43,7 +43,7 @@ from mixtral_jax.parallel import distributed
 from mixtral_jax.parallel.mesh import MeshConfig
 from mixtral_jax.parallel.placement import param_shardings
 from mixtral_jax.params import flat_params, key_path, set_params
-from mixtral_jax.training import data, lora, metrics, steps
+from mixtral_jax.training import data, lora, metrics, resume, steps
 from mixtral_jax.training.evaluate import mean_nll
 
 PREEMPTED_EXIT = 128 + signal.SIGTERM
@@ -293,8 +293,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         ),
     )
     position = DataPosition()
-    if manager.latest_step() is not None:
-        state, position = _restore(manager, state, config.seed)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored = resume.restore_newest(
+        manager, lambda step: _restore(manager, step, target), target, workdir / "damaged"
+    )
+    if restored is not None:
+        state, position = _resumed(restored, manager.directory, config.seed)
         print(f"resumed from step {int(state.step)} ({workdir / 'checkpoints'})", flush=True)
 
     rows = distributed.host_rows(train_step.batch_sharding, config.data.batch_size)
@@ -349,30 +355,31 @@ def _save_args(state: steps.TrainState, position: DataPosition, seed: int):
     # No random numbers are drawn after initialisation (no dropout): the data order,
     # a function of (seed, epoch), is the only randomness a resumed run must replay.
     return ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({**dataclasses.asdict(position), "seed": seed}),
+        **{resume.STATE: ocp.args.StandardSave(state)},
+        **{resume.POSITION: ocp.args.JsonSave({**dataclasses.asdict(position), "seed": seed})},
     )
 
 
-def _restore(manager: ocp.CheckpointManager, state: steps.TrainState, seed: int):
-    """The latest checkpoint, every array restored into the sharding `state` has."""
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    restored = manager.restore(
-        manager.latest_step(),
+def _restore(manager: ocp.CheckpointManager, step: int, target):
+    """Checkpoint `step`, every array restored into the sharding its `target` has."""
+    return manager.restore(
+        step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+            **{resume.STATE: ocp.args.StandardRestore(target)},
+            **{resume.POSITION: ocp.args.JsonRestore()},
         ),
     )
-    saved = dict(restored["data"])
-    if saved.pop("seed") != seed:
+
+
+def _resumed(restored, directory, seed: int) -> tuple[steps.TrainState, DataPosition]:
+    saved = dict(restored[resume.POSITION])
+    if (saved_seed := saved.pop("seed")) != seed:
         raise ConfigError(
-            f"the checkpoints in {manager.directory} come from a run with seed "
-            f"{restored['data']['seed']}, not config.seed={seed}; use that seed to resume, "
+            f"the checkpoints in {directory} come from a run with seed "
+            f"{saved_seed}, not config.seed={seed}; use that seed to resume, "
             "or another --workdir to start afresh"
         )
-    return restored["state"], DataPosition(**saved)
+    return restored[resume.STATE], DataPosition(**saved)
 
 
 def _evaluate(evaluate, train_step, state, examples, config) -> dict[str, float]:
