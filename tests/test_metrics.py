@@ -27,6 +27,18 @@ def test_tensorboard_reads_the_scalars(tmp_path):
     assert json.loads(lines[1]) == {"step": 2, "loss": 2.25}
 
 
+def test_a_log_cut_mid_line_by_a_kill_resumes_on_a_fresh_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    writer = metrics.SummaryWriter(tmp_path)
+    writer.scalars(2, {"loss": 2.25})
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 2.5},
+        {"step": 2, "loss": 2.25},
+    ]
+
+
 def test_model_flops_count_mixtral_8x7b_active_parameters():
     config = ModelConfig.from_dict(mixtral_8x7b.get_config())
     # With no attention scores and everything trained, 6 FLOPs per active weight; the

@@ -23,15 +23,17 @@ class SummaryWriter:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._events = tensorboardX.SummaryWriter(str(self.logdir))
-        self._jsonl = open(self.logdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed by close())
+        path = self.logdir / "metrics.jsonl"
+        _drop_unfinished_line(path)  # a run killed mid-line is resumed on a fresh line
+        self._jsonl = open(path, "a")  # noqa: SIM115 (closed by close())
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Writes every value at `step` and flushes (a preempted run keeps its log)."""
         now = time.time()
         for tag, value in values.items():
             self._events.add_scalar(tag, float(value), step, walltime=now)
-        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}))
-        self._jsonl.write("\n")
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
         self.flush()
 
     def flush(self) -> None:
@@ -41,6 +43,16 @@ class SummaryWriter:
     def close(self) -> None:
         self._events.close()
         self._jsonl.close()
+
+
+def _drop_unfinished_line(path: Path) -> None:
+    """Cuts the file back to its last whole line, if it ends in the middle of one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
 
 
 class Throughput:
