@@ -5,11 +5,16 @@ exits 0. One small server (2 slots, 2 waiting) for the module; SIGTERM on its ow
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import gc
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,3 +184,87 @@ def _healthy(url: str) -> bool:
     except httpx.HTTPError:
         time.sleep(0.5)
         return False
+
+
+PROMPTS = ["def f(x):", "import", "class A:", "for i in range(", "# a comment", "return"]
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (the server runs on a thread of it)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_an_open_loop_load_with_faults_ends_every_request_and_leaks_nothing(
+    url, engine, monkeypatch
+):
+    """A few hundred requests arriving at random (Poisson) past the queue's room, some
+    streamed and dropped part-way, some given up on, one failing in the server: every
+    accepted request ends whole (its text a prefix of the solo greedy answer) or with
+    a clean error; then no slot is held, memory is where it was, and the server
+    answers as before."""
+    full = {p: complete(url, p, max_tokens=12).json()["choices"][0]["text"] for p in PROMPTS}
+    gc.collect()
+    before = resident_bytes()
+    add = openai_api.Answer.add
+
+    def add_or_fail(self, output):
+        if "BOOM" in self.stops:
+            raise RuntimeError("a fault injected into one request")
+        return add(self, output)
+
+    monkeypatch.setattr(openai_api.Answer, "add", add_or_fail)
+    rng = random.Random(0)
+
+    async def one(client, n: int, prompt: str, max_tokens: int, kind: str):
+        body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        if kind == "drop":  # streamed, and the client goes away after a chunk or two
+            async with client.stream(
+                "POST", f"{url}/v1/completions", json=body | {"stream": True}
+            ) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and rng.random() < 0.5:
+                        break
+            return kind, prompt, response.status_code, None
+        if kind == "give up":
+            with contextlib.suppress(httpx.TimeoutException):
+                await client.post(f"{url}/v1/completions", json=body, timeout=0.05)
+            return kind, prompt, None, None
+        if kind == "fail":
+            body["stop"] = ["BOOM"]
+        response = await client.post(f"{url}/v1/completions", json=body)
+        return kind, prompt, response.status_code, response.json()
+
+    async def load():
+        kinds = ["whole"] * 7 + ["drop"] * 2 + ["give up"]
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = []
+            for n in range(300):
+                kind = "fail" if n == 150 else rng.choice(kinds)
+                request = one(client, n, rng.choice(PROMPTS), rng.randint(1, 12), kind)
+                tasks.append(asyncio.create_task(request))
+                await asyncio.sleep(rng.expovariate(40))  # 40 requests/s on average
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(load())
+    monkeypatch.undo()
+    codes = collections.Counter((kind, code) for kind, _, code, _ in results)
+    assert codes[("fail", 500)] == 1, codes
+    assert codes[("whole", 429)] > 0 and codes[("whole", 200)] > 20, codes
+    for kind, prompt, code, body in results:
+        if kind == "whole" and code == 200:
+            choice = body["choices"][0]
+            assert choice["finish_reason"] in ("stop", "length"), choice
+            assert full[prompt].startswith(choice["text"]), (prompt, choice, full[prompt])
+        elif kind == "whole":
+            assert code == 429 and body["error"]["type"] == "rate_limit_exceeded", body
+
+    assert wait_until(lambda: not engine.busy(), timeout=30)
+    assert engine.active_slots == 0 and engine.queue_depth == 0
+    assert engine.scheduler.slots == [None] * len(engine.scheduler.slots)
+    gc.collect()
+    after = resident_bytes()
+    assert after <= before * 1.05, (before, after)
+    for prompt in PROMPTS:
+        assert complete(url, prompt, max_tokens=12).json()["choices"][0]["text"] == full[prompt]
+    print(f"load: {dict(codes)}; resident {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
