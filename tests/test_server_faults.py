@@ -45,6 +45,19 @@ def complete(url: str, prompt: str = "def f(x):", timeout: float = 120, **fields
     return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
 
 
+def fail_requests_that_stop_at_boom(monkeypatch) -> None:
+    """A test hook: a request with the stop string "BOOM" raises in the server as its
+    first tokens are turned into text (undone by `monkeypatch.undo()`)."""
+    add = openai_api.Answer.add
+
+    def add_or_fail(self, output):
+        if "BOOM" in self.stops:
+            raise RuntimeError("a fault injected into one request")
+        return add(self, output)
+
+    monkeypatch.setattr(openai_api.Answer, "add", add_or_fail)
+
+
 def test_a_full_queue_answers_429_and_the_accepted_ones_complete(url, engine):
     """8 long requests at once into 2 slots and a queue of 2."""
 
@@ -98,14 +111,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(url, engine):
 
 def test_a_request_that_fails_ends_alone_and_the_server_serves_on(url, engine, monkeypatch):
     expected = complete(url).json()["choices"][0]["text"]
-    add = openai_api.Answer.add
-
-    def add_or_fail(self, output):
-        if "BOOM" in self.stops:
-            raise RuntimeError("a fault injected into one request")
-        return add(self, output)
-
-    monkeypatch.setattr(openai_api.Answer, "add", add_or_fail)
+    fail_requests_that_stop_at_boom(monkeypatch)
 
     async def mixed():
         async with httpx.AsyncClient(timeout=120) as client:
@@ -206,14 +212,7 @@ def test_an_open_loop_load_with_faults_ends_every_request_and_leaks_nothing(
     full = {p: complete(url, p, max_tokens=12).json()["choices"][0]["text"] for p in PROMPTS}
     gc.collect()
     before = resident_bytes()
-    add = openai_api.Answer.add
-
-    def add_or_fail(self, output):
-        if "BOOM" in self.stops:
-            raise RuntimeError("a fault injected into one request")
-        return add(self, output)
-
-    monkeypatch.setattr(openai_api.Answer, "add", add_or_fail)
+    fail_requests_that_stop_at_boom(monkeypatch)
     rng = random.Random(0)
 
     async def one(client, n: int, prompt: str, max_tokens: int, kind: str):
