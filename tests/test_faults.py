@@ -64,3 +64,10 @@ def test_no_intact_step_is_one_error_and_nothing_moves(finished, cache, tmp_path
 def test_kills_at_random_moments_resume_with_the_uninterrupted_losses():
     done = faults.trials(2, STEPS, seed=1, report=lambda line: None)
     assert all(t.passed for t in done), [faults.describe(n, t) for n, t in enumerate(done)]
+
+
+def test_a_first_save_cut_short_is_said_and_the_run_starts_afresh(cache, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "2.orbax-checkpoint-tmp-1796544439").mkdir(parents=True)
+    code, output = faults.run(tmp_path / "run", 2, cache)
+    assert code == 0 and "holds no finished step" in output and "resumed" not in output, output
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["2"]

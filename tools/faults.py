@@ -8,8 +8,9 @@ in a fresh work directory, SIGKILLs it a random 0-150 ms after a random step's
 line (every other step saves a checkpoint asynchronously, so many kills land in
 a write), notes whether a write was cut (Orbax's temporary directory is left),
 runs the same command again, and compares every step's loss with the reference.
-A trial passes when the rerun exits 0 and every loss, including the steps the
-killed run logged before it died, equals the reference bit for bit.
+A trial passes when the rerun exits 0, deletes what the cut write left, and logs
+every loss, including the steps the killed run logged before it died, equal to the
+reference bit for bit.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ class Trial:
     resumed_from: int  # 0: no finished checkpoint yet, the rerun started afresh
     exit_code: int  # of the rerun
     same_losses: bool
+    tidy: bool  # the rerun deleted what the cut write left
 
     @property
     def passed(self) -> bool:
-        return self.exit_code == 0 and self.same_losses
+        return self.exit_code == 0 and self.same_losses and self.tidy
 
 
 def command(workdir: Path, steps: int) -> list[str]:
@@ -112,14 +114,22 @@ def trial(workdir: Path, steps: int, cache: Path, reference, rng: random.Random)
     if code != -signal.SIGKILL:
         raise RuntimeError(f"the run was to be killed, but exited {code}:\n{output}")
     checkpoints = workdir / "checkpoints"
-    cut = checkpoints.is_dir() and any("tmp" in p.name for p in checkpoints.iterdir())
+    cut = bool(temporary(checkpoints))
     code, output = run(workdir, steps, cache)
     resumed = re.search(r"resumed from step (\d+)", output)
     same = code == 0 and all(
         values == [reference[step]] * len(values) for step, values in losses(workdir).items()
     )
     same = same and sorted(losses(workdir)) == sorted(reference)
-    return Trial(killed_after, delay_ms, cut, int(resumed[1]) if resumed else 0, code, same)
+    resumed_from = int(resumed[1]) if resumed else 0
+    return Trial(killed_after, delay_ms, cut, resumed_from, code, same, not temporary(checkpoints))
+
+
+def temporary(checkpoints: Path) -> list[Path]:
+    """What unfinished saves left: Orbax writes a step into a temporary directory."""
+    if not checkpoints.is_dir():
+        return []
+    return [p for p in checkpoints.iterdir() if ".orbax-checkpoint-tmp" in p.name]
 
 
 def trials(count: int, steps: int, seed: int = 0, report=print) -> list[Trial]:
@@ -140,7 +150,7 @@ def trials(count: int, steps: int, seed: int = 0, report=print) -> list[Trial]:
 
 def describe(n: int, t: Trial) -> str:
     write = "cut a checkpoint write" if t.cut_a_write else "between writes"
-    verdict = "same losses" if t.passed else f"FAILED (exit {t.exit_code})"
+    verdict = "same losses" if t.passed else f"FAILED (exit {t.exit_code}, {t})"
     return (
         f"trial {n + 1:2d}: killed {t.delay_ms:3d} ms after step {t.killed_after:2d} "
         f"({write}); resumed from step {t.resumed_from:2d}: {verdict}"

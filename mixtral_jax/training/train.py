@@ -286,10 +286,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     state = train_step.init(model)
     del model  # its parameters now live in `state` and `train_step.frozen`
 
+    checkpoints = workdir / "checkpoints"
+    # A save that was killed leaves its temporary directory; the manager deletes it.
+    cut_short = checkpoints.is_dir() and any(
+        ".orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir()
+    )
     manager = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
+        checkpoints.absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True
+            max_to_keep=config.keep_checkpoints,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
         ),
     )
     position = DataPosition()
@@ -301,7 +308,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
     )
     if restored is not None:
         state, position = _resumed(restored, manager.directory, config.seed)
-        print(f"resumed from step {int(state.step)} ({workdir / 'checkpoints'})", flush=True)
+        print(f"resumed from step {int(state.step)} ({checkpoints})", flush=True)
+    elif cut_short:  # Orbax has cleared what a killed save left: say why we start afresh
+        print(
+            f"{checkpoints} holds no finished step (the first save was cut short): "
+            "starting from step 0",
+            flush=True,
+        )
 
     rows = distributed.host_rows(train_step.batch_sharding, config.data.batch_size)
     stream = batch_stream(train_examples, config, rows, position)
