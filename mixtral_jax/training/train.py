@@ -9,7 +9,8 @@ A run lives in its work directory: `checkpoints/` (Orbax, every
 checkpoint like tools/convert.py writes, LoRA merged into the weights). QLoRA:
 `config.model.quantization="int8"|"int4"` quantizes the frozen base as it loads
 (configs/finetune_qlora.py); the export is then float, merged. Run the
-same command again and it resumes from the latest checkpoint: parameters,
+same command again and it resumes from the newest checkpoint that restores
+(`resume.py`: damaged newer ones are named and moved to `damaged/`): parameters,
 optimizer state, step and the data position (epoch and batch), so the losses
 are those of a run that was never stopped. SIGTERM (a TPU preemption notice)
 saves a checkpoint after the current step and exits with status 143.
