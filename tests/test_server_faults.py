@@ -129,6 +129,14 @@ def test_a_request_that_fails_ends_alone_and_the_server_serves_on(url, engine, m
     for response in (good, good_too):
         assert response.json()["choices"][0]["text"] == expected
     assert wait_until(lambda: not engine.busy())
+    # The failed request's connection stays open for the client's next request.
+    with httpx.Client(limits=httpx.Limits(max_connections=1), timeout=120) as client:
+        base = {"model": NAME, "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
+        assert (
+            client.post(f"{url}/v1/completions", json=base | {"stop": ["BOOM"]}).status_code == 500
+        )
+        again = client.post(f"{url}/v1/completions", json=base)
+        assert again.json()["choices"][0]["text"] == expected
     monkeypatch.undo()
     assert complete(url).json()["choices"][0]["text"] == expected
 

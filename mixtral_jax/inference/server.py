@@ -110,17 +110,12 @@ def create_app(
             await asyncio.to_thread(engine.stop, shutdown_timeout)
 
     app = FastAPI(title="mixtral_jax", lifespan=lifespan)
+    app.add_middleware(_InternalErrors)
     app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(api.ApiError)
     async def api_error(request: Request, e: api.ApiError):
         return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, e: Exception):
-        log.exception("%s %s failed", request.method, request.url.path)
-        error = api.ApiError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error")
-        return JSONResponse(error.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -195,6 +190,37 @@ async def _respond(engine, metrics, http: Request, body, choices, params, render
     finally:
         call.cancel()
     return render.whole(call.choices)
+
+
+class _InternalErrors:
+    """A request that raises gets OpenAI's 500 error object, and its connection stays
+    open for the next request. (An exception handler for Exception would answer the
+    same, but Starlette re-raises after it and uvicorn then closes the connection under
+    a client that was told it may keep it: its next request fails.) A response already
+    begun (a stream) cannot be turned into an error: it ends, and the error is logged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as e:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if started:
+                return
+            message = f"internal error: {type(e).__name__}: {e}"
+            error = api.ApiError(message, None, 500, "server_error")
+            await JSONResponse(error.body(), status_code=500)(scope, receive, send)
 
 
 async def _until_disconnect(items: AsyncIterator, http: Request) -> AsyncIterator:
