@@ -54,11 +54,11 @@ def quietly():
     try:
         yield
     except Exception:
+        gc.collect()  # the failed reads' coroutines, collected while still muted
         if not isinstance(hook, functools.partial) or hook.func is not _drop_failed_reads:
             hook = functools.partial(_drop_failed_reads, hook)
         raise
     finally:
-        gc.collect()
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
         sys.unraisablehook = hook
