@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -57,6 +58,9 @@ def quietly():
         gc.collect()  # the failed reads' coroutines, collected while still muted
         if not isinstance(hook, functools.partial) or hook.func is not _drop_failed_reads:
             hook = functools.partial(_drop_failed_reads, hook)
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _FailedReadsFilter) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_FailedReadsFilter())
         raise
     finally:
         for logger, level in zip(loggers, levels, strict=True):
@@ -73,3 +77,14 @@ def _drop_failed_reads(hook, unraisable) -> None:
     orbax_read = code is not None and "orbax" in Path(code.co_filename).parts
     if not (closed_loop or orbax_read):
         hook(unraisable)
+
+
+class _FailedReadsFilter(logging.Filter):
+    """asyncio's "exception was never retrieved" for a failed restore's other reads,
+    logged whenever their tasks are collected, dropped; every other record kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+        from_orbax = any("orbax" in Path(frame.filename).parts for frame in frames)
+        return not ("never retrieved" in record.getMessage() and from_orbax)
