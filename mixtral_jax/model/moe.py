@@ -394,5 +394,9 @@ class SparseMoE(nnx.Module):
             return self._dense(x, routes, mask, S)
         fullest = jnp.max(routing.expert_load(routes.experts, mask, E))
         branch = jnp.searchsorted(jnp.asarray(capacities), fullest)  # first C >= fullest
-        branches = [functools.partial(self._dense, capacity=cap) for cap in capacities]
+        # Rematerialised: a backward pass through `switch` would otherwise hold the
+        # residuals of every branch, not only of the one taken.
+        branches = [
+            jax.checkpoint(functools.partial(self._dense, capacity=cap)) for cap in capacities
+        ]
         return jax.lax.switch(branch, branches, x, routes, mask)
