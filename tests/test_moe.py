@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mixtral_jax import ModelConfig
+from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.model.moe import DROPLESS_LADDER, SparseMoE
 from mixtral_jax.model.routing import expert_capacity, expert_load, route
 from mixtral_jax.params import flat_params, set_params
@@ -196,6 +196,33 @@ def test_dropless_dense_training_holds_only_the_taken_capacity_for_the_backward_
     widest = temporaries(layer(capacity_factor=4.0, group_size=128))  # C = S, one branch
     dropless = temporaries(layer(capacity_factor=None, group_size=128))
     assert dropless < 1.3 * widest, (dropless, widest)
+
+
+def test_a_train_step_through_the_sorted_dispatch_keeps_its_activations_once():
+    """Differentiated as a train step does (`differentiable=True`), the sorted dispatch
+    needs about the memory of the exact dense one; read in place and differentiated
+    through its loops, it kept a copy of the rows per piece."""
+    config = ModelConfig.from_dict(tiny.get_config()).replace(group_size=256)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 128)))
+
+    def temporaries(moe_impl, capacity_factor, differentiable):
+        model = Mixtral(
+            config.replace(moe_impl=moe_impl, capacity_factor=capacity_factor), rngs=nnx.Rngs(0)
+        )
+        graphdef, params = nnx.split(model)
+
+        def loss(params, tokens):
+            out = nnx.merge(graphdef, params).forward(tokens, differentiable=differentiable)
+            return jnp.mean(out.logits)
+
+        compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    exact_dense = temporaries("dense", 4.0, True)  # C = S
+    trained = temporaries("sorted", None, True)
+    in_place = temporaries("sorted", None, False)
+    assert trained < 1.5 * exact_dense, (trained, exact_dense)
+    assert in_place > 3 * trained, (in_place, trained)
 
 
 def test_sorted_dispatch_reads_only_the_chosen_experts():

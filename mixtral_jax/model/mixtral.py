@@ -172,6 +172,7 @@ class Mixtral(nnx.Module):
         unstacked: Unstacked | None = None,
         chunk: bool = False,
         logits_at: jax.Array | None = None,
+        differentiable: bool = False,
     ) -> ModelOutput:
         """Logits and each layer's routing (and the updated cache).
 
@@ -190,6 +191,10 @@ class Mixtral(nnx.Module):
         logits_at: int [B], one index into T per row: only there are logits computed
         (logits [B, 1, V]), as a prefill needs the last prompt token's alone; the LM
         head is a large share of a short prompt's work.
+        differentiable: the call will be differentiated (a train step). The sorted
+        dispatch then gives each layer its own experts' weights, whose backward pass
+        (`moe.trainable_rows`) keeps its activations once, instead of reading the
+        stacked weights in place, which is faster forward only.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -211,7 +216,7 @@ class Mixtral(nnx.Module):
         moe_impl = moe.DECODE_IMPL if decode else c.moe_impl
         inputs = (positions, segment_ids, token_mask, slots, key_positions)
         x, (stats, weights, experts), kv = self._run_layers(
-            x, kv, inputs, moe_impl, unstacked, chunk
+            x, kv, inputs, moe_impl, unstacked, chunk, differentiable
         )
         if logits_at is not None:  # [B, 1, D]: one position's hidden state per row
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
@@ -225,16 +230,25 @@ class Mixtral(nnx.Module):
         return ModelOutput(logits, LayerRouting(stats, weights, experts), new_cache)
 
     def _run_layers(
-        self, x, kv, inputs, moe_impl: str, unstacked: Unstacked | None, chunk: bool = False
+        self,
+        x,
+        kv,
+        inputs,
+        moe_impl: str,
+        unstacked: Unstacked | None,
+        chunk: bool = False,
+        differentiable: bool = False,
     ):
         """x through every block: scanned over the stacked parameters, or in a Python
         loop over their slices or over a backend's `unstacked` buffers (each layer's
         cache given alone when the cache is one buffer per layer)."""
         c = self.config
-        # The sorted dispatch reads each expert's weights at [layer, expert] itself:
-        # slicing a whole layer out first would copy every expert's weights (XLA:CPU
-        # copies a dynamic slice that feeds a matmul), once more than needed.
-        keep_stacked = nnx.PathContains("experts") if moe_impl == "sorted" else nnx.Not(...)
+        # Forward only, the sorted dispatch reads each expert's weights at [layer, expert]
+        # itself: slicing a whole layer out first would copy every expert's weights
+        # (XLA:CPU copies a dynamic slice that feeds a matmul), once more than needed.
+        # Differentiated, each layer gets its own slice (`moe.trainable_rows`).
+        reads_in_place = moe_impl == "sorted" and not differentiable
+        keep_stacked = nnx.PathContains("experts") if reads_in_place else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
         block = self._block(graphdef, stacked, moe_impl, inputs, chunk)
         per_layer_cache = kv is not None and isinstance(kv[0], tuple)

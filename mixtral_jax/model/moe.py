@@ -180,6 +180,67 @@ def sorted_dispatch(
     return _combine(ys, order, routes.weights, token_mask)
 
 
+def _pieces(
+    carry,
+    start: jax.Array,
+    count: jax.Array,
+    n: int,
+    num_experts: int,
+    per_expert: Callable,
+    piece: Callable,
+    unroll: bool = False,
+):
+    """Calls carry = piece(carry, per_expert(e), r0, size) over every expert e's sorted
+    rows [start[e], start[e] + count[e]) of n: full tiles of `tile` rows, then ONE last
+    piece, a multiple of `grain` rows (every piece streams the expert's weights once,
+    which costs about as much as ~30 rows of work; waste < grain rows per expert). A
+    piece may run past its expert's end into the next expert's rows (processed later)
+    or the slack of `tile` rows after the last. An expert no row chose is skipped.
+    `per_expert(e)` (e.g. its weights) runs once per expert, with a traced e in a loop,
+    or with each Python int when `unroll`."""
+    tile = min(TILE, next_power_of_two(n))
+    grain = max(1, tile // 16)
+
+    def one_expert(e, carry):
+        context = per_expert(e)
+        begin = start[e]
+        full, rest = count[e] // tile, count[e] % tile
+
+        def full_tile(i, carry):
+            return jax.lax.cond(
+                i < full,
+                lambda carry: piece(carry, context, begin + i * tile, tile),
+                lambda carry: carry,
+                carry,
+            )
+
+        # A static trip count keeps the loop reverse-differentiable; idle steps are skipped.
+        carry = jax.lax.fori_loop(0, n // tile, full_tile, carry)
+        last = [lambda carry: carry] + [
+            lambda carry, size=size: piece(carry, context, begin + full * tile, size)
+            for size in range(grain, tile + 1, grain)
+        ]
+        return jax.lax.switch((rest + grain - 1) // grain, last, carry)
+
+    def maybe_expert(e, carry):
+        if unroll:
+            skip = lambda carry: carry  # noqa: E731
+            return jax.lax.cond(count[e] > 0, functools.partial(one_expert, e), skip, carry)
+        # e is the loop's traced index: one compiled body serves every expert.
+        return jax.lax.cond(count[e] > 0, one_expert, lambda e, carry: carry, e, carry)
+
+    if unroll:
+        for e in range(num_experts):
+            carry = maybe_expert(e, carry)
+        return carry
+    return jax.lax.fori_loop(0, num_experts, maybe_expert, carry)
+
+
+def slack(n: int) -> int:
+    """Rows past the n sorted ones that a last piece may write (`_pieces`)."""
+    return min(TILE, next_power_of_two(n))
+
+
 def expert_rows(
     xs: jax.Array,
     start: jax.Array,
@@ -196,53 +257,102 @@ def expert_rows(
     way an expert no row chose is never read.
     """
     n, D = xs.shape
-    tile = min(TILE, next_power_of_two(n))
-    # Every piece streams the expert's weights once, which costs about as much as
-    # ~30 rows of work: an expert's rows are full tiles plus ONE last piece, a
-    # multiple of `grain` rows (waste < grain rows per expert; a row or two at decode).
-    grain = max(1, tile // 16)
-    xs = jnp.pad(xs, ((0, tile), (0, 0)))  # [n + tile, D] sorted rows + slack
+    xs = jnp.pad(xs, ((0, slack(n)), (0, 0)))  # sorted rows + slack
 
-    def rows_of_expert(ys, r0, size, w):
+    def rows_of_expert(ys, w, r0, size):
         """ys[r0:r0+size] = ffn(xs[r0:r0+size]). Rows past the expert's end get
         garbage that the next expert overwrites, or that nothing reads (padding)."""
         out = swiglu(jax.lax.dynamic_slice_in_dim(xs, r0, size), *w)
         return jax.lax.dynamic_update_slice_in_dim(ys, out, r0, 0)
 
-    def one_expert(e, ys):
-        w = expert(e)
-        begin = start[e]
-        full, rest = count[e] // tile, count[e] % tile
-
-        def full_tile(i, ys):
-            return jax.lax.cond(
-                i < full,
-                lambda ys: rows_of_expert(ys, begin + i * tile, tile, w),
-                lambda ys: ys,
-                ys,
-            )
-
-        # A static trip count keeps the loop reverse-differentiable; idle steps are skipped.
-        ys = jax.lax.fori_loop(0, n // tile, full_tile, ys)
-        last = [lambda ys: ys] + [
-            lambda ys, size=size: rows_of_expert(ys, begin + full * tile, size, w)
-            for size in range(grain, tile + 1, grain)
-        ]
-        return jax.lax.switch((rest + grain - 1) // grain, last, ys)
-
-    def maybe_expert(e, ys):
-        if unroll:
-            return jax.lax.cond(count[e] > 0, functools.partial(one_expert, e), lambda ys: ys, ys)
-        # e is the loop's traced index: one compiled body serves every expert.
-        return jax.lax.cond(count[e] > 0, one_expert, lambda e, ys: ys, e, ys)
-
-    ys = jnp.zeros((n + tile, D), xs.dtype)
-    if unroll:
-        for e in range(num_experts):
-            ys = maybe_expert(e, ys)
-    else:
-        ys = jax.lax.fori_loop(0, num_experts, maybe_expert, ys)
+    ys = jnp.zeros(xs.shape, xs.dtype)
+    ys = _pieces(ys, start, count, n, num_experts, expert, rows_of_expert, unroll)
     return ys[:n]
+
+
+@jax.custom_vjp
+def trainable_rows(xs, start, count, w1, w2, w3) -> jax.Array:
+    """`expert_rows` for float expert weights w1, w3 [E, D, F] and w2 [E, F, D], with a
+    backward pass that loops over the same pieces. It keeps xs and the rows' gate and
+    up activations [n, F], and accumulates each expert's weight gradients in place;
+    differentiating `expert_rows` itself would keep the loops' carried [n, D] buffer
+    once per piece."""
+
+    def expert(e):  # not differentiated: `expert_rows`, which keeps no activations
+        return tuple(ExpertWeight(w).take((e,), xs.dtype) for w in (w1, w2, w3))
+
+    return expert_rows(xs, start, count, expert, w1.shape[0])
+
+
+def _weights(w1, w2, w3, dtype):
+    """Expert e's w1, w2, w3 in `dtype` (with e, for the backward pass)."""
+    return lambda e: (e, tuple(ExpertWeight(w).take((e,), dtype).w for w in (w1, w2, w3)))
+
+
+def _forward_rows(xs, start, count, w1, w2, w3):
+    """ys [n, D] and the gate and up activations [n + slack, F] of every row."""
+    n, D = xs.shape
+    F = w1.shape[-1]
+    xs_p = jnp.pad(xs, ((0, slack(n)), (0, 0)))
+
+    def rows_of_expert(carry, context, r0, size):
+        _, (a1, a2, a3) = context
+        x = jax.lax.dynamic_slice_in_dim(xs_p, r0, size)
+        gate, up = x @ a1, x @ a3  # [size, F]
+        y = (jax.nn.silu(gate) * up) @ a2
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(buffer, value, r0, 0)
+            for buffer, value in zip(carry, (y, gate, up), strict=True)
+        )
+
+    empty = (jnp.zeros(xs_p.shape, xs.dtype), *(jnp.zeros((len(xs_p), F), xs.dtype),) * 2)
+    weights = _weights(w1, w2, w3, xs.dtype)
+    ys, gates, ups = _pieces(empty, start, count, n, w1.shape[0], weights, rows_of_expert)
+    return ys[:n], gates, ups
+
+
+def _trainable_rows_fwd(xs, start, count, w1, w2, w3):
+    ys, gates, ups = _forward_rows(xs, start, count, w1, w2, w3)
+    return ys, (xs, gates, ups, start, count, w1, w2, w3)
+
+
+def _trainable_rows_bwd(residuals, dys):
+    xs, gates, ups, start, count, w1, w2, w3 = residuals
+    n, D = xs.shape
+    end = start + count  # [E]
+    xs_p, dys_p = (jnp.pad(a, ((0, slack(n)), (0, 0))) for a in (xs, dys.astype(xs.dtype)))
+
+    def grads_of_piece(carry, context, r0, size):
+        dxs, dw1, dw2, dw3 = carry
+        e, (a1, a2, a3) = context
+        x, dy, gate, up = (
+            jax.lax.dynamic_slice_in_dim(a, r0, size) for a in (xs_p, dys_p, gates, ups)
+        )
+        # Rows past the expert's end are the next expert's: they add nothing here.
+        mine = (r0 + jnp.arange(size)) < end[e]
+        dy = jnp.where(mine[:, None], dy, 0)
+        sig = jax.nn.sigmoid(gate)
+        act = gate * sig  # silu
+        dh = dy @ a2.T  # [size, F]
+        dgate = dh * up * sig * (1 + gate * (1 - sig))
+        dup = dh * act
+        dx = dgate @ a1.T + dup @ a3.T  # [size, D]
+        dxs = jax.lax.dynamic_update_slice_in_dim(dxs, dx, r0, 0)
+
+        def add(total, g):
+            return total.at[e].add(g.astype(total.dtype))
+
+        return dxs, add(dw1, x.T @ dgate), add(dw2, (act * up).T @ dy), add(dw3, x.T @ dup)
+
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w2, w3))
+    carry = (jnp.zeros(xs_p.shape, xs.dtype), *zeros)
+    weights = _weights(w1, w2, w3, xs.dtype)
+    dxs, dw1, dw2, dw3 = _pieces(carry, start, count, n, w1.shape[0], weights, grads_of_piece)
+    grads = (g.astype(w.dtype) for g, w in zip((dw1, dw2, dw3), (w1, w2, w3), strict=True))
+    return (dxs[:n], None, None, *grads)
+
+
+trainable_rows.defvjp(_trainable_rows_fwd, _trainable_rows_bwd)
 
 
 def _combine(ys: jax.Array, order: jax.Array, weights: jax.Array, token_mask: jax.Array):
@@ -353,9 +463,13 @@ class SparseMoE(nnx.Module):
     def _rows_fn(self, dtype: jnp.dtype, layer: jax.Array | None) -> ExpertsFn:
         """The sorted rows' computation from this layer's stacked experts: expert e's
         weights sliced from the stack (at [layer, e] if it still carries the layers
-        axis), one expert at a time."""
+        axis), one expert at a time. This layer's own float weights without adapters
+        (training) get `trainable_rows`, whose backward pass is a loop of its own."""
         stacked = self.experts.weights()
         E = self.config.num_experts
+        if layer is None and all(w.a is None and isinstance(w.w, jax.Array) for w in stacked):
+            w1, w2, w3 = (w.w.astype(dtype) for w in stacked)
+            return lambda xs, start, count: trainable_rows(xs, start, count, w1, w2, w3)
 
         def expert(e):
             return tuple(w.take((e,) if layer is None else (layer, e), dtype) for w in stacked)

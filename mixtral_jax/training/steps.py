@@ -38,7 +38,9 @@ BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 def loss_fn(model: Mixtral, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted token cross-entropy + the config's router auxiliary and z losses."""
     c = model.config
-    out = model.forward(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    out = model.forward(
+        batch["tokens"], batch.get("positions"), batch.get("segment_ids"), differentiable=True
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(
         out.logits.astype(jnp.float32), batch["targets"]
     )  # [B, T]
