@@ -51,6 +51,8 @@ setup(
             "pytest>=8",
             "torch==2.13.0; python_version == '3.11'",
             "transformers>=5.0; python_version == '3.11'",
+            # tools/bench.py's LoRA peer (target_parameters for the fused experts: 0.17+).
+            "peft>=0.17; python_version == '3.11'",
             "safetensors>=0.4",
             "ruff>=0.6",
             "tensorboard>=2.15",  # reads back the event files that training writes
