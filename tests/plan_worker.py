@@ -37,6 +37,7 @@ from mixtral_jax.planning.plan import (  # noqa: E402
     nearest_fit,
     slice_mesh,
     train_model_config,
+    training_flops,
 )
 from mixtral_jax.planning.report import largest_batch as largest_text  # noqa: E402
 from mixtral_jax.planning.report import report, tokens_per_s, verdict  # noqa: E402
@@ -225,6 +226,32 @@ def tpu(config: ModelConfig) -> dict:
     }
 
 
+def tpu_train(config: ModelConfig) -> dict:
+    """Full fine-tuning on a v5e-4, priced by the TPU compiler: the roofline MFU."""
+    try:
+        slice_ = get_slice("v5e-4")
+    except PlanError as error:
+        return {"skipped": str(error)}
+    config = config.replace(dtype="bfloat16")
+    result = make_plan(
+        config,
+        slice_,
+        mode="full",
+        batch=8,
+        seq_len=64,
+        mesh={"fsdp": 4},
+        train_config=finetune_tiny.get_config(),
+    )
+    step = result.programs[0]
+    return {
+        "model_flops": step.model_flops,
+        "expected_model_flops": training_flops(config, 8, 64) / 4,
+        "flops": step.flops,
+        "mfu": step.mfu(slice_.chip),
+        "report": report(result),
+    }
+
+
 if __name__ == "__main__":
     config = tiny_config()
     print(
@@ -235,6 +262,7 @@ if __name__ == "__main__":
                 "lora": lora(config),
                 "too_small": too_small(config),
                 "serving": serving(config),
+                "tpu_train": tpu_train(config),
                 "tpu": tpu(config),
             }
         )

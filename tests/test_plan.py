@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_jax.planning.plan import active_params, num_params
+from mixtral_jax.planning.plan import active_params, num_params, training_flops
 from mixtral_jax.planning.topology import PlanError, get_slice, topology_name
 from tests import run_worker
 
@@ -101,6 +101,29 @@ def test_the_tpu_compiler_plans_a_v5e_slice(results):
     assert got["param_bytes"] == got["expected_param_bytes"]
     assert got["prefill_arguments"] >= got["param_bytes"]
     assert got["prefill_flops"] > 0 and got["tokens_per_s"] > 0
+
+
+def test_a_training_plan_sets_its_roofline_mfu_beside_maxtext_s(results):
+    got = results["tpu_train"]
+    if "skipped" in got:
+        pytest.skip(f"no libtpu here: {got['skipped']}")
+    assert got["model_flops"] == pytest.approx(got["expected_model_flops"])
+    # The compiled step does at least the work itself (and dispatch, norms, softmax).
+    assert got["model_flops"] < got["flops"] and 0 < got["mfu"] < 1
+    assert "MFU at roofline" in got["report"] and "54.9% on v5p-128" in got["report"]
+
+
+def test_training_flops_are_six_per_active_parameter_plus_causal_attention():
+    from configs import mixtral_8x7b
+    from mixtral_jax import ModelConfig
+
+    c = ModelConfig.from_dict(mixtral_8x7b.get_config())
+    T = 4096
+    attention = 3 * c.num_layers * 4 * c.num_heads * c.head_dim * T * (T + 1) / 2
+    # active_params counts the norms too (0.002% of the matmul weights).
+    expected = 6 * T * active_params(c) + attention
+    assert training_flops(c, 1, T) == pytest.approx(expected, rel=1e-4)
+    assert training_flops(c, 2, T, lora=True) == pytest.approx(2 * expected * 2 / 3, rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@
     python tools/plan.py --config configs/tiny.py --topology cpu:8 --mode full
     python tools/plan.py --topology v6e-1 --quantize int4      # 8x7B in int4 on one chip
     python tools/plan.py --topology v5e-8 --mode serve --seq_len 4096 --quantize int8
+    python tools/plan.py --topology v5p-128 --mode train  # roofline MFU beside MaxText's
     python tools/plan.py --table         # regenerates the tables in docs/tpu-plan.md
 
 The project's own prefill, decode and train steps are compiled with abstract
@@ -20,6 +21,11 @@ by the nearest mesh or batch that does. See mixtral_jax/planning/plan.py for the
 (default 16, its --max_batch) of --seq_len tokens (its --max_len), its prefill
 call (--prefill_rows x --prefill_chunk) and decode step, and then finds the
 largest batch of slots that fits, with its decode roofline.
+
+--mode train plans training every weight as MaxText benchmarks Mixtral
+(configs/pretrain.py: bfloat16 compute, 4k rows, 8 rows per chip) and prints the
+step's model FLOPs and its MFU at the roofline time beside MaxText's published
+MFU; --mode full and lora print them too.
 
 Without --mesh, the recipe of configs/meshes.py named SLICE:MODE is used when
 there is one (e.g. v5e-8:inference), else tensor parallelism over the KV heads
@@ -150,8 +156,9 @@ def make(
     config, name = model_config(args_config, quantize, group_size)
     slice_ = get_slice(topology, hbm_gib)
     if mode not in ("inference", "serve"):
-        train_config = load_config_file(train_config or ROOT / f"configs/finetune_{mode}.py")
-        batch = batch or train_config.data.batch_size
+        train_config = load_config_file(train_config or ROOT / "configs" / plan.TRAIN_CONFIGS[mode])
+        rows = train_config.data.batch_size
+        batch = batch or (rows * slice_.size if mode == "train" else rows)
         seq_len = seq_len or train_config.data.seq_len
     batch = batch or (16 if mode == "serve" else 1)
     seq_len = seq_len or min(4096, config.max_position_embeddings)

@@ -54,7 +54,12 @@ from mixtral_jax.params import flat_params
 from mixtral_jax.planning.topology import Chip, PlanError, TpuSlice
 from mixtral_jax.training import steps, train
 
-MODES = ("inference", "serve", "lora", "full")
+MODES = ("inference", "serve", "lora", "full", "train")
+# Training modes whose steps train every weight (full fine-tuning, or training as
+# configs/pretrain.py sets it up).
+FULL_MODES = ("full", "train")
+# Each training mode's config, under configs/.
+TRAIN_CONFIGS = {"lora": "finetune_lora.py", "full": "finetune_full.py", "train": "pretrain.py"}
 # Memory the TPU runtime and fragmentation take beyond what the program needs.
 HEADROOM = 0.05
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -76,6 +81,7 @@ class Program:
     bytes_accessed: float | None = None
     cost_source: str = ""
     exhausted: str = ""  # the TPU compiler's refusal, when it ran out of memory
+    model_flops: float | None = None  # per step and chip: the work itself (training_flops)
 
     @property
     def total(self) -> int:
@@ -96,6 +102,16 @@ class Program:
             if self.flops / chip.flops >= self.bytes_accessed / chip.bandwidth
             else "memory"
         )
+
+    def mfu(self, chip: Chip) -> float | None:
+        """Model FLOPs utilisation at the roofline time: the work itself against the
+        chip's peak. Below 1 by what the compiled step does beyond it (dispatch
+        einsums, capacity slack, rematerialisation) or a memory-bound step; the
+        roofline leaves out communication, so a measured MFU is lower still."""
+        seconds = self.seconds(chip)
+        if seconds is None or self.model_flops is None:
+            return None
+        return self.model_flops / seconds / chip.flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +391,26 @@ def active_params(c: ModelConfig) -> int:
     return c.num_layers * (attention + D * c.num_experts + experts + 2 * D) + D * c.vocab_size + D
 
 
+def training_flops(c: ModelConfig, rows: int, seq_len: int, lora: bool = False) -> float:
+    """The FLOPs a training step must do, as MFU counts them: the active parameters'
+    matmuls (k experts per token, the LM head) and causal attention (half the score
+    matrix), forward and backward: 3x the forward, or 2x for LoRA, whose frozen
+    weights get no gradient (the adapters' own work is left out)."""
+    D = c.hidden_size
+    matmuls = (
+        c.num_layers
+        * (
+            D * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+            + D * c.num_experts
+            + c.num_experts_per_tok * 3 * D * c.intermediate_size
+        )
+        + D * c.vocab_size
+    )
+    attention = c.num_layers * 2 * c.num_heads * c.head_dim * (seq_len + 1) / 2
+    forward = rows * seq_len * (2 * matmuls + 2 * attention)
+    return (2 if lora else 3) * forward
+
+
 def train_model_config(config: ModelConfig, train_config) -> ModelConfig:
     """The architecture of `config` with the execution settings of a training config
     (as `train.build_model` does for a checkpoint), LoRA adapters included."""
@@ -443,12 +479,14 @@ def _training(config: ModelConfig, train_config, mesh, rules, batch, seq_len) ->
             )
 
         flops, read = _extrapolate(step_cost, config.num_layers)
+        work = training_flops(config, batch, seq_len, lora=bool(config.lora_rank))
         return [
             dataclasses.replace(
                 program,
                 flops=flops * accumulate,
                 bytes_accessed=read * accumulate,
                 cost_source="cost twins",
+                model_flops=work / mesh.size,
             )
         ]
 
@@ -490,7 +528,7 @@ def make_plan(
             f"seq_len {seq_len} exceeds the model's max_position_embeddings="
             f"{config.max_position_embeddings}; plan a shorter context"
         )
-    if config.quantization and mode == "full":
+    if config.quantization and mode in FULL_MODES:
         raise PlanError(
             f"a {config.quantization} model is frozen: plan --mode lora (QLoRA) or "
             "inference with it, or full fine-tuning without --quantize"
@@ -509,7 +547,7 @@ def make_plan(
             raise PlanError(
                 f"mode {mode} needs a training config with "
                 f"{'lora.rank > 0' if mode == 'lora' else 'lora.rank = 0'}, such as "
-                f"configs/finetune_{mode}.py"
+                f"configs/{TRAIN_CONFIGS[mode]}"
             )
         config = train_model_config(config, train_config)
         planned = _training(config, train_config, device_mesh, rules, batch, seq_len)
