@@ -44,11 +44,10 @@ from mixtral_jax.checkpoints import hub, store  # noqa: E402
 from mixtral_jax.inference.generate import generate_tokens  # noqa: E402
 from mixtral_jax.model.moe import SparseMoE  # noqa: E402
 from mixtral_jax.params import flat_params  # noqa: E402
-from mixtral_jax.planning.plan import element_bits  # noqa: E402
+from mixtral_jax.planning.plan import element_bits, forward_flops  # noqa: E402
 from mixtral_jax.quant import quantize  # noqa: E402
 from tools import bench_train, serve_load  # noqa: E402
 from tools.bench_common import (  # noqa: E402
-    active_flops,
     header,
     hf_model,
     interleaved,
@@ -73,7 +72,7 @@ def twins(args, config: ModelConfig):
 def bench_prefill(args, config: ModelConfig, peak: float):
     torch, _ = torch_or_none()
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq_len))
-    flops = active_flops(config, args.batch, args.seq_len)
+    flops = forward_flops(config, args.batch, args.seq_len)
     header(
         f"Prefill, batch {args.batch} x {args.seq_len} tokens, {config.num_layers} layers, "
         f"{config.hidden_size} wide, {config.num_experts} experts "

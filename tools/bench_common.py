@@ -1,5 +1,5 @@
 """What the sections of tools/bench.py share: timing in alternation, the machine's
-matmul peak, the active FLOPs of a forward pass, the table rows, transformers' twin."""
+matmul peak, the table rows, transformers' twin."""
 
 from __future__ import annotations
 
@@ -60,19 +60,6 @@ def matmul_peak(repeats: int) -> tuple[float, str]:
             if 2 * n**3 / seconds > best:
                 best, where = 2 * n**3 / seconds, name
     return best, where
-
-
-def active_flops(c: ModelConfig, batch: int, length: int) -> float:
-    """Matmul FLOPs of a forward pass that a perfect sparse model does."""
-    D, H = c.hidden_size, c.head_dim
-    k, F = c.num_experts_per_tok, c.intermediate_size
-    per_token = (
-        2 * D * H * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, k, v, o projections
-        + 2 * D * c.num_experts  # router
-        + 2 * 3 * D * F * k  # k SwiGLU experts
-    )
-    attention = 2 * 2 * c.num_heads * H * (length + 1) / 2  # QK^T and PV per query
-    return batch * length * (c.num_layers * (per_token + attention) + 2 * D * c.vocab_size)
 
 
 def row(name: str, seconds: float, tokens: int, flops: float, peak: float, ref: float | None):

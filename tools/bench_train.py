@@ -44,9 +44,10 @@ from mixtral_jax.model.layers import LoRAParam
 from mixtral_jax.model.mixtral import with_config
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.params import Path, set_params
+from mixtral_jax.planning.plan import training_flops
 from mixtral_jax.training import lora, steps
 from tools import bench_phases
-from tools.bench_common import active_flops, hf_model, interleaved, torch_or_none
+from tools.bench_common import hf_model, interleaved, torch_or_none
 
 LORA_RANK, LORA_ALPHA = 16, 32.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
@@ -275,7 +276,7 @@ def _full_steps(args, config: ModelConfig, ids: np.ndarray, peak: float) -> dict
         f"Full fine-tuning step, {B} x {T} tokens (AdamW)",
         seconds,
         B * T,
-        3 * active_flops(config, B, T),
+        training_flops(config, B, T),
         peak,
         HF_FULL if torch is not None else None,
         extra,
@@ -325,7 +326,7 @@ def _lora_steps(args, config: ModelConfig, ids: np.ndarray, peak: float) -> None
         "(the frozen base gets no gradient)",
         seconds,
         B * T,
-        2 * active_flops(config, B, T),
+        training_flops(config, B, T, lora=True),
         peak,
         PEFT if torch is not None else None,
         {},

@@ -391,11 +391,10 @@ def active_params(c: ModelConfig) -> int:
     return c.num_layers * (attention + D * c.num_experts + experts + 2 * D) + D * c.vocab_size + D
 
 
-def training_flops(c: ModelConfig, rows: int, seq_len: int, lora: bool = False) -> float:
-    """The FLOPs a training step must do, as MFU counts them: the active parameters'
-    matmuls (k experts per token, the LM head) and causal attention (half the score
-    matrix), forward and backward: 3x the forward, or 2x for LoRA, whose frozen
-    weights get no gradient (the adapters' own work is left out)."""
+def forward_flops(c: ModelConfig, rows: int, seq_len: int) -> float:
+    """The matmul FLOPs of a forward pass that a perfect sparse model does: the active
+    parameters' (k experts per token, the router, the LM head) and causal attention's
+    (each query against (T + 1) / 2 keys on average)."""
     D = c.hidden_size
     matmuls = (
         c.num_layers
@@ -407,8 +406,14 @@ def training_flops(c: ModelConfig, rows: int, seq_len: int, lora: bool = False) 
         + D * c.vocab_size
     )
     attention = c.num_layers * 2 * c.num_heads * c.head_dim * (seq_len + 1) / 2
-    forward = rows * seq_len * (2 * matmuls + 2 * attention)
-    return (2 if lora else 3) * forward
+    return rows * seq_len * (2 * matmuls + 2 * attention)
+
+
+def training_flops(c: ModelConfig, rows: int, seq_len: int, lora: bool = False) -> float:
+    """The FLOPs a training step must do, as MFU counts them: forward and backward,
+    3x `forward_flops`, or 2x for LoRA, whose frozen weights get no gradient (the
+    adapters' own work is left out)."""
+    return (2 if lora else 3) * forward_flops(c, rows, seq_len)
 
 
 def train_model_config(config: ModelConfig, train_config) -> ModelConfig:
