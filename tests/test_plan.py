@@ -113,6 +113,18 @@ def test_a_training_plan_sets_its_roofline_mfu_beside_maxtext_s(results):
     assert "MFU at roofline" in got["report"] and "54.9% on v5p-128" in got["report"]
 
 
+def test_a_mesh_the_torus_cannot_hold_is_named_not_raised():
+    """expert=8 on a v6e-256's 16x16 torus: a plan error, which a search skips."""
+    from mixtral_jax.planning.plan import slice_mesh
+
+    try:
+        slice_ = get_slice("v6e-256")
+    except PlanError as error:
+        pytest.skip(f"no libtpu here: {error}")
+    with pytest.raises(PlanError, match="cannot be laid out on v6e-256"):
+        slice_mesh({"expert": 8, "fsdp": 32}, slice_)
+
+
 def test_training_flops_are_six_per_active_parameter_plus_causal_attention():
     from configs import mixtral_8x7b
     from mixtral_jax import ModelConfig

@@ -168,6 +168,12 @@ def slice_mesh(sizes: Mapping[str, int], slice_: TpuSlice) -> tuple[Mesh, dict[s
         mesh = make_mesh(**sizes, devices=list(slice_.devices))
     except ValueError as error:
         raise PlanError(f"mesh {mesh_text(sizes)} on {slice_.name}: {error}") from error
+    except NotImplementedError as error:  # JAX lays a mesh axis out on whole torus axes
+        raise PlanError(
+            f"mesh {mesh_text(sizes)} cannot be laid out on {slice_.name}'s "
+            f"{slice_.topology} torus: each mesh axis must be a product of its axes; "
+            "choose other sizes"
+        ) from error
     return mesh, dict(mesh.shape)
 
 
