@@ -61,12 +61,7 @@ def _router(moe, x, mask):
     """The router alone, as `SparseMoE` computes it: [G, S, D] -> weights [G, S, k]
     (plus the load-balancing loss, so that its statistics are differentiated too)."""
     c = moe.config
-    logits = jnp.einsum(
-        "GSD,DE->GSE",
-        x.astype(jnp.float32),
-        moe.gate[...].astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
+    logits = moe.router_logits(x)
     routes = routing.route(logits, c.num_experts_per_tok)
     stats = routing.router_stats(logits, routes, jnp.ones(routes.experts.shape, bool), mask)
     loss = routing.load_balancing_loss(stats.expert_fraction, stats.router_prob)

@@ -29,7 +29,6 @@ get no gradient), against the matmul peak measured at the start of the run.
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Callable
 
 import jax
@@ -132,9 +131,9 @@ def peft_adapters(peft_model, config: ModelConfig, grads: bool = False) -> dict[
     def add(path, value):
         layers.setdefault(path, []).append(value)
 
+    modules = dict(peft_model.named_modules())
     for layer in range(config.num_layers):
         prefix = f"base_model.model.model.layers.{layer}."
-        modules = dict(peft_model.named_modules())
         for name, (ins, outs) in shapes.items():
             module = modules[prefix + f"self_attn.{name}"]
             a, b = (_tensor(f["default"].weight, grads) for f in (module.lora_A, module.lora_B))
@@ -195,9 +194,6 @@ def _our_loss(model: Mixtral, batch) -> float:
 def bench_train(args, config: ModelConfig, peak: float) -> None:
     """The full and the LoRA step at each of `--train_seq_lens`, then where our step's
     time goes (`phases`)."""
-    torch, _ = torch_or_none()
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count() or 1)
     lengths = [int(n) for n in args.train_seq_lens.split(",")]
     print(
         f"\nTraining step: batch {args.train_batch} x {lengths} tokens, {config.num_layers} "

@@ -198,7 +198,7 @@ def _pieces(
     or the slack of `tile` rows after the last. An expert no row chose is skipped.
     `per_expert(e)` (e.g. its weights) runs once per expert, with a traced e in a loop,
     or with each Python int when `unroll`."""
-    tile = min(TILE, next_power_of_two(n))
+    tile = slack(n)
     grain = max(1, tile // 16)
 
     def one_expert(e, carry):
@@ -237,7 +237,8 @@ def _pieces(
 
 
 def slack(n: int) -> int:
-    """Rows past the n sorted ones that a last piece may write (`_pieces`)."""
+    """The tile of `_pieces` for n sorted rows, which is also the most rows past them
+    that a last piece may write."""
     return min(TILE, next_power_of_two(n))
 
 
@@ -429,14 +430,7 @@ class SparseMoE(nnx.Module):
         xg = constrain(xg, ("group", None, "embed"))
         mask = jnp.pad(token_mask.reshape(num_tokens), (0, pad)).reshape(G, S)
 
-        # Top-k choices flip under reduced precision: the router is float32, HIGHEST.
-        logits = jnp.einsum(
-            "GSD,DE->GSE",
-            xg.astype(jnp.float32),
-            self.gate[...].astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        logits = constrain(logits, ("group", None, None))
+        logits = constrain(self.router_logits(xg), ("group", None, None))
         routes = routing.route(logits, c.num_experts_per_tok)
 
         if impl == "dense":
@@ -459,6 +453,16 @@ class SparseMoE(nnx.Module):
             return a.reshape(G * S, *a.shape[2:])[:num_tokens].reshape(B, T, *a.shape[2:])
 
         return MoEOutput(ungroup(y), stats, ungroup(routes.weights), ungroup(routes.experts))
+
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> the router's logits [..., E]. Top-k choices flip under reduced
+        precision: the router is float32, HIGHEST."""
+        return jnp.einsum(
+            "...D,DE->...E",
+            x.astype(jnp.float32),
+            self.gate[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
 
     def _rows_fn(self, dtype: jnp.dtype, layer: jax.Array | None) -> ExpertsFn:
         """The sorted rows' computation from this layer's stacked experts: expert e's
