@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mixtral_jax import ModelConfig
+from mixtral_jax import ModelConfig, backends
 from mixtral_jax.backends.cpu import kernels
 from mixtral_jax.backends.cpu.decode import ExpertBuffers, per_layer, unstacked
 from mixtral_jax.inference.generate import generate_tokens
@@ -180,6 +180,35 @@ def test_bfloat16_weights_decode_through_the_kernel_as_without_it(built):
         out = forward(model, tokens[:, 8:], jnp.full((3, 1), 8), per_layer(out.cache), pieces)
         logits.append(np.asarray(out.logits))
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_reads_views_or_the_kernels_and_gets_the_stacked_logits(built):
+    """A CPU prefill reads each expert's own buffer (XLA:CPU would copy it out of the
+    stack), through the experts' kernel where the decode step has one: the logits and
+    the cache are those of the stacked weights, for chunks that give each expert a few
+    rows and many. The decode step's one-row kernels (attention, LM head) are refused
+    for a prefill, by name."""
+    config = ModelConfig.from_dict(tiny.get_config())  # 8 experts, top 2: batch 64 packs
+    model = Mixtral(config, rngs=nnx.Rngs(5))
+    packed, unpacked = backends.for_decode(model, 4), backends.for_decode(model, 65)
+    kernel, views = packed.prefill(), unpacked.prefill()
+    assert all(isinstance(p, kernels.PackedExperts) for p in kernel.experts)
+    assert all(isinstance(p, ExpertBuffers) for p in views.experts)
+    assert kernel.takes_any_length and views.takes_any_length
+    assert packed.prefill(views=False).experts is packed.unstacked.experts
+    assert unpacked.prefill(views=False) is None
+    forward = nnx.jit(lambda m, t, c, u: m.forward(t, cache=c, unstacked=u))
+    for T in (4, 96):
+        tokens = jnp.asarray(np.random.RandomState(T).randint(0, config.vocab_size, (3, T)))
+        cache = init_cache(config, 3, T + 1)
+        want = forward(model, tokens, cache, None)
+        for pieces in (kernel, views):
+            got = forward(model, tokens, cache, pieces)
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-6, atol=1e-6)
+    assert packed.unstacked.attention is not None
+    with pytest.raises(ValueError, match="decode steps"):
+        forward(model, tokens, init_cache(config, 3, T + 1), packed.unstacked)
 
 
 def test_no_packed_copy_where_it_would_not_fit(monkeypatch, built):

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixtral_jax.training.resume import unfinished_saves
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_EVERY = 2
 
@@ -114,7 +116,7 @@ def trial(workdir: Path, steps: int, cache: Path, reference, rng: random.Random)
     if code != -signal.SIGKILL:
         raise RuntimeError(f"the run was to be killed, but exited {code}:\n{output}")
     checkpoints = workdir / "checkpoints"
-    cut = bool(temporary(checkpoints))
+    cut = bool(unfinished_saves(checkpoints))
     code, output = run(workdir, steps, cache)
     resumed = re.search(r"resumed from step (\d+)", output)
     same = code == 0 and all(
@@ -122,14 +124,8 @@ def trial(workdir: Path, steps: int, cache: Path, reference, rng: random.Random)
     )
     same = same and sorted(losses(workdir)) == sorted(reference)
     resumed_from = int(resumed[1]) if resumed else 0
-    return Trial(killed_after, delay_ms, cut, resumed_from, code, same, not temporary(checkpoints))
-
-
-def temporary(checkpoints: Path) -> list[Path]:
-    """What unfinished saves left: Orbax writes a step into a temporary directory."""
-    if not checkpoints.is_dir():
-        return []
-    return [p for p in checkpoints.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    tidy = not unfinished_saves(checkpoints)
+    return Trial(killed_after, delay_ms, cut, resumed_from, code, same, tidy)
 
 
 def trials(count: int, steps: int, seed: int = 0, report=print) -> list[Trial]:

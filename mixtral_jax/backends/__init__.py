@@ -27,10 +27,28 @@ from mixtral_jax.model.mixtral import Mixtral, Unstacked
 class Decode(NamedTuple):
     """How `inference.generate` runs a decode step: the options it compiles with, the
     blocks' weights as buffers of their own (or None: the stacked ones) and the cache
-    layout they go with."""
+    layout they go with; and what its prefill reads (`prefill`)."""
 
     compiler_options: tuple[tuple[str, Any], ...] = ()
     unstacked: Unstacked | None = None
+    # The blocks' weights as views, one buffer per layer and per expert, no kernels.
+    views: Unstacked | None = None
+
+    def prefill(self, views: bool = True) -> Unstacked | None:
+        """The blocks' weights a prefill reads, or None for the stacked ones: XLA:CPU
+        would copy every expert's weights out of the stack first, a second read of every
+        weight, which costs a short chunk as much as its work. The experts go to the
+        decode step's kernel where it has one (faster than XLA's matmuls at any number
+        of rows, and a small program); else, where `views`, to their own buffers, a loop
+        unrolled over every expert that compiles about twice as long as the stacked one:
+        for a program compiled once and called many times (a server's prefill)."""
+        if self.views is None:
+            return None
+        if self.unstacked is not None and isinstance(
+            self.unstacked.experts[0], kernels.PackedExperts
+        ):
+            return self.views._replace(experts=self.unstacked.experts)
+        return self.views if views else None
 
     def cache(self, cache: KVCache) -> KVCache:
         """The cache in the layout the step reads: one buffer per layer with unstacked
@@ -48,7 +66,10 @@ def for_decode(model: Mixtral, batch: int, mesh: jax.sharding.Mesh | None = None
     options = _frozen(decode.COMPILER_OPTIONS)
     if mesh is not None:
         return Decode(options)
-    return Decode(options, decode.unstacked(model, kernels.suits(model.config, batch)))
+    views = decode.unstacked(model, pack=False)
+    if views is None:
+        return Decode(options)
+    return Decode(options, decode.unstacked(model, kernels.suits(model.config, batch)), views)
 
 
 def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

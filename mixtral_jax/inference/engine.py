@@ -18,7 +18,8 @@ runs every slot, idle ones masked (never written, never routed). After `warmup`,
 requests coming and going compile nothing. Each request samples with its own
 parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
 those `generate` gives it alone. The decode step runs on the backend
-`backends.for_decode` chooses, as `generate`'s does; the SMoE never drops a token.
+`backends.for_decode` chooses, and the prefill reads the weights it gives
+(`Decode.prefill`), as `generate`'s do; the SMoE never drops a token.
 """
 
 from __future__ import annotations
@@ -117,12 +118,14 @@ def prefill_chunks(
     rows: RowSampling,
     mesh_rules,
     prompt_logprobs: bool,
+    unstacked: Unstacked | None = None,
 ):
     """R prompts' chunks in one call: tokens [R, C] (row r's first lengths[r] real, at
     positions starts[r]..) into the cache rows of slots [R] (emptied first where
     `fresh`; a slot past the end is an unused row). Returns the token each row draws
     from its last real token's logits, with its log-probabilities; with
-    `prompt_logprobs`, those of `targets` [R, C] (the prompts' next tokens) everywhere."""
+    `prompt_logprobs`, those of `targets` [R, C] (the prompts' next tokens) everywhere.
+    `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`)."""
     model = nnx.merge(graphdef, params)
     R, C = tokens.shape
     own = _slot_rows(cache, slots)
@@ -138,6 +141,7 @@ def prefill_chunks(
             chunk=True,
             # Every position's logits only when the prompt's log-probabilities are asked.
             logits_at=None if prompt_logprobs else last,
+            unstacked=unstacked,
         )
     cache = _put_slot_rows(cache, out.cache, slots)
     at = last if prompt_logprobs else jnp.zeros_like(last)
@@ -196,8 +200,8 @@ class Engine:
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
     prefill_rows: prompts prefilled per step, together in one call; prefill_chunk:
     the most tokens of each. max_queue: requests waiting, beyond the free slots,
-    before `submit` raises QueueFull. With a `mesh` (the model on it), the cache is split over it by
-    `rules` and the steps shard as `generate`'s.
+    before `submit` raises QueueFull. With a `mesh` (the model on it), the cache is
+    split over it by `rules` and the steps shard as `generate`'s.
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class Engine:
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
         self._decode_fn = jitted_decode(self._backend.compiler_options)
+        self._prefill_weights = self._backend.prefill()
         self._new_cache = functools.partial(
             empty_cache, c, max_batch, max_len, mesh, rules, chunk=self.buckets[-1]
         )
@@ -501,6 +506,7 @@ class Engine:
             sampling,
             self._mesh_rules,
             bool(prompt_logprobs),
+            self._prefill_weights,
         )
 
     def _decode(self, decoding: list[Sequence], news: dict) -> None:

@@ -66,14 +66,32 @@ _STATIC = ("graphdef", "sampling", "mesh_rules")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def prefill_step(graphdef, params, tokens, lengths, cache: KVCache, key, sampling, mesh_rules):
-    """tokens [B, T] right-padded to T; lengths [B] -> first new tokens [B], cache."""
+def prefill_step(
+    graphdef,
+    params,
+    tokens,
+    lengths,
+    cache: KVCache,
+    key,
+    sampling,
+    mesh_rules,
+    unstacked: Unstacked | None = None,
+):
+    """tokens [B, T] right-padded to T; lengths [B] -> first new tokens [B], cache.
+    `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`)."""
     model = nnx.merge(graphdef, params)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
     with rules_context(mesh_rules):
-        out = model.forward(tokens, positions, segment_ids, cache=cache, logits_at=lengths - 1)
+        out = model.forward(
+            tokens,
+            positions,
+            segment_ids,
+            cache=cache,
+            logits_at=lengths - 1,
+            unstacked=unstacked,
+        )
     return sample(out.logits[:, 0], key, sampling), out.cache
 
 
@@ -168,6 +186,7 @@ def generate_tokens(
         next(keys),
         sampling,
         mesh_rules,
+        decode.prefill(views=False),  # each prompt length compiles anew
     )
     cache = decode.cache(cache)
     out: list[list[int]] = [[] for _ in range(B)]

@@ -86,9 +86,12 @@ class LayerRouting(NamedTuple):
 
 
 class Unstacked(NamedTuple):
-    """The blocks' weights as buffers of their own, which a decode step then reads in a
-    loop in place of slicing the stacked [L, ...] parameters (a backend makes them:
-    `backends.cpu`, where XLA copies every slice it takes before a matmul reads it).
+    """The blocks' weights as buffers of their own, which a call then reads in a loop in
+    place of slicing the stacked [L, ...] parameters (a backend makes them:
+    `backends.cpu`, where XLA copies every slice it takes before a matmul reads it, a
+    second read of every weight that costs a short prefill about as much as its work).
+    With `attention` or `lm_head`, which compute one row per sequence, only a decode
+    step can use them.
 
     layers[l]: layer l's parameters, but the experts' (whose stacked parameters stay in
     the module, unread); experts[l]: its experts as a function of the rows sorted by
@@ -99,6 +102,11 @@ class Unstacked(NamedTuple):
     experts: tuple[moe.ExpertsFn, ...]
     attention: tuple[Projections, ...] | None = None
     lm_head: Callable[[jax.Array], jax.Array] | None = None
+
+    @property
+    def takes_any_length(self) -> bool:
+        """Whether a call of more than one token per row (a prefill) can use these."""
+        return self.attention is None and self.lm_head is None
 
 
 class ModelOutput(NamedTuple):
@@ -183,8 +191,8 @@ class Mixtral(nnx.Module):
         cache: with T > 1, a prefill into an empty cache (`kv_cache.init_cache`);
         with T = 1, a decode step that attends over the cache. Positions must stay
         below the cache length unless the cache is a sliding window's buffer.
-        unstacked: a decode step's blocks in buffers of their own (`Unstacked`), read
-        in place of the stacked layers.
+        unstacked: the blocks in buffers of their own (`Unstacked`), read in place of
+        the stacked layers: a decode step's, or, without one-row kernels, any call's.
         chunk: with a cache, T > 1 tokens that continue what each row's cache holds (a
         chunk of a prompt, prefilled piece by piece): they attend over the cache, their
         own keys included, instead of only among themselves.
@@ -200,8 +208,11 @@ class Mixtral(nnx.Module):
         _check_inputs(c, tokens, positions, segment_ids)
         B, T = tokens.shape
         decode = cache is not None and T == 1
-        if unstacked is not None and not decode:
-            raise ValueError("unstacked weights are for decode steps (one token per row)")
+        if unstacked is not None and not decode and not unstacked.takes_any_length:
+            raise ValueError(
+                "these unstacked weights carry one-row kernels (attention, LM head), which "
+                "are for decode steps (one token per row); a prefill takes views without them"
+            )
         if chunk and cache is None:
             raise ValueError("a chunk continues the sequences in a cache; pass the cache")
         if positions is None:
@@ -213,7 +224,8 @@ class Mixtral(nnx.Module):
         if cache is not None:
             slots, key_positions = cache_slots(cache, positions, token_mask)
             kv = (cache.k, cache.v)
-        moe_impl = moe.DECODE_IMPL if decode else c.moe_impl
+        # Unstacked experts are the sorted dispatch's rows (`moe.ExpertsFn`).
+        moe_impl = moe.DECODE_IMPL if decode or unstacked is not None else c.moe_impl
         inputs = (positions, segment_ids, token_mask, slots, key_positions)
         x, (stats, weights, experts), kv = self._run_layers(
             x, kv, inputs, moe_impl, unstacked, chunk, differentiable

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ T = TypeVar("T")
 COMMIT_MARKER = "commit_success.txt"
 # A step's items: the training state, and where the run was in its data.
 STATE, POSITION = "state", "data"
+# Orbax writes a step under a temporary name, renamed when the save finishes.
+TEMPORARY = ".orbax-checkpoint-tmp"
 
 
 class Fault(NamedTuple):
@@ -92,11 +95,18 @@ def restore_newest(
     )
 
 
+def unfinished_saves(checkpoints: Path) -> list[Path]:
+    """The temporary directories of saves that did not finish (a killed run's)."""
+    if not checkpoints.is_dir():
+        return []
+    return [p for p in checkpoints.iterdir() if TEMPORARY in p.name]
+
+
 def _set_aside(faults, directory: Path, set_aside: Path, report, good_step: int) -> None:
     """Each damaged step moved under `set_aside` (by the first process only)."""
     for fault in faults:
         destination = set_aside / str(fault.step)
-        for n in range(1, 1000):
+        for n in itertools.count(1):
             if not destination.exists():
                 break
             destination = set_aside / f"{fault.step}.{n}"

@@ -289,9 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
 
     checkpoints = workdir / "checkpoints"
     # A save that was killed leaves its temporary directory; the manager deletes it.
-    cut_short = checkpoints.is_dir() and any(
-        ".orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir()
-    )
+    cut_short = bool(resume.unfinished_saves(checkpoints))
     manager = ocp.CheckpointManager(
         checkpoints.absolute(),
         options=ocp.CheckpointManagerOptions(
