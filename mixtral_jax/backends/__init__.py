@@ -31,7 +31,8 @@ class Decode(NamedTuple):
 
     compiler_options: tuple[tuple[str, Any], ...] = ()
     unstacked: Unstacked | None = None
-    # The blocks' weights as views, one buffer per layer and per expert, no kernels.
+    # The blocks' weights as views, one buffer per layer and per expert, no kernels
+    # (`unstacked` is these, or these with the kernels); None with `unstacked` None.
     views: Unstacked | None = None
 
     def prefill(self, views: bool = True) -> Unstacked | None:
@@ -44,9 +45,7 @@ class Decode(NamedTuple):
         for a program compiled once and called many times (a server's prefill)."""
         if self.views is None:
             return None
-        if self.unstacked is not None and isinstance(
-            self.unstacked.experts[0], kernels.PackedExperts
-        ):
+        if isinstance(self.unstacked.experts[0], kernels.PackedExperts):
             return self.views._replace(experts=self.unstacked.experts)
         return self.views if views else None
 
@@ -69,7 +68,8 @@ def for_decode(model: Mixtral, batch: int, mesh: jax.sharding.Mesh | None = None
     views = decode.unstacked(model, pack=False)
     if views is None:
         return Decode(options)
-    return Decode(options, decode.unstacked(model, kernels.suits(model.config, batch)), views)
+    step = decode.with_kernels(model, views) if kernels.suits(model.config, batch) else views
+    return Decode(options, step, views)
 
 
 def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -74,12 +74,17 @@ def unstacked(model: Mixtral, pack: bool = True) -> Unstacked | None:
         )
 
     layers = tuple(views(hosts[1], i) for i in range(c.num_layers))
-    if not pack:
-        return Unstacked(layers, expert_buffers())
+    plain = Unstacked(layers, expert_buffers())
+    return with_kernels(model, plain) if pack else plain
+
+
+def with_kernels(model: Mixtral, plain: Unstacked) -> Unstacked:
+    """`plain` (`unstacked(model, pack=False)`) with the kernels' packed copies where
+    they apply: the experts, the attention projections, the LM head."""
     # Packed in this order, each judged against the memory left by the ones before.
-    packed = _packed_experts(model) or expert_buffers()
-    lm_head = kernels.packed_lm_head(c, model.lm_head[...])
-    return Unstacked(layers, packed, _packed_attention(model), lm_head)
+    experts = _packed_experts(model) or plain.experts
+    lm_head = kernels.packed_lm_head(model.config, model.lm_head[...])
+    return Unstacked(plain.layers, experts, _packed_attention(model), lm_head)
 
 
 @jax.jit
