@@ -34,8 +34,9 @@ def model() -> Mixtral:
 
 @pytest.fixture(scope="module")
 def engine(model) -> Engine:
-    """4 slots, chunks of at most 16 prompt tokens: long prompts take several steps."""
-    engine = Engine(model, max_batch=4, max_len=MAX_LEN, prefill_chunk=16, max_queue=64)
+    """4 slots, up to 64 prompt tokens a step: one prompt's, or 16 of each of four (long
+    prompts then take several steps)."""
+    engine = Engine(model, max_batch=4, max_len=MAX_LEN, prefill_chunk=64, max_queue=64)
     engine.warmup()
     return engine
 

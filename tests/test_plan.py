@@ -83,7 +83,8 @@ def test_a_plan_that_does_not_fit_says_so_and_finds_one_that_does(results):
 
 def test_serving_plans_the_servers_programs_and_the_most_slots_that_fit(results):
     got = results["serving"]
-    assert got["programs"] == {"prefill": 2 * 32, "decode": 8} and got["fits"]
+    # The largest prefill call: 32 tokens in all, two prompts' 16 (Scheduler.shapes).
+    assert got["programs"] == {"prefill": 32, "decode": 8} and got["fits"]
     assert got["cache_bytes"] == got["expected_cache_bytes"]
     # The largest batch fits, four more slots (one per data shard) do not.
     n = got["largest_batch"]

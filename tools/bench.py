@@ -348,8 +348,8 @@ def bench_serve(args, config: ModelConfig, peak: float):
         f"\nServe: {len(load)} requests arriving at {args.serve_rate}/s (Poisson), prompts "
         f"{prompts[0]}-{prompts[1]} tokens ({prompt_tokens} in all), answers "
         f"{answers[0]}-{answers[1]} ({answer_tokens}), greedy, {SERVE_BATCH} slots / static "
-        f"batches of {SERVE_BATCH}, prefill {args.prefill_rows} x {args.prefill_chunk} tokens "
-        "a step"
+        f"batches of {SERVE_BATCH}, prefill up to {args.prefill_chunk} tokens of up to "
+        f"{args.prefill_rows} prompts a step"
     )
     hf, model = twins(args, config)
     rows = {}

@@ -19,7 +19,7 @@ by the nearest mesh or batch that does. See mixtral_jax/planning/plan.py for the
 
 --mode serve plans the server (`python -m mixtral_jax.serve`): --batch slots
 (default 16, its --max_batch) of --seq_len tokens (its --max_len), its prefill
-call (--prefill_rows x --prefill_chunk) and decode step, and then finds the
+call (--prefill_chunk tokens over up to --prefill_rows prompts) and decode step, and then finds the
 largest batch of slots that fits, with its decode roofline.
 
 --mode train plans training every weight as MaxText benchmarks Mixtral
@@ -302,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
     parser.add_argument(
-        "--prefill_rows", type=int, default=PREFILL_ROWS, help="serve: prompts per prefill call"
+        "--prefill_rows", type=int, default=PREFILL_ROWS, help="serve: most prompts per prefill call"
     )
     parser.add_argument(
-        "--prefill_chunk", type=int, default=PREFILL_CHUNK, help="serve: tokens per prompt"
+        "--prefill_chunk", type=int, default=PREFILL_CHUNK, help="serve: most tokens per prefill call"
     )
     parser.add_argument(
         "--table",

@@ -5,15 +5,15 @@
     engine.start()          # a thread that steps while there is work (or: engine.step())
 
 Each step (`scheduler.Scheduler` decides what runs) admits waiting requests into
-free slots, prefills a chunk of up to `prefill_rows` of their prompts (in one jitted
-call on those slots' rows of the KV cache, each attending over its chunks before),
-then runs one decode step for every slot whose prompt is in the cache. A request that ends frees
-its slot at once; the next step gives it to a waiting one, whose first chunk
-forgets what the slot held.
+free slots, prefills up to `prefill_chunk` tokens of one or up to `prefill_rows` of
+their prompts (in one jitted call on those slots' rows of the KV cache, each attending
+over its chunks before), then runs one decode step for every slot whose prompt is in
+the cache. A request that ends frees its slot at once; the next step gives it to a
+waiting one, whose first chunk forgets what the slot held.
 
 Shapes are fixed: the cache is [L, max_batch, K, max_len, H]; a prefill call is one
 row or `prefill_rows`, its chunks padded to a few bucket lengths (powers of two up to
-`prefill_chunk`); the decode step always
+`prefill_chunk`, and to its share of it per row); the decode step always
 runs every slot, idle ones masked (never written, never routed). After `warmup`,
 requests coming and going compile nothing. Each request samples with its own
 parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
@@ -198,8 +198,8 @@ class Engine:
     `cancel` from any thread; `step` from one (the engine's own after `start`).
 
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
-    prefill_rows: prompts prefilled per step, together in one call; prefill_chunk:
-    the most tokens of each. max_queue: requests waiting, beyond the free slots,
+    prefill_chunk: the most prompt tokens one step prefills, in one call of one prompt
+    or of up to `prefill_rows` (each its share, at least MIN_BUCKET). max_queue: requests waiting, beyond the free slots,
     before `submit` raises QueueFull. With a `mesh` (the model on it), the cache is
     split over it by `rules` and the steps shard as `generate`'s.
     """
@@ -234,9 +234,9 @@ class Engine:
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         self.buckets = buckets(min(prefill_chunk, max_len))
-        self.scheduler = Scheduler(max_batch, self.buckets[-1], prefill_rows, max_queue)
-        # A step's chunks go in one call of one row, or of `prefill_rows` (some unused).
-        self.row_buckets = tuple(sorted({1, prefill_rows}))
+        self.scheduler = Scheduler(
+            max_batch, self.buckets[-1], prefill_rows, max_queue, self.buckets
+        )
         self._graphdef, self._params = nnx.split(model)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
@@ -344,14 +344,13 @@ class Engine:
             self.step()
 
     def warmup(self) -> None:
-        """Compiles every program requests can need: each prefill bucket, for one row
-        and for `prefill_rows`, with and without the prompts' log-probabilities; the
+        """Compiles every program requests can need: each shape of a prefill call
+        (`Scheduler.shapes`), with and without the prompts' log-probabilities; the
         decode step with and without log-probabilities."""
         programs = []
-        for n in self.buckets:
-            for rows in self.row_buckets:
-                chunks = [Chunk(Sequence(Request([0] * n, 1), 0, i), 0, n) for i in range(rows)]
-                programs += [(prefill_chunks, self._prefill_args(chunks, p)) for p in (0, 1)]
+        for rows, n in self.scheduler.shapes():
+            chunks = [Chunk(Sequence(Request([0] * n, 1), 0, i), 0, n) for i in range(rows)]
+            programs += [(prefill_chunks, self._prefill_args(chunks, p)) for p in (0, 1)]
         programs += [(self._decode_fn, self._decode_args([], p)) for p in (False, True)]
         for jitted, args in programs:
             jitted.lower(*args).compile()  # cached for the calls to come
@@ -479,8 +478,7 @@ class Engine:
     def _prefill_args(self, chunks: list[Chunk], prompt_logprobs: bool) -> tuple:
         """The arrays of one call for `chunks`: [R, C] with R and C the smallest buckets
         that hold them; unused rows point past the last slot."""
-        R = next(b for b in self.row_buckets if b >= len(chunks))
-        C = next(b for b in self.buckets if b >= max(c.length for c in chunks))
+        R, C = self.scheduler.shape(chunks)
         tokens, targets = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32)
         slots = np.full(R, self.max_batch, np.int32)
         starts, lengths = np.zeros(R, np.int32), np.zeros(R, np.int32)

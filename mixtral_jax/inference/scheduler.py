@@ -6,9 +6,15 @@ Plain Python, no JAX: the engine asks it each step what to run.
     --stop id / max_tokens / cancel--> the slot is free again, for the next step
 
 Each step admits waiting requests into free slots, hands out prefill chunks (at most
-`prefill_rows` prompts, oldest first, a chunk of at most `prefill_chunk` tokens each:
-a long prompt is prefilled over several steps while the others keep decoding), then
-one decode step for every slot whose prompt is in the cache.
+`prefill_chunk` prompt tokens in one call: a long prompt is prefilled over several
+steps while the others keep decoding), then one decode step for every slot whose
+prompt is in the cache.
+
+A prefill call is padded to fixed shapes, `rows` prompts of `length` tokens from a few
+buckets, and padding costs nearly a third of what a real token does (attention and
+the projections compute it; the experts skip it). So the step's chunks are those of
+the call that pads least: the oldest prompt alone, with the whole budget, or the
+`prefill_rows` oldest, each with its share of it.
 """
 
 from __future__ import annotations
@@ -81,8 +87,22 @@ class Chunk(NamedTuple):
 class Scheduler:
     """Slots, the queue and this step's work: see the module docstring."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int, prefill_rows: int, max_queue: int):
+    def __init__(
+        self,
+        max_batch: int,
+        prefill_chunk: int,
+        prefill_rows: int,
+        max_queue: int,
+        buckets: tuple[int, ...] | None = None,
+    ):
+        """buckets: the chunk lengths a prefill call is padded to (ascending, the last
+        `prefill_chunk`); by default `prefill_chunk` alone."""
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
+        self.buckets = buckets or (prefill_chunk,)
+        if self.buckets[-1] != prefill_chunk:
+            raise ValueError(f"the last bucket {self.buckets[-1]} is not {prefill_chunk=}")
+        # A call is one prompt's chunk, or `prefill_rows` (some rows unused).
+        self.row_buckets = tuple(sorted({1, prefill_rows}))
         self.max_queue = max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -105,14 +125,41 @@ class Scheduler:
                 admitted.append(sequence)
         return admitted
 
+    def share(self, rows: int) -> int:
+        """The longest chunk of each of `rows` prompts prefilled together: the largest
+        bucket that keeps the call within `prefill_chunk` tokens (the shortest bucket
+        at least)."""
+        return max([b for b in self.buckets if rows * b <= self.prefill_chunk] or self.buckets[:1])
+
+    def shape(self, chunks: list[Chunk]) -> tuple[int, int]:
+        """The prefill call holding `chunks`: [rows, length], each the smallest bucket."""
+        rows = next(b for b in self.row_buckets if b >= len(chunks))
+        return rows, next(b for b in self.buckets if b >= max(c.length for c in chunks))
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every shape `chunks` can give a prefill call (what an engine compiles)."""
+        rows = self.row_buckets
+        return [(r, b) for r in rows for b in self.buckets if b <= self.share(r)]
+
     def chunks(self) -> list[Chunk]:
-        """This step's prefill: the next chunk of each of the `prefill_rows` oldest
-        running prompts not yet in the cache."""
+        """This step's prefill: of the calls it could make, the oldest running prompt
+        not yet in the cache alone, or the `prefill_rows` oldest, each prompt's next
+        chunk of at most its share, the one whose shape is the fullest of real tokens
+        (ties: the more tokens)."""
         prefilling = [s for s in self.running if s.prefilling][: self.prefill_rows]
-        return [
-            Chunk(s, s.prefilled, min(len(s.request.prompt) - s.prefilled, self.prefill_chunk))
-            for s in prefilling
-        ]
+        if not prefilling:
+            return []
+        options = []
+        for n in sorted({1, len(prefilling)}):
+            share = self.share(next(b for b in self.row_buckets if b >= n))
+            chunks = [
+                Chunk(s, s.prefilled, min(len(s.request.prompt) - s.prefilled, share))
+                for s in prefilling[:n]
+            ]
+            rows, length = self.shape(chunks)
+            real = sum(c.length for c in chunks)
+            options.append((real / (rows * length), real, chunks))
+        return max(options, key=lambda o: o[:2])[2]
 
     def decoding(self) -> list[Sequence]:
         """The running sequences whose prompt is in the cache."""

@@ -58,14 +58,15 @@ def parser() -> argparse.ArgumentParser:
         "--prefill_chunk",
         type=int,
         default=PREFILL_CHUNK,
-        help="the most tokens of a prompt prefilled per step: long prompts never stall "
+        help="the most prompt tokens prefilled per step: long prompts never stall "
         "decoding for long",
     )
     p.add_argument(
         "--prefill_rows",
         type=int,
         default=PREFILL_ROWS,
-        help="prompts prefilled together per step (one call: larger matmuls)",
+        help="the most prompts prefilled together per step, sharing --prefill_chunk "
+        "(one call: larger matmuls)",
     )
     p.add_argument(
         "--max_queue",

@@ -41,7 +41,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.inference.cache import cache_shardings
-from mixtral_jax.inference.engine import PREFILL_CHUNK, PREFILL_ROWS, jitted_decode, prefill_chunks
+from mixtral_jax.inference.engine import (
+    PREFILL_CHUNK,
+    PREFILL_ROWS,
+    buckets,
+    jitted_decode,
+    prefill_chunks,
+)
+from mixtral_jax.inference.scheduler import Scheduler
 from mixtral_jax.inference.generate import decode_step, prefill_step
 from mixtral_jax.inference.sampling import RowSampling, Sampling
 from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
@@ -304,12 +311,15 @@ def _serving(
     config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int, rows: int, chunk: int
 ) -> Steps:
     """The server's programs (`inference/engine.py`) for `batch` slots of `seq_len`
-    tokens, each in its largest form: a prefill call of `rows` prompts' chunks of
-    `chunk` tokens with the prompts' log-probabilities, and the decode step over every
-    slot with the drawn tokens'. The prefill's costs are those of a forward over the
-    chunks (their attention over the chunks before them is not counted)."""
+    tokens, each in its largest form: the largest prefill call of `chunk` tokens over
+    up to `rows` prompts (`Scheduler.shapes`) with the prompts' log-probabilities, and
+    the decode step over every slot with the drawn tokens'. The prefill's costs are
+    those of a forward over the chunks (their attention over the chunks before them is
+    not counted)."""
     graphdef, params = _placed(config, mesh, rules)
     chunk = min(chunk, seq_len)
+    shapes = Scheduler(batch, chunk, rows, 1, buckets(chunk)).shapes()
+    rows, chunk = max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
     cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len, None, chunk))
     cache = place(cache, cache_shardings(cache, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -524,8 +534,8 @@ def make_plan(
     prefill_chunk: int = PREFILL_CHUNK,
 ) -> Plan:
     """Compiles the steps of `mode` for `slice_` and reads what they need per chip.
-    Serving (`batch` slots of `seq_len` tokens) prefills `prefill_rows` prompts'
-    chunks of `prefill_chunk` tokens per call, as the server's options say.
+    Serving (`batch` slots of `seq_len` tokens) prefills up to `prefill_chunk` tokens
+    of up to `prefill_rows` prompts per call, as the server's options say.
 
     When the parameters, optimizer state and cache alone exceed a chip's memory,
     nothing is compiled and the plan has no programs.
