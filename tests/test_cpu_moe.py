@@ -19,6 +19,7 @@ from mixtral_jax import ModelConfig, backends
 from mixtral_jax.backends.cpu import kernels
 from mixtral_jax.backends.cpu.decode import ExpertBuffers, per_layer, unstacked
 from mixtral_jax.inference.generate import generate_tokens
+from mixtral_jax.model.attention import _attend, cached_attention_mask
 from mixtral_jax.model.kv_cache import init_cache
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.moe import SparseMoE
@@ -87,6 +88,32 @@ def test_dense_kernel_equals_a_matmul(K, N, built):
         )
     with pytest.raises(Exception, match="dense operand shapes do not fit together"):
         dense(x, packed, N + 16)
+
+
+@pytest.mark.parametrize("H, window", [(128, None), (40, 5)], ids=["causal", "window-tail"])
+def test_attention_kernel_equals_the_masked_softmax(H, window, built):
+    """Each row over the keys its slot holds, in any slot order (a rolling buffer's),
+    some empty, one stored past the query; H = 40 leaves a tail of 8 past the vectors.
+    A row that sees no key (an idle slot) gets zeros, where the mask would average."""
+    rng = np.random.RandomState(0)
+    B, K, G, S = 6, 2, 3, 24
+    q = rng.randn(B, K, G, H).astype(np.float32) * H**-0.5
+    keys, values = (rng.randn(B, K, S, H).astype(np.float32) for _ in range(2))
+    query_positions = np.array([0, 5, 23, 40, 9, 3], np.int32)
+    key_positions = np.full((B, S), -1, np.int32)
+    for b, t in enumerate(query_positions):
+        held = np.arange(max(0, t - S + 2), t + 2)  # up to one key past the query
+        key_positions[b, rng.permutation(S)[: len(held)]] = held
+    key_positions[5] = -1  # idle
+    got = jax.jit(kernels.attend, static_argnums=5)(
+        q, keys, values, query_positions, key_positions, window
+    )
+    mask = cached_attention_mask(query_positions[:, None], key_positions, window)
+    want = _attend(q[:, None], keys, values, mask, kv_axes="BKSH")[:, 0]
+    np.testing.assert_allclose(got[:5], want[:5], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got[5]) == 0)
+    with pytest.raises(Exception, match="attention operand shapes do not fit together"):
+        kernels.attend(q, keys[:, :, :, :8], values, query_positions, key_positions, window)
 
 
 def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch(built):

@@ -116,11 +116,25 @@ AXES = {
 
 
 class Projections(Protocol):
-    """One layer's projections as functions of a decode step's rows, used in place of
-    the einsums (a backend's: `backends.cpu` computes them with its kernels)."""
+    """One layer's projections and attention as functions of a decode step's rows, used
+    in place of the einsums (a backend's: `backends.cpu` computes them with its
+    kernels)."""
 
     def qkv(self, x: jax.Array) -> jax.Array:
         """x [B, D] -> q, k and v side by side [B, (N + 2K) H]."""
+
+    def attend(
+        self,
+        q: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        query_positions: jax.Array,
+        key_positions: jax.Array,
+        sliding_window: int | None,
+    ) -> jax.Array:
+        """q [B, K, G, H] (scaled) over the cache's keys and values [B, K, S, H], those
+        at key positions [B, S] a query at query_positions [B] sees (as
+        `cached_attention_mask`) -> [B, K, G, H]."""
 
     def o(self, x: jax.Array) -> jax.Array:
         """The attention's output [B, N H] -> [B, D]."""
@@ -190,10 +204,14 @@ class Attention(nnx.Module):
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
                 keys, values = (a if own else a[cache.layer] for a in kv)  # [B, K, S, H]
                 keys, values = keys.astype(dtype), values.astype(dtype)
-                out = _attend(q, keys, values, mask, kv_axes="BKSH")
-                if projections is not None:
+                if projections is not None:  # each row reads only the keys it sees
+                    out = projections.attend(
+                        q[:, 0], keys, values, positions[:, 0], cache.key_positions,
+                        c.sliding_window,
+                    )  # fmt: skip
                     out = projections.o(out.reshape(B, N * H))
                     return constrain(out[:, None], ("batch", "length", "embed")), kv
+                out = _attend(q, keys, values, mask, kv_axes="BKSH")
                 return self._project(out.reshape(B, T, K * G, H)), kv
 
         outs = []

@@ -50,6 +50,7 @@ PANEL = 16  # floats per column panel; csrc/cpu_moe.cc's P
 SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
 TARGET = "mixtral_jax_cpu_moe"
 DENSE_TARGET = "mixtral_jax_cpu_dense"
+ATTEND_TARGET = "mixtral_jax_cpu_attend"
 # Past this many rows per expert on average (batch x k / E) a step is compute-bound
 # and XLA's library matmuls are as fast as the kernel (docs/cpu-decode.md).
 MAX_MEAN_ROWS = 16
@@ -70,11 +71,14 @@ class DenseKernel:
 
 
 class PackedAttention(NamedTuple):
-    """One layer's attention projections for the dense kernel: the model's
-    `attention.Projections`."""
+    """One layer's attention projections for the dense kernel, and the attention kernel
+    between them: the model's `attention.Projections`."""
 
     qkv: DenseKernel  # [D] -> q, k and v side by side [(N + 2K) H]
     o: DenseKernel  # [N H] -> [D]
+
+    def attend(self, q, keys, values, query_positions, key_positions, sliding_window):
+        return attend(q, keys, values, query_positions, key_positions, sliding_window)
 
 
 class PackedExperts(NamedTuple):
@@ -154,6 +158,9 @@ def available() -> bool:
     jax.ffi.register_ffi_target(
         DENSE_TARGET, jax.ffi.pycapsule(library.MixtralCpuDense), platform="cpu"
     )
+    jax.ffi.register_ffi_target(
+        ATTEND_TARGET, jax.ffi.pycapsule(library.MixtralCpuAttend), platform="cpu"
+    )
     return True
 
 
@@ -169,6 +176,29 @@ def dense(x: jax.Array, packed: jax.Array, width: int) -> jax.Array:
     """x [n, K] float32 @ w [K, width], from w packed by `pack_dense` -> [n, width]."""
     call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32))
     return call(x, packed)
+
+
+def attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """A decode step's attention: q [B, K, G, H] float32 (scaled) over each row's keys
+    and values [B, K, S, H] at key positions [B, S] (-1: empty) up to its query's
+    position [B] (within `sliding_window`) -> [B, K, G, H]. Keys outside are never read;
+    a row with none gets zeros."""
+    call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(
+        q,
+        keys,
+        values,
+        key_positions.astype(jnp.int32),
+        query_positions.astype(jnp.int32),
+        window=sliding_window or 0,
+    )
 
 
 @jax.jit

@@ -20,8 +20,19 @@
 //
 //   x [n, K], w [N/P, K, P]  ->  y [n, N] = x w
 //
-// Work is split by panels over XLA's intra-op thread pool; the calling thread takes
-// chunks too, so the call never waits on a task that has not started.
+// A decode step's attention, each row over the keys its own slot holds:
+//
+//   q [B, K, G, H] (G query heads per KV head), keys and values [B, K, S, H], the
+//   slots' key positions [B, S] (-1: empty), the queries' positions [B]
+//   -> out [B, K, G, H] = softmax(q . k) v (q scaled already) over the keys at
+//   positions <= the query's (and within `window` of it when window > 0)
+//
+// Keys outside that are never read, so a step costs what the rows hold rather than
+// the S positions a slot could hold.
+//
+// Work is split by panels (by row and head for attention) over XLA's intra-op thread
+// pool; the calling thread takes chunks too, so the call never waits on a task that
+// has not started.
 
 #include <algorithm>
 #include <array>
@@ -264,6 +275,70 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// a . b over n floats, in vectors of P with a scalar tail.
+inline float Dot(const float* a, const float* b, int64_t n) {
+  vec sum = {};
+  int64_t i = 0;
+  for (; i + P <= n; i += P) sum += load(a + i) * load(b + i);
+  float total = 0.0f;
+  for (int64_t j = 0; j < P; ++j) total += sum[j];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> key_positions,
+                  ffi::Buffer<ffi::S32> query_positions, int64_t window,
+                  ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
+    return ffi::Error::InvalidArgument("cpu_moe: attention operands must be 4-D");
+  }
+  const int64_t B = qd[0], K = qd[1], G = qd[2], H = qd[3], S = kd[2];
+  if (kd[0] != B || kd[1] != K || kd[3] != H || vd[0] != B || vd[1] != K || vd[2] != S ||
+      vd[3] != H || key_positions.element_count() != B * S ||
+      query_positions.element_count() != B) {
+    return ffi::Error::InvalidArgument("cpu_moe: attention operand shapes do not fit together");
+  }
+  ParallelFor(pool, B * K, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> seen;
+    std::vector<float> scores;
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K;
+      const int32_t t = query_positions.typed_data()[b];
+      const int32_t* kp = key_positions.typed_data() + b * S;
+      seen.clear();
+      for (int64_t s = 0; s < S; ++s) {
+        const int32_t p = kp[s];
+        if (p >= 0 && p <= t && (window <= 0 || t - p < window)) seen.push_back(s);
+      }
+      const int64_t n = seen.size();
+      const float* k = keys.typed_data() + bk * S * H;
+      const float* v = values.typed_data() + bk * S * H;
+      float* o = out->typed_data() + bk * G * H;
+      std::fill(o, o + G * H, 0.0f);
+      if (n == 0) continue;  // an idle row: its output is never used
+      scores.resize(G * n);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t g = 0; g < G; ++g)
+          scores[g * n + i] = Dot(q.typed_data() + (bk * G + g) * H, k + seen[i] * H, H);
+      for (int64_t g = 0; g < G; ++g) {
+        float* w = scores.data() + g * n;
+        const float top = *std::max_element(w, w + n);
+        float total = 0.0f;
+        for (int64_t i = 0; i < n; ++i) total += (w[i] = std::exp(w[i] - top));
+        float* og = o + g * H;
+        for (int64_t i = 0; i < n; ++i) {
+          const float weight = w[i] / total;
+          const float* vi = v + seen[i] * H;
+          for (int64_t h = 0; h < H; ++h) og[h] += weight * vi[h];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoE, Experts,
@@ -281,4 +356,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuDense, Dense,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuAttend, Attend,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("window")
                                   .Ret<ffi::Buffer<ffi::F32>>());
