@@ -319,7 +319,7 @@ def _serving(
     graphdef, params = _placed(config, mesh, rules)
     chunk = min(chunk, seq_len)
     shapes = Scheduler(batch, chunk, rows, 1, buckets(chunk)).shapes()
-    rows, chunk = max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
+    rows, length = max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
     cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len, None, chunk))
     cache = place(cache, cache_shardings(cache, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -336,7 +336,7 @@ def _serving(
 
     def compile_(costs: bool) -> list[Program]:
         held = bytes_per_chip(params) + cache_bytes
-        R, C = (rows,), (rows, chunk)
+        R, C = (rows,), (rows, length)
         chunks = (array(R), array(C), array(R), array(R), array(R, jnp.bool_), array(C))
         prefill = prefill_chunks.lower(
             graphdef, params, cache, *chunks, sampling(rows), mesh_rules, True
@@ -350,7 +350,7 @@ def _serving(
             C, jnp.int32, sharding=named_sharding(steps.BATCH_AXES, C, mesh, rules)
         )
         prefill_costs = costs and (lambda: _forward_costs(config, mesh, rules, tokens))
-        return _generation(held, prefill, rows * chunk, decode, batch, decode_costs, prefill_costs)
+        return _generation(held, prefill, rows * length, decode, batch, decode_costs, prefill_costs)
 
     return Steps(bytes_per_chip(params), 0, cache_bytes, compile_)
 
