@@ -11,8 +11,8 @@ steps while the others keep decoding), then one decode step for every slot whose
 prompt is in the cache.
 
 A prefill call is padded to fixed shapes, `rows` prompts of `length` tokens from a few
-buckets, and padding costs nearly a third of what a real token does (attention and
-the projections compute it; the experts skip it). So the step's chunks are those of
+buckets, and padding is not free: attention and the projections compute it (the
+experts skip it; docs/serving.md has the figures). So the step's chunks are those of
 the call that pads least: the oldest prompt alone, with the whole budget, or the
 `prefill_rows` oldest, each with its share of it.
 """
