@@ -302,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--group_size", type=int, default=128, help="int4: inputs per scale")
     parser.add_argument(
-        "--prefill_rows", type=int, default=PREFILL_ROWS, help="serve: most prompts per prefill call"
+        "--prefill_rows", type=int, default=PREFILL_ROWS, help="serve: prompts per prefill call"
     )
     parser.add_argument(
-        "--prefill_chunk", type=int, default=PREFILL_CHUNK, help="serve: most tokens per prefill call"
+        "--prefill_chunk", type=int, default=PREFILL_CHUNK, help="serve: tokens per prefill call"
     )
     parser.add_argument(
         "--table",

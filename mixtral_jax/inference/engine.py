@@ -199,9 +199,10 @@ class Engine:
 
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
     prefill_chunk: the most prompt tokens one step prefills, in one call of one prompt
-    or of up to `prefill_rows` (each its share, at least MIN_BUCKET). max_queue: requests waiting, beyond the free slots,
-    before `submit` raises QueueFull. With a `mesh` (the model on it), the cache is
-    split over it by `rules` and the steps shard as `generate`'s.
+    or of up to `prefill_rows` (each its share, at least MIN_BUCKET). max_queue:
+    requests waiting, beyond the free slots, before `submit` raises QueueFull. With a
+    `mesh` (the model on it), the cache is split over it by `rules` and the steps shard
+    as `generate`'s.
     """
 
     def __init__(

@@ -48,9 +48,9 @@ from mixtral_jax.inference.engine import (
     jitted_decode,
     prefill_chunks,
 )
-from mixtral_jax.inference.scheduler import Scheduler
 from mixtral_jax.inference.generate import decode_step, prefill_step
 from mixtral_jax.inference.sampling import RowSampling, Sampling
+from mixtral_jax.inference.scheduler import Scheduler
 from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
 from mixtral_jax.model.kv_cache import init_cache
 from mixtral_jax.model.mixtral import Mixtral
