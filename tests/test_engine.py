@@ -14,10 +14,11 @@ from flax import nnx
 
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
-from mixtral_jax.inference.engine import Engine, buckets
+from mixtral_jax.inference.engine import Engine
 from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.inference.requests import QueueFull, Request, RequestError
 from mixtral_jax.inference.sampling import RowSampling, argmax, sample_rows
+from mixtral_jax.inference.scheduler import buckets
 from tests import run_script, wait_until
 
 MAX_LEN = 96

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral_jax.inference.engine import buckets
 from mixtral_jax.inference.requests import Request
 from mixtral_jax.inference.scheduler import Scheduler, Sequence
 
 
 def running(*prompt_lengths: int, budget: int = 512, rows: int = 4) -> Scheduler:
     """A scheduler whose slots hold prompts of these lengths, none prefilled yet."""
-    scheduler = Scheduler(16, budget, rows, 64, buckets(budget))
+    scheduler = Scheduler(16, budget, rows, 64)
     for n in prompt_lengths:
         scheduler.waiting.append(Sequence(Request([1] * n, 1), 0))
     scheduler.admit()

@@ -53,20 +53,8 @@ from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules
 
 log = logging.getLogger(__name__)
 
-# The shortest prefill bucket: shorter chunks are padded to it.
-MIN_BUCKET = 16
-# Defaults: the most tokens of one prompt per step, and prompts per prefill call.
+# Defaults: the most prompt tokens per step, and prompts per prefill call.
 PREFILL_CHUNK, PREFILL_ROWS = 512, 4
-
-
-def buckets(prefill_chunk: int) -> tuple[int, ...]:
-    """The chunk lengths that compile: powers of two from MIN_BUCKET, and prefill_chunk."""
-    sizes = {prefill_chunk}
-    size = MIN_BUCKET
-    while size < prefill_chunk:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))
 
 
 def _slot_axis(cache: KVCache) -> int:
@@ -199,10 +187,10 @@ class Engine:
 
     max_batch: decode slots. max_len: the longest prompt + answer a slot holds.
     prefill_chunk: the most prompt tokens one step prefills, in one call of one prompt
-    or of up to `prefill_rows` (each its share, at least MIN_BUCKET). max_queue:
-    requests waiting, beyond the free slots, before `submit` raises QueueFull. With a
-    `mesh` (the model on it), the cache is split over it by `rules` and the steps shard
-    as `generate`'s.
+    or of up to `prefill_rows` (each its share, at least `scheduler.MIN_BUCKET`).
+    max_queue: requests waiting, beyond the free slots, before `submit` raises
+    QueueFull. With a `mesh` (the model on it), the cache is split over it by `rules`
+    and the steps shard as `generate`'s.
     """
 
     def __init__(
@@ -234,17 +222,14 @@ class Engine:
             )
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
-        self.buckets = buckets(min(prefill_chunk, max_len))
-        self.scheduler = Scheduler(
-            max_batch, self.buckets[-1], prefill_rows, max_queue, self.buckets
-        )
+        self.scheduler = Scheduler(max_batch, min(prefill_chunk, max_len), prefill_rows, max_queue)
         self._graphdef, self._params = nnx.split(model)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
         self._decode_fn = jitted_decode(self._backend.compiler_options)
         self._prefill_weights = self._backend.prefill()
         self._new_cache = functools.partial(
-            empty_cache, c, max_batch, max_len, mesh, rules, chunk=self.buckets[-1]
+            empty_cache, c, max_batch, max_len, mesh, rules, chunk=self.scheduler.prefill_chunk
         )
         self.cache = self._fresh_cache()
         self._lock = threading.Condition()

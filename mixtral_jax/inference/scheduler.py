@@ -25,6 +25,19 @@ from typing import NamedTuple
 
 from mixtral_jax.inference.requests import Output, Request, TokenLogprob
 
+# The shortest prefill bucket: shorter chunks are padded to it.
+MIN_BUCKET = 16
+
+
+def buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """The chunk lengths that compile: powers of two from MIN_BUCKET, and prefill_chunk."""
+    sizes = {prefill_chunk}
+    size = MIN_BUCKET
+    while size < prefill_chunk:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
@@ -87,21 +100,11 @@ class Chunk(NamedTuple):
 class Scheduler:
     """Slots, the queue and this step's work: see the module docstring."""
 
-    def __init__(
-        self,
-        max_batch: int,
-        prefill_chunk: int,
-        prefill_rows: int,
-        max_queue: int,
-        buckets: tuple[int, ...] | None = None,
-    ):
-        """buckets: the chunk lengths a prefill call is padded to (ascending, the last
-        `prefill_chunk`); by default `prefill_chunk` alone."""
+    def __init__(self, max_batch: int, prefill_chunk: int, prefill_rows: int, max_queue: int):
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
-        self.buckets = buckets or (prefill_chunk,)
-        if self.buckets[-1] != prefill_chunk:
-            raise ValueError(f"the last bucket {self.buckets[-1]} is not {prefill_chunk=}")
-        # A call is one prompt's chunk, or `prefill_rows` (some rows unused).
+        # A call's chunks are padded to one of these lengths (`buckets`), and a call is
+        # one prompt's chunk or `prefill_rows` (some rows unused).
+        self.buckets = buckets(prefill_chunk)
         self.row_buckets = tuple(sorted({1, prefill_rows}))
         self.max_queue = max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()

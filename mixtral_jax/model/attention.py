@@ -201,7 +201,6 @@ class Attention(nnx.Module):
             axes = CACHE_AXES.k[1:] if own else CACHE_AXES.k
             kv = constrain(k_all, axes), constrain(v_all, axes)
             if T == 1 or chunk:  # decode, or a prompt's chunk: attend over the cache
-                mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
                 keys, values = (a if own else a[cache.layer] for a in kv)  # [B, K, S, H]
                 keys, values = keys.astype(dtype), values.astype(dtype)
                 if projections is not None:  # each row reads only the keys it sees
@@ -211,6 +210,7 @@ class Attention(nnx.Module):
                     )  # fmt: skip
                     out = projections.o(out.reshape(B, N * H))
                     return constrain(out[:, None], ("batch", "length", "embed")), kv
+                mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
                 out = _attend(q, keys, values, mask, kv_axes="BKSH")
                 return self._project(out.reshape(B, T, K * G, H)), kv
 

@@ -44,7 +44,6 @@ from mixtral_jax.inference.cache import cache_shardings
 from mixtral_jax.inference.engine import (
     PREFILL_CHUNK,
     PREFILL_ROWS,
-    buckets,
     jitted_decode,
     prefill_chunks,
 )
@@ -318,7 +317,7 @@ def _serving(
     not counted)."""
     graphdef, params = _placed(config, mesh, rules)
     chunk = min(chunk, seq_len)
-    shapes = Scheduler(batch, chunk, rows, 1, buckets(chunk)).shapes()
+    shapes = Scheduler(batch, chunk, rows, 1).shapes()
     rows, length = max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
     cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len, None, chunk))
     cache = place(cache, cache_shardings(cache, mesh, rules))
