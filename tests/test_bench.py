@@ -79,3 +79,26 @@ def test_static_batching_takes_what_has_arrived_and_runs_to_the_longest():
     assert (second.first, second.end, second.tokens) == (2.5, 2.75, 2)  # starts at 1.5
     assert (third.first, third.end, third.tokens) == (2.5, 3.25, 4)
     assert makespan == 3.25 and third.gaps == [0.25] * 3
+
+
+def test_serve_rounds_must_be_one_or_more(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "serve", "--serve_rounds", "0"])
+    assert "--serve_rounds 0" in capsys.readouterr().err
+
+
+def test_the_servers_decode_bound_is_at_the_median_read(config):
+    before = {'engine_busy_seconds_total{phase="decode"}': 10.0, "decode_rows_total": 100.0}
+    after = {
+        'engine_busy_seconds_total{phase="decode"}': 14.0,
+        'engine_busy_seconds_total{phase="prefill"}': 3.0,
+        "decode_rows_total": 900.0,
+    }
+    reads = [30e9, 55e9, 29e9, 31e9, 20e9]  # one fast read and one slow: the median is 30
+    rate, bound, bandwidth, _, prefill_s, decode_s = bench._engine_figures(
+        before, after, reads, config
+    )
+    assert (rate, prefill_s, decode_s) == (200.0, 3.0, 4.0)
+    step_bytes = bench.active_weight_bytes(config, bench.experts_touched(config, 16))
+    assert bandwidth == 30e9
+    assert bound == pytest.approx(16 * 30e9 / step_bytes)

@@ -18,6 +18,7 @@ This tool prints figures; no test asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -333,7 +334,9 @@ def bench_quantized(args, config: ModelConfig, peak: float):
 
 def bench_serve(args, config: ModelConfig, peak: float):
     """One open-loop load (tools/serve_load.py) through `python -m mixtral_jax.serve` over
-    HTTP, through static batches of `generate`, and through transformers' `generate`."""
+    HTTP and through static batches of `generate`, alternated over `--serve_rounds`
+    rounds (the machine's speed drifts over minutes: each round's ratio compares
+    neighbours in time), then once through transformers' `generate`."""
     torch, _ = torch_or_none()
     prompts, answers = (
         tuple(map(int, r.split(","))) for r in (args.serve_prompts, args.serve_answers)
@@ -349,20 +352,17 @@ def bench_serve(args, config: ModelConfig, peak: float):
         f"{prompts[0]}-{prompts[1]} tokens ({prompt_tokens} in all), answers "
         f"{answers[0]}-{answers[1]} ({answer_tokens}), greedy, {SERVE_BATCH} slots / static "
         f"batches of {SERVE_BATCH}, prefill up to {args.prefill_chunk} tokens of up to "
-        f"{args.prefill_rows} prompts a step"
+        f"{args.prefill_rows} prompts a step; {args.serve_rounds} round(s) of the server "
+        "and static batches alternated"
     )
     hf, model = twins(args, config)
-    rows = {}
-    if "server" in contenders:
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = Path(tmp) / "checkpoint"
-            store.save(checkpoint, flat_params(model), config)
-            results, makespan, before, after = _serve_http(args, config, checkpoint, load)
-        rows["mixtral_jax serve (continuous)"] = results, makespan
+    compiled = set()
 
     def ours(jobs):
         prompts, n = [j.prompt for j in jobs], max(j.max_tokens for j in jobs)
-        generate_tokens(model, prompts, max_new_tokens=n)  # compiles this batch's shapes
+        if (shape := (tuple(map(len, prompts)), n)) not in compiled:
+            generate_tokens(model, prompts, max_new_tokens=n)  # compiles this batch's shapes
+            compiled.add(shape)
         marks = []
         start = time.perf_counter()
         tokens, _ = generate_tokens(
@@ -373,8 +373,22 @@ def bench_serve(args, config: ModelConfig, peak: float):
         )
         return tokens, marks[0] - start, list(np.diff(marks))
 
-    if "static" in contenders:
-        rows[STATIC_ROW] = serve_load.run_static(ours, load, SERVE_BATCH)
+    rounds, engine = [], []  # per round: {row: (results, makespan)}; the server's figures
+    with _server(args, config, model, load) if "server" in contenders else _no_server() as url:
+        probe = bandwidth_probe() if url else None
+        for _ in range(args.serve_rounds):
+            rows = {}
+            if url:
+                reads = [probe() for _ in range(SERVE_PROBES)]
+                before = serve_load.scrape(url)
+                results, makespan = serve_load.run_http(url, "bench", load)
+                after = serve_load.scrape(url)
+                reads += [probe() for _ in range(SERVE_PROBES)]
+                rows[SERVER_ROW] = results, makespan
+                engine.append(_engine_figures(before, after, reads, config))
+            if "static" in contenders:
+                rows[STATIC_ROW] = serve_load.run_static(ours, load, SERVE_BATCH)
+            rounds.append(rows)
     if torch is not None and "transformers" in contenders:
 
         def transformers_batch(jobs):
@@ -401,71 +415,107 @@ def bench_serve(args, config: ModelConfig, peak: float):
             steps = marks.times[1:]  # the first put is the prompt
             return out[:, T:].tolist(), steps[0] - start, list(np.diff(steps))
 
-        rows[HF_ROW + ", static"] = serve_load.run_static(transformers_batch, load, SERVE_BATCH)
-    rates = {name: serve_load.output_rate(results, m) for name, (results, m) in rows.items()}
-    print(f"  (x: output tokens/s against {STATIC_ROW!r})")
+        hf_row = serve_load.run_static(transformers_batch, load, SERVE_BATCH)
+    else:
+        hf_row = None
+    print(f"  (x: output tokens/s against {STATIC_ROW!r}, of the same round)")
     serve_load.header()
-    for name, (results, makespan) in rows.items():
-        serve_load.summarize(name, results, makespan, rates.get(STATIC_ROW))
-    if "server" in contenders:
-        bandwidth = bandwidth_probe()()
-        step_bytes = active_weight_bytes(config, experts_touched(config, SERVE_BATCH))
-        bound = SERVE_BATCH * bandwidth / step_bytes
-
-        def delta(name: str) -> float:
-            return after[name] - before.get(name, 0.0)
-
-        decode_s = delta('engine_busy_seconds_total{phase="decode"}')
-        prefill_s = delta('engine_busy_seconds_total{phase="prefill"}')
-        decoded = delta("decode_rows_total")
+    ratios, static_rates = [], []
+    for i, rows in enumerate(rounds):
+        rates = {name: serve_load.output_rate(*row) for name, row in rows.items()}
+        for name, (results, makespan) in rows.items():
+            label = f"{name} #{i + 1}" if len(rounds) > 1 else name
+            serve_load.summarize(label, results, makespan, rates.get(STATIC_ROW))
+        if STATIC_ROW in rates:
+            static_rates.append(rates[STATIC_ROW])
+            if SERVER_ROW in rates:
+                ratios.append(rates[SERVER_ROW] / rates[STATIC_ROW])
+    if hf_row:
+        static = statistics.median(static_rates) if static_rates else None
+        serve_load.summarize(HF_ROW + ", static", *hf_row, static)
+    if len(ratios) > 1:
         print(
-            f"  the server's decode steps: {decoded / decode_s:.1f} tokens/s, "
-            f"{100 * decoded / decode_s / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
-            f"({bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s); the engine spent "
-            f"{prefill_s:.1f} s prefilling {prompt_tokens} prompt tokens "
-            f"({prompt_tokens / prefill_s:.0f}/s) and {decode_s:.1f} s decoding"
+            "  the server against static batches, round by round: "
+            + ", ".join(f"{r:.2f}x" for r in ratios)
+            + f"; median {statistics.median(ratios):.2f}x"
+        )
+    for i, (rate, bound, bandwidth, reads, prefill_s, decode_s) in enumerate(engine):
+        print(
+            f"  round {i + 1}, the server's decode steps: {rate:.1f} tokens/s, "
+            f"{100 * rate / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
+            f"({bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s, the median of "
+            f"{len(reads)} reads before and after the load, {min(reads) / 1e9:.1f}-"
+            f"{max(reads) / 1e9:.1f}); the engine spent {prefill_s:.1f} s prefilling "
+            f"{prompt_tokens} prompt tokens ({prompt_tokens / prefill_s:.0f}/s) and "
+            f"{decode_s:.1f} s decoding"
         )
 
 
+SERVER_ROW = "mixtral_jax serve (continuous)"
 STATIC_ROW = "mixtral_jax generate, static"
 SERVE_BATCH = 16
+# Reads of the bandwidth probe before each load and as many after: the machine's read
+# rate moves from moment to moment, and one read would set the bound by chance.
+SERVE_PROBES = 7
 
 
-def _serve_http(args, config: ModelConfig, checkpoint: Path, load):
-    """The load through `python -m mixtral_jax.serve` in a process of its own; the
-    results, the makespan and the server's metrics before and after."""
+def _engine_figures(before: dict, after: dict, reads: list[float], config: ModelConfig):
+    """From the server's metrics before and after a load: its decode steps' tokens/s,
+    the batch-SERVE_BATCH decode bound at the median of the bandwidth `reads`, that
+    bandwidth, the reads, and the engine's seconds of prefill and of decode."""
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    decode_s = delta('engine_busy_seconds_total{phase="decode"}')
+    prefill_s = delta('engine_busy_seconds_total{phase="prefill"}')
+    bandwidth = statistics.median(reads)
+    step_bytes = active_weight_bytes(config, experts_touched(config, SERVE_BATCH))
+    bound = SERVE_BATCH * bandwidth / step_bytes
+    return delta("decode_rows_total") / decode_s, bound, bandwidth, reads, prefill_s, decode_s
+
+
+@contextlib.contextmanager
+def _no_server():
+    yield None
+
+
+@contextlib.contextmanager
+def _server(args, config: ModelConfig, model, load):
+    """`python -m mixtral_jax.serve` on `model` in a process of its own, for `load`;
+    yields its URL once it answers, and stops it after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     longest = max(len(j.prompt) + j.max_tokens for j in load)
     max_len = max(longest, min(1024, config.max_position_embeddings))
-    command = [
-        sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", str(checkpoint),
-        "--tokenizer", "mistral-v1", "--port", str(port), "--model_name", "bench",
-        "--max_batch", str(SERVE_BATCH), "--max_len", str(max_len),
-        "--prefill_chunk", str(args.prefill_chunk), "--prefill_rows", str(args.prefill_rows),
-        "--max_queue", str(len(load)),
-    ]  # fmt: skip
-    server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(1)
-        before = serve_load.scrape(url)
-        results, makespan = serve_load.run_http(url, "bench", load)
-        after = serve_load.scrape(url)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-    return results, makespan, before, after
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "checkpoint"
+        store.save(checkpoint, flat_params(model), config)
+        command = [
+            sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", str(checkpoint),
+            "--tokenizer", "mistral-v1", "--port", str(port), "--model_name", "bench",
+            "--max_batch", str(SERVE_BATCH), "--max_len", str(max_len),
+            "--prefill_chunk", str(args.prefill_chunk), "--prefill_rows", str(args.prefill_rows),
+            "--max_queue", str(len(load)),
+        ]  # fmt: skip
+        server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start")
+                time.sleep(1)
+            yield url
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(120)
 
 
 def main(argv=None):
@@ -501,6 +551,12 @@ def main(argv=None):
         "--serve_answers", default="16,256", help="serve: max_tokens, uniform in [a, b]"
     )
     parser.add_argument(
+        "--serve_rounds",
+        type=int,
+        default=3,
+        help="serve: rounds of the server and static batches, alternated",
+    )
+    parser.add_argument(
         "--serve_contenders",
         default="server,static,transformers",
         help="serve: which of server, static (our generate), transformers to run",
@@ -520,6 +576,8 @@ def main(argv=None):
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.serve_rounds < 1:
+        parser.error(f"--serve_rounds {args.serve_rounds}: at least one round")
     if args.new_tokens < 3 and {"decode", "quantized"} & set(sections):
         parser.error(f"--new_tokens {args.new_tokens}: a decode rate needs at least 3 new tokens")
 
