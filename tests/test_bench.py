@@ -95,7 +95,7 @@ def test_the_servers_decode_bound_is_at_the_median_read(config):
         "decode_rows_total": 900.0,
     }
     reads = [30e9, 55e9, 29e9, 31e9, 20e9]  # one fast read and one slow: the median is 30
-    rate, bound, bandwidth, _, prefill_s, decode_s = bench._engine_figures(
+    rate, bound, bandwidth, prefill_s, decode_s = bench._engine_figures(
         before, after, reads, config
     )
     assert (rate, prefill_s, decode_s) == (200.0, 3.0, 4.0)

@@ -207,6 +207,11 @@ def experts_touched(c: ModelConfig, batch: int) -> float:
     return E * (1 - (1 - k / E) ** batch)
 
 
+def decode_bound(config: ModelConfig, batch: int, bandwidth: float) -> float:
+    """Tokens/s of `batch` rows whose steps read their weights at `bandwidth` bytes/s."""
+    return batch * bandwidth / active_weight_bytes(config, experts_touched(config, batch))
+
+
 HF_ROW = "transformers generate (eager)"
 
 
@@ -269,7 +274,7 @@ def bench_decode(args, config: ModelConfig, peak: float):
         step_bytes = active_weight_bytes(config, experts_touched(config, batch))
         bandwidths = [b for r in runs.values() for _, _, b in r]
         bandwidth = statistics.median(bandwidths)
-        bound = batch * bandwidth / step_bytes  # tokens/s
+        bound = decode_bound(config, batch, bandwidth)
         print(
             f"  batch {batch}: a step reads {step_bytes / 1e6:.0f} MB of weights; read "
             f"bandwidth {bandwidth / 1e9:.1f} GB/s "
@@ -374,7 +379,8 @@ def bench_serve(args, config: ModelConfig, peak: float):
         return tokens, marks[0] - start, list(np.diff(marks))
 
     rounds, engine = [], []  # per round: {row: (results, makespan)}; the server's figures
-    with _server(args, config, model, load) if "server" in contenders else _no_server() as url:
+    served = _server(args, config, model, load) if "server" in contenders else None
+    with served or contextlib.nullcontext() as url:
         probe = bandwidth_probe() if url else None
         for _ in range(args.serve_rounds):
             rows = {}
@@ -385,7 +391,7 @@ def bench_serve(args, config: ModelConfig, peak: float):
                 after = serve_load.scrape(url)
                 reads += [probe() for _ in range(SERVE_PROBES)]
                 rows[SERVER_ROW] = results, makespan
-                engine.append(_engine_figures(before, after, reads, config))
+                engine.append((*_engine_figures(before, after, reads, config), reads))
             if "static" in contenders:
                 rows[STATIC_ROW] = serve_load.run_static(ours, load, SERVE_BATCH)
             rounds.append(rows)
@@ -439,7 +445,7 @@ def bench_serve(args, config: ModelConfig, peak: float):
             + ", ".join(f"{r:.2f}x" for r in ratios)
             + f"; median {statistics.median(ratios):.2f}x"
         )
-    for i, (rate, bound, bandwidth, reads, prefill_s, decode_s) in enumerate(engine):
+    for i, (rate, bound, bandwidth, prefill_s, decode_s, reads) in enumerate(engine):
         print(
             f"  round {i + 1}, the server's decode steps: {rate:.1f} tokens/s, "
             f"{100 * rate / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
@@ -462,7 +468,7 @@ SERVE_PROBES = 7
 def _engine_figures(before: dict, after: dict, reads: list[float], config: ModelConfig):
     """From the server's metrics before and after a load: its decode steps' tokens/s,
     the batch-SERVE_BATCH decode bound at the median of the bandwidth `reads`, that
-    bandwidth, the reads, and the engine's seconds of prefill and of decode."""
+    bandwidth, and the engine's seconds of prefill and of decode."""
 
     def delta(name: str) -> float:
         return after[name] - before.get(name, 0.0)
@@ -470,14 +476,8 @@ def _engine_figures(before: dict, after: dict, reads: list[float], config: Model
     decode_s = delta('engine_busy_seconds_total{phase="decode"}')
     prefill_s = delta('engine_busy_seconds_total{phase="prefill"}')
     bandwidth = statistics.median(reads)
-    step_bytes = active_weight_bytes(config, experts_touched(config, SERVE_BATCH))
-    bound = SERVE_BATCH * bandwidth / step_bytes
-    return delta("decode_rows_total") / decode_s, bound, bandwidth, reads, prefill_s, decode_s
-
-
-@contextlib.contextmanager
-def _no_server():
-    yield None
+    bound = decode_bound(config, SERVE_BATCH, bandwidth)
+    return delta("decode_rows_total") / decode_s, bound, bandwidth, prefill_s, decode_s
 
 
 @contextlib.contextmanager
