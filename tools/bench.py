@@ -582,6 +582,9 @@ def main(argv=None):
         parser.error(f"--new_tokens {args.new_tokens}: a decode rate needs at least 3 new tokens")
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+    # Both contenders' CPU steps move with the allocator (docs/training-speed.md).
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    print(f"malloc: GLIBC_TUNABLES={tunables}" if tunables else "malloc: the C library's defaults")
     peak, where = matmul_peak(args.repeats)
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s float32 ({where})")
     if "prefill" in sections:
