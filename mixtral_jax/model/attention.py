@@ -15,12 +15,10 @@ p lives in slot p mod W; a chunk of T needs W + T - 1 of them).
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mixtral_jax.model.config import ModelConfig
@@ -77,43 +75,17 @@ def query_blocks(length: int, sliding_window: int | None) -> list[tuple[tuple, t
     return blocks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_axes: str = "BSKH"
 ) -> jax.Array:
     """q [B, T, K, G, H], k/v [B, S, K, H] (or in the order `kv_axes` names), mask
     broadcast to [B, K, G, T, S] -> [B, T, K, G, H]; scores and softmax in float32."""
-    return _attend_fwd(q, k, v, mask, kv_axes)[0]
-
-
-def _attend_fwd(q, k, v, mask, kv_axes):
     scores = jnp.einsum(f"BTKGH,{kv_axes}->BKGTS", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(q.dtype)
     # Probabilities on the left, contracting their minor S: XLA:CPU otherwise
     # computes V^T P with a slow batched-matmul kernel.
-    out = jnp.einsum(f"BKGTS,{kv_axes}->BKGTH", probs.astype(q.dtype), v)
-    out = out.transpose(0, 3, 1, 2, 4)
-    return out, (q, k, v, mask, probs, out)
-
-
-def _attend_bwd(kv_axes, residuals, dout):
-    """The softmax's backward pass needs, for each query, the sum over its keys of
-    dprobs * probs: that equals dout . out, a sum over H instead of over S (as
-    FlashAttention computes it). Autodiff's sum over S is a reduction that XLA:CPU
-    runs far below the machine's speed inside the layers' scan."""
-    q, k, v, mask, probs, out = residuals
-    dout_t = dout.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    dprobs = jnp.einsum(f"BKGTH,{kv_axes}->BKGTS", dout_t, v, preferred_element_type=jnp.float32)
-    row = jnp.einsum("BTKGH,BTKGH->BKGT", dout, out, preferred_element_type=jnp.float32)
-    dscores = jnp.where(mask, probs * (dprobs - row[..., None]), 0).astype(q.dtype)
-    dq = jnp.einsum(f"BKGTS,{kv_axes}->BTKGH", dscores, k)
-    dk = jnp.einsum(f"BKGTS,BTKGH->{kv_axes}", dscores, q)
-    dv = jnp.einsum(f"BKGTS,BKGTH->{kv_axes}", probs.astype(q.dtype), dout_t)
-    no_grad = np.zeros(mask.shape, jax.dtypes.float0)  # the mask is not differentiable
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), no_grad
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
+    out = jnp.einsum(f"BKGTS,{kv_axes}->BKGTH", probs, v)
+    return out.transpose(0, 3, 1, 2, 4)
 
 
 def cached_attention_mask(
