@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,6 +225,58 @@ def test_a_train_step_through_the_sorted_dispatch_keeps_its_activations_once():
     in_place = temporaries("sorted", None, False)
     assert trained < 1.5 * exact_dense, (trained, exact_dense)
     assert in_place > 3 * trained, (in_place, trained)
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, dict(scan_layers=False), dict(remat_policy="full")], ids=str
+)
+def test_a_train_step_through_the_sorted_dispatch_gets_the_exact_dense_gradients(changes):
+    """Differentiated as a train step does, the sorted dispatch reads the stacked experts
+    in place and hands each layer's gradients back through that layer's slice: every
+    gradient is the exact dense dispatch's, scanned, looped or rematerialised."""
+    config = ModelConfig.from_dict(tiny.get_config()).replace(initializer_range=0.3, **changes)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (2, 24)))
+
+    def grads(moe_impl, capacity_factor):
+        cfg = config.replace(moe_impl=moe_impl, capacity_factor=capacity_factor)
+        model = Mixtral(cfg, rngs=nnx.Rngs(0))
+
+        def loss(model):
+            out = model.forward(tokens, differentiable=True)
+            return jnp.mean(jnp.sin(out.logits)) + 0.1 * out.load_balancing_loss
+
+        return flat_params(nnx.grad(loss)(model))
+
+    exact = grads("dense", 4.0)  # C = S
+    trained = grads("sorted", None)
+    assert np.linalg.norm(exact[("layers", "moe", "experts", "w2")][1]) > 0  # both layers
+    for path, g in exact.items():
+        np.testing.assert_allclose(trained[path], g, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_a_train_step_through_the_sorted_dispatch_slices_no_layer_of_experts():
+    """XLA:CPU copies a dynamic slice that feeds a matmul. Scanned over the layers, the
+    dense dispatch slices each layer's experts [E, D, F] out of the stack (the control);
+    the sorted one reads each expert at [layer, e] forward and backward, and slices none."""
+    config = ModelConfig.from_dict(tiny.get_config())
+    E, D, F = config.num_experts, config.hidden_size, config.intermediate_size
+    a_layer = re.compile(rf"= f32\[{E},(?:{D},{F}|{F},{D})\]")  # one layer's experts
+    tokens = jnp.zeros((1, 32), jnp.int32)
+
+    def layer_slices(moe_impl, capacity_factor):
+        cfg = config.replace(moe_impl=moe_impl, capacity_factor=capacity_factor)
+        graphdef, params = nnx.split(Mixtral(cfg, rngs=nnx.Rngs(0)))
+
+        def loss(params, tokens):
+            out = nnx.merge(graphdef, params).forward(tokens, differentiable=True)
+            return jnp.mean(out.logits)
+
+        hlo = jax.jit(jax.grad(loss)).lower(params, tokens).compile().as_text()
+        lines = hlo.splitlines()
+        return [x for x in lines if a_layer.search(x) and re.search(r"dynamic[-_]slice", x)]
+
+    assert layer_slices("dense", 1.0), "the control: the scan slices the dense dispatch's experts"
+    assert layer_slices("sorted", None) == []
 
 
 def test_sorted_dispatch_reads_only_the_chosen_experts():

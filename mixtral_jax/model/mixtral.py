@@ -200,9 +200,9 @@ class Mixtral(nnx.Module):
         (logits [B, 1, V]), as a prefill needs the last prompt token's alone; the LM
         head is a large share of a short prompt's work.
         differentiable: the call will be differentiated (a train step). The sorted
-        dispatch then gives each layer its own experts' weights, whose backward pass
-        (`moe.trainable_rows`) keeps its activations once, instead of reading the
-        stacked weights in place, which is faster forward only.
+        dispatch then computes its rows with `moe.trainable_rows`, whose backward pass
+        keeps its activations once (differentiated, its loops would keep a copy per
+        piece); like a forward-only call, it reads the stacked experts in place.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -255,30 +255,34 @@ class Mixtral(nnx.Module):
         loop over their slices or over a backend's `unstacked` buffers (each layer's
         cache given alone when the cache is one buffer per layer)."""
         c = self.config
-        # Forward only, the sorted dispatch reads each expert's weights at [layer, expert]
-        # itself: slicing a whole layer out first would copy every expert's weights
-        # (XLA:CPU copies a dynamic slice that feeds a matmul), once more than needed.
-        # Differentiated, each layer gets its own slice (`moe.trainable_rows`).
-        reads_in_place = moe_impl == "sorted" and not differentiable
+        # The sorted dispatch reads each expert's weights at [layer, expert] itself: slicing
+        # a whole layer out first would copy every expert's weights (XLA:CPU copies a
+        # dynamic slice that feeds a matmul), once more than needed. Differentiated, each
+        # layer's slice still rides along, unread, to take its gradients
+        # (`moe.trainable_rows`); experts with adapters or quantized ones are sliced and
+        # differentiated through the loops.
+        experts = self.layers.moe.experts
+        trains_in_place = differentiable and experts.trainable_in_place
+        reads_in_place = moe_impl == "sorted" and (trains_in_place or not differentiable)
         keep_stacked = nnx.PathContains("experts") if reads_in_place else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
+        own = stacked if reads_in_place and differentiable else None  # [L, ...] or None
         block = self._block(graphdef, stacked, moe_impl, inputs, chunk)
         per_layer_cache = kv is not None and isinstance(kv[0], tuple)
         if unstacked is not None:
             attention = unstacked.attention or (None,) * c.num_layers
             layers = [
-                ((unstacked.layers[i], i), unstacked.experts[i], attention[i])
+                ((unstacked.layers[i], i, None), unstacked.experts[i], attention[i])
                 for i in range(c.num_layers)
             ]
         elif c.scan_layers and not per_layer_cache:
             # The cache is carried from layer to layer, not scanned over: each layer
             # writes its keys in place, so a step never copies the whole cache.
-            (x, kv), routes = jax.lax.scan(block, (x, kv), (params, jnp.arange(c.num_layers)))
+            scanned = (params, jnp.arange(c.num_layers), own)
+            (x, kv), routes = jax.lax.scan(block, (x, kv), scanned)
             return x, routes, kv
         else:
-            layers = [
-                ((jax.tree.map(lambda p, i=i: p[i], params), i),) for i in range(c.num_layers)
-            ]
+            layers = [((_layer(params, i), i, _layer(own, i)),) for i in range(c.num_layers)]
         outs, layer_kv = [], []
         for i, args in enumerate(layers):
             if per_layer_cache:
@@ -292,14 +296,18 @@ class Mixtral(nnx.Module):
         return x, _stack(outs), kv
 
     def _block(self, graphdef, stacked, moe_impl, inputs, chunk: bool = False):
-        """One block as a function of (x, kv) and (its parameters, its layer index), and
+        """One block as a function of (x, kv) and (its parameters, its layer index, its
+        slice of the stacked experts when they are trained in place or None), and
         optionally its experts and attention projections as functions (`Unstacked`)."""
         positions, segment_ids, token_mask, slots, key_positions = inputs
 
         def block(carry, scanned, experts_fn=None, projections=None):
             x, kv = carry  # kv: every layer's [L, ...] buffers, or this layer's own
-            layer_params, layer = scanned
+            layer_params, layer, own = scanned  # own: the layer's slice of `stacked`
             module = nnx.merge(graphdef, stacked, layer_params)
+            if own is not None:
+                own_experts = nnx.merge(graphdef, own, layer_params).moe.experts
+                experts_fn = module.moe.experts.trainable_rows_fn(own_experts, layer)
             cache = None if kv is None else LayerCache(*kv, layer, slots, key_positions)
             x, out, kv = module(
                 x,
@@ -317,6 +325,11 @@ class Mixtral(nnx.Module):
 
         policy = self.config.remat_policy
         return block if policy == "none" else jax.checkpoint(block, policy=REMAT_POLICIES[policy])
+
+
+def _layer(tree, i: int):
+    """Layer i's slice of every [L, ...] array in `tree`."""
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 def _stack(outs: list) -> tuple:

@@ -140,6 +140,18 @@ class Experts(nnx.Module):
 
         return weight("w1"), weight("w2"), weight("w3")
 
+    @property
+    def trainable_in_place(self) -> bool:
+        """Float weights without adapters: what `trainable_rows` differentiates."""
+        return all(w.a is None and isinstance(w.w, jax.Array) for w in self.weights())
+
+    def trainable_rows_fn(self, own: Experts, layer: jax.Array | None = None) -> ExpertsFn:
+        """The sorted rows through these experts (layer `layer` of them when they are
+        stacked over layers), differentiable through `own`, that layer's slice of the
+        same weights (`trainable_rows`)."""
+        stacked, mine = (tuple(w.w for w in e.weights()) for e in (self, own))
+        return lambda xs, start, count: trainable_rows(xs, start, count, stacked, mine, layer)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]."""
         x = constrain(x, ("expert", "group", "capacity", "embed"))
@@ -271,29 +283,41 @@ def expert_rows(
     return ys[:n]
 
 
+def trainable_rows(xs, start, count, stacked, own, layer=None) -> jax.Array:
+    """`expert_rows` for float expert weights, with a backward pass that loops over the
+    same pieces. It keeps xs and the rows' gate and up activations [n, F], and adds each
+    expert's weight gradients in place; differentiating `expert_rows` itself would keep
+    the loops' carried [n, D] buffer once per piece.
+
+    stacked: w1, w3 [L, E, D, F] and w2 [L, E, F, D] of every layer, read in place at
+    [layer, e] and never differentiated. own: this layer's w1, w2, w3 ([E, ...], a scan's
+    slice of the same weights), never read: the gradients come back through them. A scan
+    over layers then slices nothing forward (XLA:CPU copies a slice that feeds a matmul,
+    a second read of every expert weight), and the backward pass writes each layer's
+    gradients into the stack's as for any scanned parameter. Without `layer`, stacked
+    and own are both one layer's [E, ...] weights.
+    """
+    index = () if layer is None else (layer,)
+    return _trainable_rows(xs, start, count, jax.lax.stop_gradient(stacked), own, index)
+
+
 @jax.custom_vjp
-def trainable_rows(xs, start, count, w1, w2, w3) -> jax.Array:
-    """`expert_rows` for float expert weights w1, w3 [E, D, F] and w2 [E, F, D], with a
-    backward pass that loops over the same pieces. It keeps xs and the rows' gate and
-    up activations [n, F], and accumulates each expert's weight gradients in place;
-    differentiating `expert_rows` itself would keep the loops' carried [n, D] buffer
-    once per piece."""
-
+def _trainable_rows(xs, start, count, stacked, own, index):
     def expert(e):  # not differentiated: `expert_rows`, which keeps no activations
-        return tuple(ExpertWeight(w).take((e,), xs.dtype) for w in (w1, w2, w3))
+        return tuple(ExpertWeight(w).take((*index, e), xs.dtype) for w in stacked)
 
-    return expert_rows(xs, start, count, expert, w1.shape[0])
-
-
-def _weights(w1, w2, w3, dtype):
-    """Expert e's w1, w2, w3 in `dtype` (with e, for the backward pass)."""
-    return lambda e: (e, tuple(ExpertWeight(w).take((e,), dtype).w for w in (w1, w2, w3)))
+    return expert_rows(xs, start, count, expert, own[0].shape[0])
 
 
-def _forward_rows(xs, start, count, w1, w2, w3):
+def _weights(stacked, index, dtype):
+    """Expert e's w1, w2, w3 in `dtype`, read at [*index, e] (with e, for the backward)."""
+    return lambda e: (e, tuple(ExpertWeight(w).take((*index, e), dtype).w for w in stacked))
+
+
+def _forward_rows(xs, start, count, stacked, index, E):
     """ys [n, D] and the gate and up activations [n + slack, F] of every row."""
     n, D = xs.shape
-    F = w1.shape[-1]
+    F = stacked[0].shape[-1]
     xs_p = jnp.pad(xs, ((0, slack(n)), (0, 0)))
 
     def rows_of_expert(carry, context, r0, size):
@@ -307,18 +331,19 @@ def _forward_rows(xs, start, count, w1, w2, w3):
         )
 
     empty = (jnp.zeros(xs_p.shape, xs.dtype), *(jnp.zeros((len(xs_p), F), xs.dtype),) * 2)
-    weights = _weights(w1, w2, w3, xs.dtype)
-    ys, gates, ups = _pieces(empty, start, count, n, w1.shape[0], weights, rows_of_expert)
+    weights = _weights(stacked, index, xs.dtype)
+    ys, gates, ups = _pieces(empty, start, count, n, E, weights, rows_of_expert)
     return ys[:n], gates, ups
 
 
-def _trainable_rows_fwd(xs, start, count, w1, w2, w3):
-    ys, gates, ups = _forward_rows(xs, start, count, w1, w2, w3)
-    return ys, (xs, gates, ups, start, count, w1, w2, w3)
+def _trainable_rows_fwd(xs, start, count, stacked, own, index):
+    ys, gates, ups = _forward_rows(xs, start, count, stacked, index, own[0].shape[0])
+    # Of `own`, only the gradients' shapes and dtypes are kept (a layer of `stacked`'s).
+    return ys, (xs, gates, ups, start, count, stacked, index)
 
 
 def _trainable_rows_bwd(residuals, dys):
-    xs, gates, ups, start, count, w1, w2, w3 = residuals
+    xs, gates, ups, start, count, stacked, index = residuals
     n, D = xs.shape
     end = start + count  # [E]
     xs_p, dys_p = (jnp.pad(a, ((0, slack(n)), (0, 0))) for a in (xs, dys.astype(xs.dtype)))
@@ -345,15 +370,15 @@ def _trainable_rows_bwd(residuals, dys):
 
         return dxs, add(dw1, x.T @ dgate), add(dw2, (act * up).T @ dy), add(dw3, x.T @ dup)
 
-    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w2, w3))
+    zeros = tuple(jnp.zeros(w.shape[len(index) :], jnp.float32) for w in stacked)
     carry = (jnp.zeros(xs_p.shape, xs.dtype), *zeros)
-    weights = _weights(w1, w2, w3, xs.dtype)
-    dxs, dw1, dw2, dw3 = _pieces(carry, start, count, n, w1.shape[0], weights, grads_of_piece)
-    grads = (g.astype(w.dtype) for g, w in zip((dw1, dw2, dw3), (w1, w2, w3), strict=True))
-    return (dxs[:n], None, None, *grads)
+    weights = _weights(stacked, index, xs.dtype)
+    dxs, dw1, dw2, dw3 = _pieces(carry, start, count, n, len(end), weights, grads_of_piece)
+    grads = tuple(g.astype(w.dtype) for g, w in zip((dw1, dw2, dw3), stacked, strict=True))
+    return (dxs[:n], None, None, None, grads, None)
 
 
-trainable_rows.defvjp(_trainable_rows_fwd, _trainable_rows_bwd)
+_trainable_rows.defvjp(_trainable_rows_fwd, _trainable_rows_bwd)
 
 
 def _combine(ys: jax.Array, order: jax.Array, weights: jax.Array, token_mask: jax.Array):
@@ -465,20 +490,18 @@ class SparseMoE(nnx.Module):
         )
 
     def _rows_fn(self, dtype: jnp.dtype, layer: jax.Array | None) -> ExpertsFn:
-        """The sorted rows' computation from this layer's stacked experts: expert e's
-        weights sliced from the stack (at [layer, e] if it still carries the layers
-        axis), one expert at a time. This layer's own float weights without adapters
-        (training) get `trainable_rows`, whose backward pass is a loop of its own."""
+        """The sorted rows' computation from this layer's experts: expert e's weights
+        sliced from the stack (at [layer, e] if it still carries the layers axis), one
+        expert at a time. This layer's own float weights without adapters get
+        `trainable_rows`, whose backward pass is a loop of its own."""
+        if layer is None and self.experts.trainable_in_place:
+            return self.experts.trainable_rows_fn(self.experts)
         stacked = self.experts.weights()
-        E = self.config.num_experts
-        if layer is None and all(w.a is None and isinstance(w.w, jax.Array) for w in stacked):
-            w1, w2, w3 = (w.w.astype(dtype) for w in stacked)
-            return lambda xs, start, count: trainable_rows(xs, start, count, w1, w2, w3)
 
         def expert(e):
             return tuple(w.take((e,) if layer is None else (layer, e), dtype) for w in stacked)
 
-        return functools.partial(expert_rows, expert=expert, num_experts=E)
+        return functools.partial(expert_rows, expert=expert, num_experts=self.config.num_experts)
 
     def _dense(
         self, x: jax.Array, routes: routing.Routes, mask: jax.Array, capacity: int
