@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -203,3 +204,39 @@ def test_tpu_slices_have_one_device_per_chip(name, chips):
         pytest.skip(f"no libtpu here: {error}")
     assert slice_.size == chips
     assert len({d.id for d in slice_.devices}) == chips
+
+
+def test_the_slot_search_steps_past_a_try_the_compiler_refused(monkeypatch):
+    """The TPU compiler refuses a program that cannot fit and reports what it asked for
+    when it gave up, far above the line through the plans around it. A line through
+    that figure crept up from a few slots (24 of 51 found on v5e-8); the search instead
+    halves the bracket and follows the plans that fit, to the largest batch."""
+    from mixtral_jax.planning import plan
+    from mixtral_jax.planning.topology import Chip, TpuSlice
+
+    weights, cache, GiB = 4 << 30, 100 << 20, 1 << 30
+    chip = Chip("a chip", 16 * GiB)
+    usable = int(chip.hbm * (1 - plan.HEADROOM))
+
+    def peak(batch):  # weights, cache and step temporaries that grow with the slots
+        return weights + batch * cache + (1 << 30) + batch * (90 << 20)
+
+    largest = max(b for b in range(1, 1000) if peak(b) <= usable)
+    tries = []
+
+    def make_plan(config, slice_, *, batch, **kwargs):
+        tries.append(batch)
+        temporaries = peak(batch) - weights - batch * cache
+        refusal = ""
+        if peak(batch) > usable:  # as the compiler says: far more than the line's
+            temporaries, refusal = 4 * temporaries, "RESOURCE_EXHAUSTED: out of memory"
+        program = plan.Program("prefill", 32, weights + batch * cache, 0, 0, temporaries, 0, {})
+        program = dataclasses.replace(program, exhausted=refusal)
+        return plan.Plan(
+            "m", "serve", slice_, {}, batch, 64, 0, weights, 0, batch * cache, (program,)
+        )
+
+    monkeypatch.setattr(plan, "make_plan", make_plan)
+    found = plan.largest_batch(None, TpuSlice("x", "x", chip, ()), seq_len=64, mesh={})
+    assert found.batch == largest and found.fits, (found.batch, largest, tries)
+    assert len(tries) <= 5, tries  # the batch of 1 and at most four more

@@ -22,7 +22,8 @@ per chip; it ignores communication, whose collectives are listed instead.
 Serving holds one cache slot of the whole context per request, and a slot is the
 one thing that grows: `largest_batch` starts where the batch of 1's memory and the
 slots' cache fill a chip, and, when that is over, compiles where the line through
-two compiled peaks meets the memory.
+two compiled peaks meets the memory (a try the compiler refused has no peak to draw
+the line through: the search then halves the bracket or follows the plans that fit).
 """
 
 from __future__ import annotations
@@ -646,6 +647,23 @@ def nearest_fit(plan: Plan, config: ModelConfig, *, max_compiles: int = 6, **kwa
     return None
 
 
+def _next_try(below: Plan | None, fits: Plan, over: Plan) -> int:
+    """The batch where the line through two compiled peaks meets the memory: through
+    the largest plan that fits and the smallest that does not, unless the compiler
+    refused that one. A refusal's figure is what the compiler asked for when it gave up,
+    which can lie far above the line through its neighbours, and a line through it would
+    creep up from far below; then the line through the two largest plans that fit, or
+    halfway between the bracket's ends while only one plan fits."""
+    refused = any(p.exhausted for p in over.programs)
+    a, b = (fits, over) if not refused else (below, fits)
+    if a is not None and b.peak > a.peak:
+        per_slot = (b.peak - a.peak) / (b.batch - a.batch)
+        guess = int(fits.batch + (fits.usable - fits.peak) / per_slot)
+        if guess < over.batch:
+            return guess
+    return (fits.batch + over.batch) // 2
+
+
 def largest_batch(
     config: ModelConfig,
     slice_: TpuSlice,
@@ -662,8 +680,8 @@ def largest_batch(
     fits, no more would. A try that is over brackets the answer with the largest that
     fit, and the next try is where the line through the two peaks meets the memory.
     At most `max_compiles` tries past the batch of 1 (each given to `progress`), so
-    a bracket left open gives a lower bound; the batch is a multiple of the mesh axes
-    the cache's slots split over."""
+    a bracket left open gives a lower bound (`_next_try` says where the tries go); the
+    batch is a multiple of the mesh axes the cache's slots split over."""
 
     def plan_at(batch: int) -> Plan:
         tried = make_plan(
@@ -685,6 +703,7 @@ def largest_batch(
         return None
     split = spec_axes(dict(kwargs.get("rules", DEFAULT_RULES)).get("batch"))
     step = math.prod(n for a, n in fits.mesh.items() if a in split)
+    below = None  # the largest that fits before `fits`
     batch = (fits.usable - (fits.peak - fits.cache_bytes)) // fits.cache_bytes * step
     for _ in range(max_compiles):
         if batch <= fits.batch or (over is not None and batch >= over.batch):
@@ -692,7 +711,9 @@ def largest_batch(
         tried = plan_at(batch)
         if tried.fits and over is None:
             return tried
-        fits, over = (tried, over) if tried.fits else (fits, tried)
-        per_slot = (over.peak - fits.peak) / (over.batch - fits.batch)
-        batch = int(fits.batch + (fits.usable - fits.peak) / per_slot) // step * step
+        if tried.fits:
+            below, fits = fits, tried
+        else:
+            over = tried
+        batch = _next_try(below, fits, over) // step * step
     return fits
