@@ -261,8 +261,7 @@ class Mixtral(nnx.Module):
         # layer's slice still rides along, unread, to take its gradients
         # (`moe.trainable_rows`); experts with adapters or quantized ones are sliced and
         # differentiated through the loops.
-        experts = self.layers.moe.experts
-        trains_in_place = differentiable and experts.trainable_in_place
+        trains_in_place = differentiable and self.layers.moe.experts.trainable_in_place
         reads_in_place = moe_impl == "sorted" and (trains_in_place or not differentiable)
         keep_stacked = nnx.PathContains("experts") if reads_in_place else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
