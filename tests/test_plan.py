@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -230,8 +229,8 @@ def test_the_slot_search_steps_past_a_try_the_compiler_refused(monkeypatch):
         refusal = ""
         if peak(batch) > usable:  # as the compiler says: far more than the line's
             temporaries, refusal = 4 * temporaries, "RESOURCE_EXHAUSTED: out of memory"
-        program = plan.Program("prefill", 32, weights + batch * cache, 0, 0, temporaries, 0, {})
-        program = dataclasses.replace(program, exhausted=refusal)
+        static = weights + batch * cache
+        program = plan.Program("prefill", 32, static, 0, 0, temporaries, 0, {}, exhausted=refusal)
         return plan.Plan(
             "m", "serve", slice_, {}, batch, 64, 0, weights, 0, batch * cache, (program,)
         )

@@ -265,7 +265,7 @@ class Mixtral(nnx.Module):
         reads_in_place = moe_impl == "sorted" and (trains_in_place or not differentiable)
         keep_stacked = nnx.PathContains("experts") if reads_in_place else nnx.Not(...)
         graphdef, stacked, params = nnx.split(self.layers, keep_stacked, ...)
-        own = stacked if reads_in_place and differentiable else None  # [L, ...] or None
+        own = stacked if reads_in_place and trains_in_place else None  # [L, ...] or None
         block = self._block(graphdef, stacked, moe_impl, inputs, chunk)
         per_layer_cache = kv is not None and isinstance(kv[0], tuple)
         if unstacked is not None:
