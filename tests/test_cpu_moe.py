@@ -4,6 +4,8 @@ experts; where they apply; their build and cache."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import os
 import shutil
@@ -36,6 +38,17 @@ def built():
     assert kernels.available(), "the kernels did not build (see the warning)"
 
 
+@pytest.fixture(scope="module", params=[8, 16], ids=["8-float-vectors", "16-float-vectors"])
+def variant(request, built, tmp_path_factory) -> str:
+    """The kernels built to compute in vectors of 8 floats (AVX2's) or of 16 (AVX-512's),
+    whatever this CPU has, registered under their own names: each width has its own
+    tiles, and a machine tests both (one of them runs slowly, as on a CPU without it)."""
+    floats = request.param
+    library = kernels.build(cache_dir=tmp_path_factory.mktemp("kernels"), vector_floats=floats)
+    kernels.register(ctypes.CDLL(str(library)), variant=f"_w{floats}")
+    return f"_w{floats}"
+
+
 def reference(xs, start, count, w1, w2, w3):
     """Each expert's rows through its SwiGLU in JAX, HIGHEST precision; 0 elsewhere."""
     ys = np.zeros_like(xs)
@@ -47,15 +60,16 @@ def reference(xs, start, count, w1, w2, w3):
 
 
 @pytest.mark.parametrize("D, F", [(64, 96), (40, 52)], ids=["whole-panels", "padded"])
-def test_kernel_equals_the_experts(D, F, built):
-    """Rows per expert from 0 to 19 cover every tile (up to 8 rows for w1/w3, 16 for
-    w2, then a second tile); 52 and 40 are not multiples of the 16-float panel; the
-    last rows belong to no expert (padding tokens) and must come out 0."""
+def test_kernel_equals_the_experts(D, F, variant):
+    """Experts given every number of rows from 0 to 19 cover every tile, a whole and a
+    last one (up to 8 rows for w1/w3 and 16 for w2 in 16-float vectors, 3 and 6 in
+    8-float ones); 52 and 40 are not multiples of the 16-float panel; the last rows
+    belong to no expert (padding tokens) and must come out 0."""
     rng = np.random.RandomState(0)
-    E = 7
+    E = 20
     w1, w3 = rng.randn(2, 1, E, D, F).astype(np.float32) * 0.3
     w2 = rng.randn(1, E, F, D).astype(np.float32) * 0.3
-    count = np.array([3, 0, 19, 1, 9, 0, 16], np.int32)
+    count = rng.permutation(E).astype(np.int32)
     start = (np.cumsum(count) - count).astype(np.int32)
     n = int(count.sum()) + 4
     xs = rng.randn(n, D).astype(np.float32)
@@ -63,7 +77,8 @@ def test_kernel_equals_the_experts(D, F, built):
     packed = kernels.pack(w1, w2, w3, jnp.int32(0))
     assert packed.w13.shape == (E, -(-F // 16), D, 32)
     assert packed.w2.shape == (E, -(-D // 16), -(-F // 16) * 16, 16)
-    ys = np.asarray(jax.jit(kernels.experts)(xs, start, count, packed))
+    experts = jax.jit(functools.partial(kernels.experts, variant=variant))
+    ys = np.asarray(experts(xs, start, count, packed))
     want = reference(xs, start, count, w1[0], w2[0], w3[0])
     np.testing.assert_allclose(ys, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     assert np.all(ys[count.sum() :] == 0)
@@ -71,15 +86,16 @@ def test_kernel_equals_the_experts(D, F, built):
 
 
 @pytest.mark.parametrize("K, N", [(64, 112), (40, 211)], ids=["whole-panels", "padded"])
-def test_dense_kernel_equals_a_matmul(K, N, built):
-    """Rows 1-19 cover every tile (up to 8 rows) and second and third ones; 112 columns
-    are 7 panels (groups of 3, 3, 1), 211 are 14 (3, 3, 3, 3, 2), the last padded."""
+def test_dense_kernel_equals_a_matmul(K, N, variant):
+    """Rows 1-19 cover every tile, a whole and a last one (up to 8 rows in 16-float
+    vectors, 6 in 8-float ones); 112 columns are 7 panels (in 16-float vectors groups of
+    3, 3, 1), 211 are 14 (3, 3, 3, 3, 2), the last padded."""
     rng = np.random.RandomState(0)
     w = rng.randn(K, N).astype(np.float32)
     packed = kernels.pack_dense(w)
     assert packed.shape == (-(-N // 16), K, 16)
-    dense = jax.jit(kernels.dense, static_argnums=2)
-    for n in (1, 3, 8, 9, 16, 19):
+    dense = jax.jit(functools.partial(kernels.dense, variant=variant), static_argnums=2)
+    for n in range(1, 20):
         x = rng.randn(n, K).astype(np.float32)
         x[-1] *= 1e3
         want = x.astype(np.float64) @ w
@@ -92,7 +108,7 @@ def test_dense_kernel_equals_a_matmul(K, N, built):
 
 
 @pytest.mark.parametrize("H, window", [(128, None), (40, 5)], ids=["causal", "window-tail"])
-def test_attention_kernel_equals_the_masked_softmax(H, window, built):
+def test_attention_kernel_equals_the_masked_softmax(H, window, variant):
     """Each row over the keys its slot holds, in any slot order (a rolling buffer's),
     some empty, one stored past the query; H = 40 leaves a tail of 8 past the vectors.
     A row that sees no key (an idle slot) gets zeros, where the mask would average."""
@@ -106,7 +122,7 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, built):
         held = np.arange(max(0, t - S + 2), t + 2)  # up to one key past the query
         key_positions[b, rng.permutation(S)[: len(held)]] = held
     key_positions[5] = -1  # idle
-    got = jax.jit(kernels.attend, static_argnums=5)(
+    got = jax.jit(functools.partial(kernels.attend, variant=variant), static_argnums=5)(
         q, keys, values, query_positions, key_positions, window
     )
     mask = cached_attention_mask(query_positions[:, None], key_positions, window)
@@ -115,7 +131,15 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, built):
     assert np.all(np.asarray(got[5]) == 0)
     with pytest.raises(Exception, match="attention operand shapes do not fit together"):
         jax.block_until_ready(
-            kernels.attend(q, keys[:, :, :, :8], values, query_positions, key_positions, window)
+            kernels.attend(
+                q,
+                keys[:, :, :, :8],
+                values,
+                query_positions,
+                key_positions,
+                window,
+                variant=variant,
+            )
         )
 
 

@@ -109,13 +109,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MIXTRAL_JAX_CACHE", "~/.cache/mixtral_jax")).expanduser()
 
 
-def build(compiler: str | None = None, cache_dir: str | Path | None = None) -> Path:
+def build(
+    compiler: str | None = None,
+    cache_dir: str | Path | None = None,
+    vector_floats: int | None = None,
+) -> Path:
     """The kernel's shared library, compiled unless the cache has it for this source,
-    jaxlib and CPU. Raises RuntimeError (with the compiler's message) if it fails."""
+    jaxlib and CPU. `vector_floats` (8 or 16) sets the width the kernels compute in,
+    else the CPU's own (16 with AVX-512, else 8). Raises RuntimeError (with the
+    compiler's message) if it fails."""
     compiler = compiler or os.environ.get("CXX", "c++")
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     include = jax.ffi.include_dir()
-    parts = (compiler, *_FLAGS, include, importlib.metadata.version("jaxlib"), _cpu_signature())
+    flags = _FLAGS + ((f"-DMIXTRAL_JAX_VECTOR_FLOATS={vector_floats}",) if vector_floats else ())
+    parts = (compiler, *flags, include, importlib.metadata.version("jaxlib"), _cpu_signature())
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(parts).encode()).hexdigest()
     library = cache / f"cpu_moe-{key[:16]}.so"
     if library.exists():
@@ -128,7 +135,7 @@ def build(compiler: str | None = None, cache_dir: str | Path | None = None) -> P
     fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        command = [compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", partial]
+        command = [compiler, *flags, f"-I{include}", str(SOURCE), "-o", partial]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -154,27 +161,36 @@ def available() -> bool:
             stacklevel=2,
         )
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MixtralCpuMoE), platform="cpu")
-    jax.ffi.register_ffi_target(
-        DENSE_TARGET, jax.ffi.pycapsule(library.MixtralCpuDense), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(
-        ATTEND_TARGET, jax.ffi.pycapsule(library.MixtralCpuAttend), platform="cpu"
-    )
+    register(library)
     return True
 
 
-def experts(xs: jax.Array, start: jax.Array, count: jax.Array, packed: PackedExperts) -> jax.Array:
+def register(library: ctypes.CDLL, variant: str = "") -> None:
+    """Registers `library`'s kernels with XLA under their targets' names + `variant` (the
+    calls below take the same `variant`: the tests run a second build beside the first)."""
+    for target, handler in (
+        (TARGET, library.MixtralCpuMoE),
+        (DENSE_TARGET, library.MixtralCpuDense),
+        (ATTEND_TARGET, library.MixtralCpuAttend),
+    ):
+        jax.ffi.register_ffi_target(target + variant, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+def experts(
+    xs: jax.Array, start: jax.Array, count: jax.Array, packed: PackedExperts, *, variant: str = ""
+) -> jax.Array:
     """xs [n, D] float32 rows sorted by expert; expert e owns rows start[e]..+count[e]
     (int32 [E]). -> ys [n, D]: each row through its expert's SwiGLU, 0 outside every
     expert's rows."""
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
+    call = jax.ffi.ffi_call(TARGET + variant, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
     return call(xs, start.astype(jnp.int32), count.astype(jnp.int32), packed.w13, packed.w2)
 
 
-def dense(x: jax.Array, packed: jax.Array, width: int) -> jax.Array:
+def dense(x: jax.Array, packed: jax.Array, width: int, *, variant: str = "") -> jax.Array:
     """x [n, K] float32 @ w [K, width], from w packed by `pack_dense` -> [n, width]."""
-    call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32))
+    call = jax.ffi.ffi_call(
+        DENSE_TARGET + variant, jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32)
+    )
     return call(x, packed)
 
 
@@ -185,12 +201,14 @@ def attend(
     query_positions: jax.Array,
     key_positions: jax.Array,
     sliding_window: int | None,
+    *,
+    variant: str = "",
 ) -> jax.Array:
     """A decode step's attention: q [B, K, G, H] float32 (scaled) over each row's keys
     and values [B, K, S, H] at key positions [B, S] (-1: empty) up to its query's
     position [B] (within `sliding_window`) -> [B, K, G, H]. Keys outside are never read;
     a row with none gets zeros."""
-    call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    call = jax.ffi.ffi_call(ATTEND_TARGET + variant, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(
         q,
         keys,

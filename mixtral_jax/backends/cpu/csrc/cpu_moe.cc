@@ -15,8 +15,8 @@
 // F and D are rounded up to whole panels, the padding zeros: a padded hidden unit is
 // silu(0) * 0 = 0, and a padded output column is not written.
 //
-// A dense product (an attention projection, the LM head), in tiles of 8 rows by 3
-// panels; a tile's panels stay in L2 while the next 8 rows read them:
+// A dense product (an attention projection, the LM head), in tiles of rows by panels
+// (8 by 3 with AVX-512); a tile's panels stay in L2 while the next rows read them:
 //
 //   x [n, K], w [N/P, K, P]  ->  y [n, N] = x w
 //
@@ -39,7 +39,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -51,27 +50,49 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t P = 16;  // panel width: one 512-bit vector of floats (cpu_moe.PANEL)
-constexpr int kGateUpRows = 8;  // rows per tile: 2 x 8 sums in registers
-constexpr int kDownRows = 16;  // 16 sums
-constexpr int kDenseRows = 8, kDensePanels = 3;  // dense products: 8 x 3 sums
-constexpr int64_t kPrefetch = 64;  // vectors ahead in each panel
+constexpr int64_t P = 16;  // panel width in floats (kernels.PANEL): the packed layout
 
-typedef float vec __attribute__((vector_size(P * sizeof(float)), aligned(alignof(float))));
-typedef int32_t ivec __attribute__((vector_size(P * sizeof(int32_t)), aligned(alignof(int32_t))));
+// The vector the code computes in is the machine's own: GCC keeps a vector type wider
+// than the target's registers in memory, every sum a load and a store (on an AVX2 CPU
+// the kernels ran far slower than XLA: docs/cpu-decode.md). A panel is V such vectors,
+// and a tile keeps its sums in the registers there are: 32 of 16 floats with AVX-512,
+// 16 of 8 with AVX2 (and 32 of 4 with NEON, where a vector of 8 is a pair).
+// MIXTRAL_JAX_VECTOR_FLOATS overrides the choice (the tests build both).
+#ifndef MIXTRAL_JAX_VECTOR_FLOATS
+#if defined(__AVX512F__)
+#define MIXTRAL_JAX_VECTOR_FLOATS 16
+#else
+#define MIXTRAL_JAX_VECTOR_FLOATS 8
+#endif
+#endif
+constexpr int W = MIXTRAL_JAX_VECTOR_FLOATS;
+static_assert(W == 8 || W == 16, "MIXTRAL_JAX_VECTOR_FLOATS is 8 or 16");
+constexpr int V = P / W;  // vectors per panel
+// Rows per tile: sums in registers, V vectors per row and panel; the rest of the
+// registers hold the weights' vectors as they stream in.
+constexpr int kGateUpRows = W == 16 ? 8 : 3;  // 2 x 8 x 1 or 2 x 3 x 2 sums
+constexpr int kDownRows = W == 16 ? 16 : 6;  // 16 x 1 or 6 x 2
+constexpr int kDenseRows = W == 16 ? 8 : 6;  // by kDensePanels: 8 x 3 x 1 or 6 x 1 x 2
+constexpr int kDensePanels = W == 16 ? 3 : 1;
+constexpr int64_t kPrefetch = 64;  // panel rows ahead in each panel
 
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+typedef float vec __attribute__((vector_size(W * sizeof(float)), aligned(alignof(float))));
+typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t)), aligned(alignof(int32_t))));
 
-inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof v); }
+// Unaligned loads and stores through a may_alias vector type. (Not memcpy: tuned for
+// Zen, GCC copies it in 16-byte pieces through the stack, a store-forwarding stall on
+// every load.)
+typedef float uvec
+    __attribute__((vector_size(W * sizeof(float)), aligned(alignof(float)), may_alias));
 
-// The first `count` floats of v (a whole vector when count >= P): an output's last
+inline vec load(const float* p) { return *reinterpret_cast<const uvec*>(p); }
+
+inline void store(float* p, const vec& v) { *reinterpret_cast<uvec*>(p) = v; }
+
+// The first `count` floats of v (a whole vector when count >= W): an output's last
 // panel may hold padding columns, which are not written.
 inline void store_first(float* p, const vec& v, int64_t count) {
-  if (count >= P) {
+  if (count >= W) {
     store(p, v);
   } else {
     for (int64_t j = 0; j < count; ++j) p[j] = v[j];
@@ -93,67 +114,78 @@ inline vec exp_vec(vec x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   ivec bits = (n + 127) << 23;  // 2^n
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * (vec)bits;  // a vector cast keeps the bits
 }
 
 // hT[f][r] = silu(x w1) * (x w3) for RT rows from r0 and the P columns of one panel.
 template <int RT>
 void GateUpTile(const float* xT, int64_t R, int64_t r0, int64_t D, const float* panel,
                 float* hT, int64_t f0) {
-  vec gate[RT] = {}, up[RT] = {};
+  vec gate[RT][V] = {}, up[RT][V] = {};
   for (int64_t d = 0; d < D; ++d) {
-    const vec w1 = load(panel + d * 2 * P), w3 = load(panel + d * 2 * P + P);
-    const float* x = xT + d * R + r0;
-    for (int r = 0; r < RT; ++r) {
-      gate[r] += x[r] * w1;
-      up[r] += x[r] * w3;
+    vec w1[V], w3[V];
+    for (int v = 0; v < V; ++v) {
+      w1[v] = load(panel + d * 2 * P + v * W);
+      w3[v] = load(panel + d * 2 * P + P + v * W);
     }
+    const float* x = xT + d * R + r0;
+    for (int r = 0; r < RT; ++r)
+      for (int v = 0; v < V; ++v) {
+        gate[r][v] += x[r] * w1[v];
+        up[r][v] += x[r] * w3[v];
+      }
   }
-  for (int r = 0; r < RT; ++r) {
-    const vec h = gate[r] / (1.0f + exp_vec(-gate[r])) * up[r];
-    for (int64_t j = 0; j < P; ++j) hT[(f0 + j) * R + r0 + r] = h[j];
-  }
+  for (int r = 0; r < RT; ++r)
+    for (int v = 0; v < V; ++v) {
+      const vec h = gate[r][v] / (1.0f + exp_vec(-gate[r][v])) * up[r][v];
+      for (int64_t j = 0; j < W; ++j) hT[(f0 + v * W + j) * R + r0 + r] = h[j];
+    }
 }
 
 // ys[r0 + r][d0 : d0 + P] = h[r] w2[:, d0 : d0 + P] for RT rows (columns below D).
 template <int RT>
 void DownTile(const float* hT, int64_t R, int64_t r0, int64_t F, const float* panel,
               float* ys, int64_t D, int64_t d0) {
-  vec acc[RT] = {};
+  vec acc[RT][V] = {};
   for (int64_t f = 0; f < F; ++f) {
-    const vec w = load(panel + f * P);
+    vec w[V];
+    for (int v = 0; v < V; ++v) w[v] = load(panel + f * P + v * W);
     const float* h = hT + f * R + r0;
-    for (int r = 0; r < RT; ++r) acc[r] += h[r] * w;
+    for (int r = 0; r < RT; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] += h[r] * w[v];
   }
-  for (int r = 0; r < RT; ++r) store_first(ys + (r0 + r) * D + d0, acc[r], D - d0);
+  for (int r = 0; r < RT; ++r)
+    for (int v = 0; v < V; ++v)
+      store_first(ys + (r0 + r) * D + d0 + v * W, acc[r][v], D - d0 - v * W);
 }
 
 // y[r0 + r][n0 : n0 + NP P] = x[r0 + r] w for RT rows and NP panels from n0 (columns
-// below N): each weight vector loaded once feeds RT rows, RT x NP sums in registers.
+// below N): each weight vector loaded once feeds RT rows, RT x NP x V sums in registers.
 template <int RT, int NP>
 void DenseTile(const float* xT, int64_t R, int64_t r0, int64_t K, const float* panels,
                float* y, int64_t N, int64_t n0) {
-  vec acc[RT][NP] = {};
+  vec acc[RT][NP][V] = {};
   // The first rows' pass reads the panels from memory: ask for them 4 KB ahead. A last
   // pass after it reads them from L2, and asks for the next panels meanwhile.
   const bool first = r0 == 0, last = r0 > 0 && r0 + RT == R;
   const float* next = panels + NP * K * P;
   for (int64_t k = 0; k < K; ++k) {
-    vec w[NP];
+    vec w[NP][V];
     for (int p = 0; p < NP; ++p) {
-      w[p] = load(panels + (p * K + k) * P);
+      for (int v = 0; v < V; ++v) w[p][v] = load(panels + (p * K + k) * P + v * W);
       if (first) __builtin_prefetch(panels + (p * K + k + kPrefetch) * P);
       if (last) __builtin_prefetch(next + (p * K + k) * P, 0, 2);
     }
     const float* x = xT + k * R + r0;
     for (int r = 0; r < RT; ++r)
-      for (int p = 0; p < NP; ++p) acc[r][p] += x[r] * w[p];
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < V; ++v) acc[r][p][v] += x[r] * w[p][v];
   }
   for (int r = 0; r < RT; ++r)
     for (int p = 0; p < NP; ++p)
-      store_first(y + (r0 + r) * N + n0 + p * P, acc[r][p], N - n0 - p * P);
+      for (int v = 0; v < V; ++v)
+        store_first(y + (r0 + r) * N + n0 + p * P + v * W, acc[r][p][v],
+                    N - n0 - p * P - v * W);
 }
 
 template <typename Fn, int... I>
@@ -261,7 +293,8 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi
   for (int64_t r = 0; r < n; ++r)
     for (int64_t k = 0; k < K; ++k) xT[k * n + r] = xs.typed_data()[r * K + k];
   const int64_t panels = wd[0], groups = (panels + kDensePanels - 1) / kDensePanels;
-  // A group of panels (196 KB for K = 1024) stays in L2 while every 8 rows read it.
+  // A group of panels (196 KB for K = 1024 with AVX-512) stays in L2 while every tile
+  // of rows reads it.
   ParallelFor(pool, groups, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t j = g * kDensePanels, np = std::min<int64_t>(kDensePanels, panels - j);
@@ -275,13 +308,13 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// a . b over n floats, in vectors of P with a scalar tail.
+// a . b over n floats, in vectors of W with a scalar tail.
 inline float Dot(const float* a, const float* b, int64_t n) {
   vec sum = {};
   int64_t i = 0;
-  for (; i + P <= n; i += P) sum += load(a + i) * load(b + i);
+  for (; i + W <= n; i += W) sum += load(a + i) * load(b + i);
   float total = 0.0f;
-  for (int64_t j = 0; j < P; ++j) total += sum[j];
+  for (int64_t j = 0; j < W; ++j) total += sum[j];
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
 }
