@@ -207,8 +207,13 @@ constexpr auto DenseTiles() {
   return Table(std::make_integer_sequence<int, kDenseRows>{},
                [](auto rt) -> DenseFn { return DenseTile<rt(), NP>; });
 }
-// kDense[np - 1][rt - 1]: rt rows by np panels.
-constexpr std::array kDense = {DenseTiles<1>(), DenseTiles<2>(), DenseTiles<3>()};
+template <int... NP>
+constexpr auto DenseTable(std::integer_sequence<int, NP...>) {
+  // The element type spelled out: from one element, std::array{...} would copy it.
+  return std::array<decltype(DenseTiles<1>()), sizeof...(NP)>{DenseTiles<NP + 1>()...};
+}
+// kDense[np - 1][rt - 1]: rt rows by np panels, np up to kDensePanels.
+constexpr auto kDense = DenseTable(std::make_integer_sequence<int, kDensePanels>{});
 
 // fn(begin, end) over [0, n) in chunks, on the pool's threads and this one.
 template <typename Fn>
