@@ -39,12 +39,12 @@ def built():
 
 
 @pytest.fixture(scope="module", params=[8, 16], ids=["8-float-vectors", "16-float-vectors"])
-def variant(request, built, tmp_path_factory) -> str:
+def variant(request, built) -> str:
     """The kernels built to compute in vectors of 8 floats (AVX2's) or of 16 (AVX-512's),
     whatever this CPU has, registered under their own names: each width has its own
     tiles, and a machine tests both (one of them runs slowly, as on a CPU without it)."""
     floats = request.param
-    library = kernels.build(cache_dir=tmp_path_factory.mktemp("kernels"), vector_floats=floats)
+    library = kernels.build(vector_floats=floats)  # cached as the native build, by its flags
     kernels.register(ctypes.CDLL(str(library)), variant=f"_w{floats}")
     return f"_w{floats}"
 
