@@ -102,3 +102,29 @@ def test_the_servers_decode_bound_is_at_the_median_read(config):
     step_bytes = bench.active_weight_bytes(config, bench.experts_touched(config, 16))
     assert bandwidth == 30e9
     assert bound == pytest.approx(16 * 30e9 / step_bytes)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_the_decode_roofline_is_the_longer_of_reading_and_multiplying(config, batch):
+    bound = bench.decode_bound(config, batch, 30e9)
+    # With FLOPs free, the roofline is the read bound.
+    assert bench.decode_roofline(config, batch, 30e9, 1e30) == pytest.approx(bound)
+    # With reads free, it is the FLOPs: 2 per multiply-add, each token through
+    # attention, the router, its k experts and the head.
+    model = Mixtral(config, rngs=nnx.Rngs(0))
+    params = flat_params(model)
+    E, k = config.num_experts, config.num_experts_per_tok
+    per_token = sum(
+        v.size * (k / E if "experts" in name else 1)
+        for name, v in params.items()
+        if name != ("embed", "embedding") and "norm" not in "".join(name)
+    )
+    compute = 1e12 / (2 * per_token)
+    assert bench.decode_roofline(config, batch, 1e30, 1e12) == pytest.approx(compute)
+    # At the peak where the two bounds are equal, each weight takes the longer of its
+    # two times: slower than either bound (the norms are read, never multiplied), and
+    # faster than both times added (which would take 2 / bound a token).
+    peak = 1e12 * bound / compute
+    both = bench.decode_roofline(config, batch, 30e9, peak)
+    assert both < bound * (1 - 1e-6)
+    assert 1 / both < 2 / bound * 0.999

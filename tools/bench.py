@@ -189,6 +189,22 @@ def bandwidth_probe(tries: int = 7) -> Callable[[], float]:
     return functools.partial(rate, fastest)
 
 
+def matmul_probe() -> Callable[[], float]:
+    """A function that times one float32 2048^3 matmul and returns its FLOP/s: the
+    roofline's peak, taken beside each bandwidth read (the machine's speed drifts
+    within a run, so a peak measured once at its start can be far off)."""
+    a = jnp.asarray(np.random.RandomState(0).randn(2048, 2048), jnp.float32)
+    square = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(square(a))  # compile
+
+    def rate() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(square(a))
+        return 2 * 2048**3 / (time.perf_counter() - start)
+
+    return rate
+
+
 def active_weight_bytes(c: ModelConfig, experts: float | None = None) -> float:
     """Bytes of the weights one decode step reads: attention, router, the experts it
     touches (k for one token, or `experts` of them per layer), head."""
@@ -212,22 +228,50 @@ def decode_bound(config: ModelConfig, batch: int, bandwidth: float) -> float:
     return batch * bandwidth / active_weight_bytes(config, experts_touched(config, batch))
 
 
+def decode_roofline(config: ModelConfig, batch: int, bandwidth: float, peak: float) -> float:
+    """Tokens/s of `batch` rows whose steps spend on each weight the longer of reading
+    it at `bandwidth` bytes/s and of its rows' products at `peak` FLOP/s: the memory
+    bound where few rows share a weight (the experts), the compute bound where many do
+    (at batch 16 on a 2-core CPU, the attention projections and the LM head). Equals
+    `decode_bound` as `peak` grows."""
+    c = config
+    D, H, F, E, k = (
+        c.hidden_size, c.head_dim, c.intermediate_size, c.num_experts, c.num_experts_per_tok
+    )  # fmt: skip
+    attention = D * H * (2 * c.num_heads + 2 * c.num_kv_heads)
+    L, itemsize = c.num_layers, jnp.dtype(c.weight_dtype).itemsize
+    parts = [  # (weights read, multiply-adds of the batch's rows)
+        (L * attention, L * batch * attention),
+        (L * D * E, L * batch * D * E),  # the router
+        (L * 3 * D * F * experts_touched(c, batch), L * batch * k * 3 * D * F),
+        (D * c.vocab_size, batch * D * c.vocab_size),  # the LM head
+        (L * 2 * D + D, 0),  # the norms
+    ]
+    seconds = sum(max(w * itemsize / bandwidth, 2 * macs / peak) for w, macs in parts)
+    return batch / seconds
+
+
 HF_ROW = "transformers generate (eager)"
 
 
 def bench_decode(args, config: ModelConfig, peak: float):
-    """Rounds of transformers' generate and ours, with the read bandwidth probed before,
-    between and after them; medians over the rounds."""
+    """Rounds of transformers' generate and ours, with the read bandwidth and the matmul
+    peak probed before, between and after them (the run's `peak`, measured once at its
+    start, is not used); medians over the rounds."""
     torch, _ = torch_or_none()
     prompt, new = args.prompt_len, args.new_tokens
     print(
         f"\nDecode: prompt {prompt} tokens, {new} new tokens, greedy. The bound is the bytes "
         "of weights a step reads (every expert some token picks) over the read bandwidth, "
         "probed before and after each run; a run's share of the bound uses the mean of the "
-        "two, as the machine's bandwidth moves within seconds"
+        "two, as the machine's bandwidth moves within seconds. The roofline also gives each "
+        "weight's products their time at the matmul peak, where that is the longer"
     )
-    probe = bandwidth_probe()
-    print(f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} {'vs HF':>6}")
+    probe, flops = bandwidth_probe(), matmul_probe()
+    print(
+        f"  {'':<34} {'first token':>12} {'decode tok/s':>13} {'of bound':>9} "
+        f"{'of roofline':>12} {'vs HF':>6}"
+    )
     hf, model = twins(args, config)
     for batch in (1, 16):
         prompts = np.random.RandomState(batch).randint(3, config.vocab_size, (batch, prompt))
@@ -262,33 +306,45 @@ def bench_decode(args, config: ModelConfig, peak: float):
             contenders = {HF_ROW: hf_run, **contenders}
             hf_generate(2)  # warm up
         our_run()  # compile
-        runs = {name: [] for name in contenders}  # (first token s, tokens/s, bandwidth)
-        before = probe()
+        # Per run: first token s, tokens/s, and the bandwidth and peak around it
+        runs = {name: [] for name in contenders}
+        before = probe(), flops()
         for _ in range(args.repeats):
             for name, run in contenders.items():
                 first, rate = run()
-                after = probe()
-                runs[name].append((first, rate, (before + after) / 2))
+                after = probe(), flops()
+                runs[name].append(
+                    (first, rate, (before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
+                )
                 before = after
 
         step_bytes = active_weight_bytes(config, experts_touched(config, batch))
-        bandwidths = [b for r in runs.values() for _, _, b in r]
+        bandwidths = [b for r in runs.values() for _, _, b, _ in r]
         bandwidth = statistics.median(bandwidths)
         bound = decode_bound(config, batch, bandwidth)
+        peak_here = statistics.median(p for r in runs.values() for *_, p in r)
+        roofline = decode_roofline(config, batch, bandwidth, peak_here)
         print(
             f"  batch {batch}: a step reads {step_bytes / 1e6:.0f} MB of weights; read "
             f"bandwidth {bandwidth / 1e9:.1f} GB/s "
             f"({min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}): "
-            f"at most {bound:.0f} tokens/s"
+            f"at most {bound:.0f} tokens/s; {roofline:.0f} by the roofline at a matmul peak "
+            f"of {peak_here / 1e9:.0f} GFLOP/s"
         )
-        rates = {name: statistics.median(rate for _, rate, _ in r) for name, r in runs.items()}
+        rates = {name: statistics.median(rate for _, rate, _, _ in r) for name, r in runs.items()}
         reference = rates.get(HF_ROW)
         for name, r in runs.items():
-            first = statistics.median(f for f, _, _ in r)
-            share = statistics.median(run_rate * step_bytes / batch / b for _, run_rate, b in r)
+            first = statistics.median(f for f, *_ in r)
+            share = statistics.median(run_rate * step_bytes / batch / b for _, run_rate, b, _ in r)
+            of_roofline = statistics.median(
+                run_rate / decode_roofline(config, batch, b, p) for _, run_rate, b, p in r
+            )
             rate = rates[name]
             ratio = f"{rate / reference:5.2f}x" if reference else "    -"
-            print(f"  {name:<34} {first * 1e3:9.1f} ms {rate:13.1f} {100 * share:8.1f}% {ratio}")
+            print(
+                f"  {name:<34} {first * 1e3:9.1f} ms {rate:13.1f} {100 * share:8.1f}% "
+                f"{100 * of_roofline:11.1f}% {ratio}"
+            )
         if reference and batch > 1:
             print(
                 f"  {'':<34} 4x transformers would be {4 * reference:.0f} tokens/s, "
@@ -381,17 +437,20 @@ def bench_serve(args, config: ModelConfig, peak: float):
     rounds, engine = [], []  # per round: {row: (results, makespan)}; the server's figures
     served = _server(args, config, model, load) if "server" in contenders else None
     with served or contextlib.nullcontext() as url:
-        probe = bandwidth_probe() if url else None
+        probe, flops = (bandwidth_probe(), matmul_probe()) if url else (None, None)
         for _ in range(args.serve_rounds):
             rows = {}
             if url:
                 reads = [probe() for _ in range(SERVE_PROBES)]
+                peaks = [flops() for _ in range(SERVE_PROBES)]
                 before = serve_load.scrape(url)
                 results, makespan = serve_load.run_http(url, "bench", load)
                 after = serve_load.scrape(url)
                 reads += [probe() for _ in range(SERVE_PROBES)]
+                peaks += [flops() for _ in range(SERVE_PROBES)]
                 rows[SERVER_ROW] = results, makespan
-                engine.append((*_engine_figures(before, after, reads, config), reads))
+                figures = _engine_figures(before, after, reads, config)
+                engine.append((*figures, reads, statistics.median(peaks)))
             if "static" in contenders:
                 rows[STATIC_ROW] = serve_load.run_static(ours, load, SERVE_BATCH)
             rounds.append(rows)
@@ -445,13 +504,16 @@ def bench_serve(args, config: ModelConfig, peak: float):
             + ", ".join(f"{r:.2f}x" for r in ratios)
             + f"; median {statistics.median(ratios):.2f}x"
         )
-    for i, (rate, bound, bandwidth, prefill_s, decode_s, reads) in enumerate(engine):
+    for i, (rate, bound, bandwidth, prefill_s, decode_s, reads, round_peak) in enumerate(engine):
+        roofline = decode_roofline(config, SERVE_BATCH, bandwidth, round_peak)
         print(
             f"  round {i + 1}, the server's decode steps: {rate:.1f} tokens/s, "
             f"{100 * rate / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
             f"({bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s, the median of "
             f"{len(reads)} reads before and after the load, {min(reads) / 1e9:.1f}-"
-            f"{max(reads) / 1e9:.1f}); the engine spent {prefill_s:.1f} s prefilling "
+            f"{max(reads) / 1e9:.1f}), {100 * rate / roofline:.0f}% of its roofline "
+            f"({roofline:.0f} tokens/s at a matmul peak of {round_peak / 1e9:.0f} GFLOP/s, the "
+            f"median of as many reads); the engine spent {prefill_s:.1f} s prefilling "
             f"{prompt_tokens} prompt tokens ({prompt_tokens / prefill_s:.0f}/s) and "
             f"{decode_s:.1f} s decoding"
         )
