@@ -128,3 +128,34 @@ def test_the_decode_roofline_is_the_longer_of_reading_and_multiplying(config, ba
     both = bench.decode_roofline(config, batch, 30e9, peak)
     assert both < bound * (1 - 1e-6)
     assert 1 / both < 2 / bound * 0.999
+
+
+def test_the_servers_steps_are_priced_at_their_own_rows(config):
+    before = {'decode_steps_total{rows="16"}': 5.0, 'decode_steps_total{rows="1"}': 2.0}
+    after = {
+        'decode_steps_total{rows="16"}': 15.0,
+        'decode_steps_total{rows="4"}': 3.0,
+        'decode_steps_total{rows="1"}': 2.0,
+        "decode_rows_total": 172.0,
+    }
+    steps = bench._steps_by_rows(before, after)
+    assert steps == {16: 10.0, 4: 3.0}
+    bandwidth, peak = 30e9, 1e12
+
+    def seconds(rows):  # one step at the bound, and at the roofline
+        return (
+            rows / bench.decode_bound(config, rows, bandwidth),
+            rows / bench.decode_roofline(config, rows, bandwidth, peak),
+        )
+
+    # Steps that took exactly their least time are at 100% of it, whatever their rows.
+    at_bound = 10 * seconds(16)[0] + 3 * seconds(4)[0]
+    of_bound, of_roofline = bench.at_their_rows(steps, at_bound, config, bandwidth, peak)
+    assert of_bound == pytest.approx(1.0)
+    assert of_roofline == pytest.approx((10 * seconds(16)[1] + 3 * seconds(4)[1]) / at_bound)
+    # Twice as long: half of it. A 4-row step costs less than a 16-row one, so pricing
+    # every step at 16 rows would give more than half.
+    assert bench.at_their_rows(steps, 2 * at_bound, config, bandwidth, peak)[0] == pytest.approx(
+        0.5
+    )
+    assert 13 * seconds(16)[0] / (2 * at_bound) > 0.5

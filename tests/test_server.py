@@ -206,6 +206,7 @@ def test_models_health_and_metrics(url, client):
         'requests_finished_total{reason="length"}',
         'engine_busy_seconds_total{phase="decode"}',
         "decode_rows_total",
+        'decode_steps_total{rows="1"}',
     ):
         assert f"\n{name}" in text, name
     generated = next(

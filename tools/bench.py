@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import os
+import re
 import signal
 import socket
 import statistics
@@ -450,7 +451,8 @@ def bench_serve(args, config: ModelConfig, peak: float):
                 peaks += [flops() for _ in range(SERVE_PROBES)]
                 rows[SERVER_ROW] = results, makespan
                 figures = _engine_figures(before, after, reads, config)
-                engine.append((*figures, reads, statistics.median(peaks)))
+                steps = _steps_by_rows(before, after)
+                engine.append((*figures, reads, statistics.median(peaks), steps))
             if "static" in contenders:
                 rows[STATIC_ROW] = serve_load.run_static(ours, load, SERVE_BATCH)
             rounds.append(rows)
@@ -504,8 +506,10 @@ def bench_serve(args, config: ModelConfig, peak: float):
             + ", ".join(f"{r:.2f}x" for r in ratios)
             + f"; median {statistics.median(ratios):.2f}x"
         )
-    for i, (rate, bound, bandwidth, prefill_s, decode_s, reads, round_peak) in enumerate(engine):
+    for i, figures in enumerate(engine):
+        rate, bound, bandwidth, prefill_s, decode_s, reads, round_peak, steps = figures
         roofline = decode_roofline(config, SERVE_BATCH, bandwidth, round_peak)
+        of_bound, of_roofline = at_their_rows(steps, decode_s, config, bandwidth, round_peak)
         print(
             f"  round {i + 1}, the server's decode steps: {rate:.1f} tokens/s, "
             f"{100 * rate / bound:.0f}% of the batch-{SERVE_BATCH} decode bound "
@@ -513,9 +517,11 @@ def bench_serve(args, config: ModelConfig, peak: float):
             f"{len(reads)} reads before and after the load, {min(reads) / 1e9:.1f}-"
             f"{max(reads) / 1e9:.1f}), {100 * rate / roofline:.0f}% of its roofline "
             f"({roofline:.0f} tokens/s at a matmul peak of {round_peak / 1e9:.0f} GFLOP/s, the "
-            f"median of as many reads); the engine spent {prefill_s:.1f} s prefilling "
-            f"{prompt_tokens} prompt tokens ({prompt_tokens / prefill_s:.0f}/s) and "
-            f"{decode_s:.1f} s decoding"
+            f"median of as many reads); at the rows its steps had ({steps.get(SERVE_BATCH, 0):.0f} "
+            f"of {sum(steps.values()):.0f} steps with {SERVE_BATCH}), {100 * of_bound:.0f}% of "
+            f"the bound and {100 * of_roofline:.0f}% of the roofline; the engine spent "
+            f"{prefill_s:.1f} s prefilling {prompt_tokens} prompt tokens "
+            f"({prompt_tokens / prefill_s:.0f}/s) and {decode_s:.1f} s decoding"
         )
 
 
@@ -540,6 +546,30 @@ def _engine_figures(before: dict, after: dict, reads: list[float], config: Model
     bandwidth = statistics.median(reads)
     bound = decode_bound(config, SERVE_BATCH, bandwidth)
     return delta("decode_rows_total") / decode_s, bound, bandwidth, prefill_s, decode_s
+
+
+def _steps_by_rows(before: dict, after: dict) -> dict[int, float]:
+    """The decode steps a load ran, {rows: steps}, from the server's metrics before and
+    after it."""
+    steps = {}
+    for name, value in after.items():
+        match = re.fullmatch(r'decode_steps_total\{rows="(\d+)"\}', name)
+        if match and (count := value - before.get(name, 0.0)):
+            steps[int(match[1])] = count
+    return steps
+
+
+def at_their_rows(
+    steps: dict[int, float], decode_s: float, config: ModelConfig, bandwidth: float, peak: float
+) -> tuple[float, float]:
+    """The shares of the bound and of the roofline that decode steps of these rows
+    ({rows: steps}) reached in `decode_s` seconds, each step's least time taken at its
+    own rows: how fast the steps ran, whatever the load left them to compute."""
+    bound_s = sum(n * rows / decode_bound(config, rows, bandwidth) for rows, n in steps.items())
+    roofline_s = sum(
+        n * rows / decode_roofline(config, rows, bandwidth, peak) for rows, n in steps.items()
+    )
+    return bound_s / decode_s, roofline_s / decode_s
 
 
 @contextlib.contextmanager

@@ -239,10 +239,12 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Since the engine started: tokens generated; seconds spent prefilling and
-        # decoding; rows the decode steps computed.
+        # decoding; rows the decode steps computed; decode steps by their rows (a step's
+        # cost hardly depends on its rows, so these say how full the steps ran).
         self.tokens_generated = 0
         self.busy_seconds = {"prefill": 0.0, "decode": 0.0}
         self.decode_rows = 0
+        self.decode_steps = [0] * (max_batch + 1)
 
     # ---- from any thread ----
 
@@ -320,6 +322,8 @@ class Engine:
         self.busy_seconds["prefill"] += prefilled - start
         self.busy_seconds["decode"] += time.perf_counter() - prefilled
         self.decode_rows += len(decoding)
+        if decoding:
+            self.decode_steps[len(decoding)] += 1
         outputs = [(sequence, sequence.output()) for sequence in news]
         self._deliver(outputs)
         return [output for _, output in outputs]

@@ -8,6 +8,7 @@ tokens_generated_total          counter: tokens generated
 requests_finished_total{reason} counter: stop, length, cancelled, error
 engine_busy_seconds_total{phase} counter: seconds spent prefilling and decoding
 decode_rows_total               counter: rows the decode steps computed
+decode_steps_total{rows}        counter: decode steps, by the rows each computed
 time_to_first_token_seconds     histogram: from the request's arrival to its first token
 inter_token_latency_seconds     histogram: between a request's successive tokens
 request_duration_seconds        histogram: from arrival to the last output
@@ -80,6 +81,13 @@ class _EngineCollector(Collector):
             busy.add_metric([phase], seconds)
         yield busy
         yield CounterMetricFamily("decode_rows", "Rows the decode steps computed", e.decode_rows)
+        steps = CounterMetricFamily(
+            "decode_steps", "Decode steps, by the rows each computed", labels=["rows"]
+        )
+        for rows, count in enumerate(list(e.decode_steps)):
+            if count:
+                steps.add_metric([str(rows)], count)
+        yield steps
 
 
 class RequestTimer:
