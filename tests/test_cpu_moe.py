@@ -61,12 +61,13 @@ def reference(xs, start, count, w1, w2, w3):
 
 @pytest.mark.parametrize("D, F", [(64, 96), (40, 52)], ids=["whole-panels", "padded"])
 def test_kernel_equals_the_experts(D, F, variant):
-    """Experts given every number of rows from 0 to 19 cover every tile, a whole and a
-    last one (up to 8 rows for w1/w3 and 16 for w2 in 16-float vectors, 3 and 6 in
-    8-float ones); 52 and 40 are not multiples of the 16-float panel; the last rows
-    belong to no expert (padding tokens) and must come out 0."""
+    """Experts given every number of rows from 0 to 21 cover every tile, a whole and a
+    last one (up to 8 rows for w1/w3 and 16 for w2 in 16-float vectors; in 8-float ones
+    3 for w1/w3 below 16 rows and 6 from 16 (16-21 end in tiles of 4, 5, 6, 1, 2 and 3
+    rows), and 6 for w2); 52 and 40 are not multiples of the 16-float panel; the last
+    rows belong to no expert (padding tokens) and must come out 0."""
     rng = np.random.RandomState(0)
-    E = 20
+    E = 22
     w1, w3 = rng.randn(2, 1, E, D, F).astype(np.float32) * 0.3
     w2 = rng.randn(1, E, F, D).astype(np.float32) * 0.3
     count = rng.permutation(E).astype(np.int32)

@@ -71,6 +71,11 @@ constexpr int V = P / W;  // vectors per panel
 // Rows per tile: sums in registers, V vectors per row and panel; the rest of the
 // registers hold the weights' vectors as they stream in.
 constexpr int kGateUpRows = W == 16 ? 8 : 3;  // 2 x 8 x 1 or 2 x 3 x 2 sums
+// From this many rows per expert (a prefill's; a decode step gives an expert a few), 8-float
+// vectors pass over a w1/w3 panel one vector at a time, in tiles of kGateUpSplitRows
+// (2 x 6 sums): GateUpTile.
+constexpr int64_t kSplitFrom = 16;
+constexpr int kGateUpSplitRows = 6;
 constexpr int kDownRows = W == 16 ? 16 : 6;  // 16 x 1 or 6 x 2
 constexpr int kDenseRows = W == 16 ? 8 : 6;  // by kDensePanels: 8 x 3 x 1 or 6 x 1 x 2
 constexpr int kDensePanels = W == 16 ? 3 : 1;
@@ -117,29 +122,46 @@ inline vec exp_vec(vec x) {
   return p * (vec)bits;  // a vector cast keeps the bits
 }
 
-// hT[f][r] = silu(x w1) * (x w3) for RT rows from r0 and the P columns of one panel.
-template <int RT>
+// A weight's vector loaded into a register, once for the tile's rows. (GCC folds a load
+// into each row's FMA instead, one load per row; with 8-float vectors on Zen 3 the load
+// ports then set the pace of a tall tile, not the FMA units.)
+inline vec load_held(const float* p) {
+  vec v = load(p);
+  asm("" : "+x"(v));
+  return v;
+}
+
+// hT[f][r] = silu(x w1) * (x w3) for RT rows from r0 and the P columns of one panel, VP
+// of its V vectors a pass. All of them (VP = V) reads the panel once, as a decode step
+// wants. With 8-float vectors, one a pass (VP = 1) fits twice the rows' sums beside the
+// weights, held in registers, and keeps a prefill's many rows on the FMA units; its
+// second pass reads the panel from L2.
+template <int RT, int VP>
 void GateUpTile(const float* xT, int64_t R, int64_t r0, int64_t D, const float* panel,
                 float* hT, int64_t f0) {
-  vec gate[RT][V] = {}, up[RT][V] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    vec w1[V], w3[V];
-    for (int v = 0; v < V; ++v) {
-      w1[v] = load(panel + d * 2 * P + v * W);
-      w3[v] = load(panel + d * 2 * P + P + v * W);
+  constexpr bool held = VP < V;
+  for (int v0 = 0; v0 < V; v0 += VP) {
+    vec gate[RT][VP] = {}, up[RT][VP] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* w = panel + d * 2 * P + v0 * W;
+      vec w1[VP], w3[VP];
+      for (int v = 0; v < VP; ++v) {
+        w1[v] = held ? load_held(w + v * W) : load(w + v * W);
+        w3[v] = held ? load_held(w + P + v * W) : load(w + P + v * W);
+      }
+      const float* x = xT + d * R + r0;
+      for (int r = 0; r < RT; ++r)
+        for (int v = 0; v < VP; ++v) {
+          gate[r][v] += x[r] * w1[v];
+          up[r][v] += x[r] * w3[v];
+        }
     }
-    const float* x = xT + d * R + r0;
     for (int r = 0; r < RT; ++r)
-      for (int v = 0; v < V; ++v) {
-        gate[r][v] += x[r] * w1[v];
-        up[r][v] += x[r] * w3[v];
+      for (int v = 0; v < VP; ++v) {
+        const vec h = gate[r][v] / (1.0f + exp_vec(-gate[r][v])) * up[r][v];
+        for (int64_t j = 0; j < W; ++j) hT[(f0 + (v0 + v) * W + j) * R + r0 + r] = h[j];
       }
   }
-  for (int r = 0; r < RT; ++r)
-    for (int v = 0; v < V; ++v) {
-      const vec h = gate[r][v] / (1.0f + exp_vec(-gate[r][v])) * up[r][v];
-      for (int64_t j = 0; j < W; ++j) hT[(f0 + v * W + j) * R + r0 + r] = h[j];
-    }
 }
 
 // ys[r0 + r][d0 : d0 + P] = h[r] w2[:, d0 : d0 + P] for RT rows (columns below D).
@@ -197,7 +219,9 @@ using GateUpFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*,
 using DownFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
                         int64_t);
 constexpr auto kGateUp = Table(std::make_integer_sequence<int, kGateUpRows>{},
-                               [](auto rt) -> GateUpFn { return GateUpTile<rt()>; });
+                               [](auto rt) -> GateUpFn { return GateUpTile<rt(), V>; });
+constexpr auto kGateUpSplit = Table(std::make_integer_sequence<int, kGateUpSplitRows>{},
+                                    [](auto rt) -> GateUpFn { return GateUpTile<rt(), 1>; });
 constexpr auto kDown = Table(std::make_integer_sequence<int, kDownRows>{},
                              [](auto rt) -> DownFn { return DownTile<rt()>; });
 using DenseFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
@@ -266,11 +290,14 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
       for (int64_t d = 0; d < D; ++d) xT[d * R + r] = x[(r_begin + r) * D + d];
     const float* w13_e = w13.typed_data() + e * F * D * 2;
     const float* w2_e = w2.typed_data() + e * F * D_panels * P;
+    const bool split = V > 1 && R >= kSplitFrom;
+    const int64_t rows = split ? kGateUpSplitRows : kGateUpRows;
+    const GateUpFn* tiles = split ? kGateUpSplit.data() : kGateUp.data();
     ParallelFor(pool, F / P, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j)
-        for (int64_t r0 = 0; r0 < R; r0 += kGateUpRows) {
-          const int64_t rt = std::min<int64_t>(kGateUpRows, R - r0);
-          kGateUp[rt - 1](xT.data(), R, r0, D, w13_e + j * D * 2 * P, hT.data(), j * P);
+        for (int64_t r0 = 0; r0 < R; r0 += rows) {
+          const int64_t rt = std::min<int64_t>(rows, R - r0);
+          tiles[rt - 1](xT.data(), R, r0, D, w13_e + j * D * 2 * P, hT.data(), j * P);
         }
     });
     float* y_e = y + r_begin * D;
