@@ -207,14 +207,27 @@ def matmul_probe() -> Callable[[], float]:
     return rate
 
 
+def _step_parts(c: ModelConfig, experts: float, batch: int) -> list[tuple[float, float]]:
+    """(weights read, multiply-adds) of each part of a decode step of `batch` rows that
+    reads `experts` experts per layer: attention, router, experts, LM head, norms."""
+    D, H, F, k = c.hidden_size, c.head_dim, c.intermediate_size, c.num_experts_per_tok
+    attention = D * H * (2 * c.num_heads + 2 * c.num_kv_heads)
+    L, E = c.num_layers, c.num_experts
+    return [
+        (L * attention, L * batch * attention),
+        (L * D * E, L * batch * D * E),
+        (L * 3 * D * F * experts, L * batch * k * 3 * D * F),
+        (D * c.vocab_size, batch * D * c.vocab_size),
+        (L * 2 * D + D, 0),
+    ]
+
+
 def active_weight_bytes(c: ModelConfig, experts: float | None = None) -> float:
     """Bytes of the weights one decode step reads: attention, router, the experts it
     touches (k for one token, or `experts` of them per layer), head."""
-    D, H, F = c.hidden_size, c.head_dim, c.intermediate_size
     experts = c.num_experts_per_tok if experts is None else experts
-    attention = D * H * (2 * c.num_heads + 2 * c.num_kv_heads)
-    per_layer = attention + D * c.num_experts + 3 * D * F * experts + 2 * D
-    return (c.num_layers * per_layer + D * c.vocab_size + D) * jnp.dtype(c.weight_dtype).itemsize
+    weights = sum(w for w, _ in _step_parts(c, experts, batch=1))
+    return weights * jnp.dtype(c.weight_dtype).itemsize
 
 
 def experts_touched(c: ModelConfig, batch: int) -> float:
@@ -236,19 +249,8 @@ def decode_roofline(config: ModelConfig, batch: int, bandwidth: float, peak: flo
     bound where few rows share a weight (the experts), the compute bound where many do
     (at batch 16 on a 2-core CPU, the attention projections and the LM head). Equals
     `decode_bound` as `peak` grows."""
-    c = config
-    D, H, F, E, k = (
-        c.hidden_size, c.head_dim, c.intermediate_size, c.num_experts, c.num_experts_per_tok
-    )  # fmt: skip
-    attention = D * H * (2 * c.num_heads + 2 * c.num_kv_heads)
-    L, itemsize = c.num_layers, jnp.dtype(c.weight_dtype).itemsize
-    parts = [  # (weights read, multiply-adds of the batch's rows)
-        (L * attention, L * batch * attention),
-        (L * D * E, L * batch * D * E),  # the router
-        (L * 3 * D * F * experts_touched(c, batch), L * batch * k * 3 * D * F),
-        (D * c.vocab_size, batch * D * c.vocab_size),  # the LM head
-        (L * 2 * D + D, 0),  # the norms
-    ]
+    itemsize = jnp.dtype(config.weight_dtype).itemsize
+    parts = _step_parts(config, experts_touched(config, batch), batch)
     seconds = sum(max(w * itemsize / bandwidth, 2 * macs / peak) for w, macs in parts)
     return batch / seconds
 
