@@ -207,10 +207,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(model):
         assert (long.id in sink.tokens) == (step == 3)  # the first token after 4 chunks
     engine.run_until_idle()
     assert sink.tokens[long.id] == generate_tokens(model, [long.prompt], max_new_tokens=3)[0][0]
-    # The steps by their rows: short alone for its first five, then both.
+    # The steps by their rows: short alone for its first five, then both. Every token
+    # but each request's first (its prefill's) came from a decode row.
     steps = engine.decode_steps
     assert steps[1] >= 5 and steps[2] >= 1
-    assert sum(rows * n for rows, n in enumerate(steps)) == engine.decode_rows
+    assert engine.decode_rows == (20 - 1) + (3 - 1)
 
 
 def test_cancel_frees_the_slot_within_a_step(model, engine):

@@ -239,11 +239,10 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Since the engine started: tokens generated; seconds spent prefilling and
-        # decoding; rows the decode steps computed; decode steps by their rows (a step's
-        # cost hardly depends on its rows, so these say how full the steps ran).
+        # decoding; decode steps by their rows (a step's cost hardly depends on its rows,
+        # so these say how full the steps ran).
         self.tokens_generated = 0
         self.busy_seconds = {"prefill": 0.0, "decode": 0.0}
-        self.decode_rows = 0
         self.decode_steps = [0] * (max_batch + 1)
 
     # ---- from any thread ----
@@ -275,6 +274,11 @@ class Engine:
     def queue_depth(self) -> int:
         """Requests waiting for a slot."""
         return len(self._incoming) + len(self.scheduler.waiting)
+
+    @property
+    def decode_rows(self) -> int:
+        """Rows the decode steps computed since the engine started."""
+        return sum(rows * steps for rows, steps in enumerate(self.decode_steps))
 
     @property
     def active_slots(self) -> int:
@@ -321,7 +325,6 @@ class Engine:
             self._guarded(decoding, news, self._decode, decoding, news)
         self.busy_seconds["prefill"] += prefilled - start
         self.busy_seconds["decode"] += time.perf_counter() - prefilled
-        self.decode_rows += len(decoding)
         if decoding:
             self.decode_steps[len(decoding)] += 1
         outputs = [(sequence, sequence.output()) for sequence in news]
