@@ -159,3 +159,17 @@ def test_the_servers_steps_are_priced_at_their_own_rows(config):
         0.5
     )
     assert 13 * seconds(16)[0] / (2 * at_bound) > 0.5
+
+
+def test_cache_capacity_counts_requests_by_the_blocks_they_fill(config):
+    """Requests of a whole context fit as slots do; requests of one block fit a row's
+    blocks per slot; mixed ones in between, each counted from its own start."""
+    from tools.serve_load import Job
+
+    config = config.replace(sliding_window=None)
+    whole, one = Job(0.0, [1] * 60, 4), Job(0.0, [1] * 5, 3)  # 64 tokens; 8 tokens
+    assert bench.cache_capacity(config, [whole] * 5, 3, 64, 8) == [3] * 5
+    assert bench.cache_capacity(config, [one] * 40, 3, 64, 8) == [24] * 40
+    # 24 blocks: from the first, three whole ones fill them; from the fourth, 1 + 1 + 8 + 8
+    counts = bench.cache_capacity(config, [whole, whole, whole, one, one], 3, 64, 8)
+    assert (counts[0], counts[3]) == (3, 4)

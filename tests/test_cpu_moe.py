@@ -108,11 +108,14 @@ def test_dense_kernel_equals_a_matmul(K, N, variant):
         jax.block_until_ready(dense(x, packed, N + 16))
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("H, window", [(128, None), (40, 5)], ids=["causal", "window-tail"])
-def test_attention_kernel_equals_the_masked_softmax(H, window, variant):
+def test_attention_kernel_equals_the_masked_softmax(H, window, paged, variant):
     """Each row over the keys its slot holds, in any slot order (a rolling buffer's),
     some empty, one stored past the query; H = 40 leaves a tail of 8 past the vectors.
-    A row that sees no key (an idle slot) gets zeros, where the mask would average."""
+    Paged: the rows' slots are blocks of 8 of a shuffled pool, read through their
+    tables (an idle row's in no block). A row that sees no key (an idle slot) gets
+    zeros, where the mask would average."""
     rng = np.random.RandomState(0)
     B, K, G, S = 6, 2, 3, 24
     q = rng.randn(B, K, G, H).astype(np.float32) * H**-0.5
@@ -123,9 +126,17 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, variant):
         held = np.arange(max(0, t - S + 2), t + 2)  # up to one key past the query
         key_positions[b, rng.permutation(S)[: len(held)]] = held
     key_positions[5] = -1  # idle
-    got = jax.jit(functools.partial(kernels.attend, variant=variant), static_argnums=5)(
-        q, keys, values, query_positions, key_positions, window
-    )
+    blocks = np.arange(B, dtype=np.int32)[:, None]
+    pool_keys, pool_values = keys, values
+    if paged:  # row b's block m is pool block blocks[b, m], in a pool with spares
+        bs, N = 8, 2 * B * S // 8
+        blocks = rng.permutation(N)[: B * S // bs].reshape(B, S // bs).astype(np.int32)
+        blocks[5] = N  # no block
+        pool_keys, pool_values = (rng.randn(N, K, bs, H).astype(np.float32) for _ in range(2))
+        for pool, rows in ((pool_keys, keys), (pool_values, values)):
+            pool[blocks[:5]] = rows[:5].reshape(5, K, S // bs, bs, H).swapaxes(1, 2)
+    attend = jax.jit(functools.partial(kernels.attend, variant=variant), static_argnums=6)
+    got = attend(q, pool_keys, pool_values, blocks, query_positions, key_positions, window)
     mask = cached_attention_mask(query_positions[:, None], key_positions, window)
     want = _attend(q[:, None], keys, values, mask, kv_axes="BKSH")[:, 0]
     np.testing.assert_allclose(got[:5], want[:5], rtol=1e-5, atol=1e-5)
@@ -134,8 +145,9 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, variant):
         jax.block_until_ready(
             kernels.attend(
                 q,
-                keys[:, :, :, :8],
-                values,
+                pool_keys[:, :, :, :8],
+                pool_values,
+                blocks,
                 query_positions,
                 key_positions,
                 window,

@@ -114,17 +114,116 @@ def test_a_sliding_window_model_too(window):
         assert sink.tokens[request.id] == tokens
 
 
+class CompileCount:
+    """Backend compilations while in the `with` block."""
+
+    def __enter__(self):
+        self.compiles = []
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event: str, duration: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compiles.append(duration)
+
+    def __exit__(self, *_):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_a_paged_cache_gives_the_solo_tokens_and_its_pool_runs_dry_without_loss(model):
+    """36 requests through 4 slots and a pool of 20 blocks of 8, where one request can
+    need 12: the head of the queue waits for blocks (slots stand free), and then every
+    request still gets its solo greedy tokens, nothing compiles after warm-up, and
+    every block is free at the end."""
+    engine = Engine(
+        model, max_batch=4, max_len=MAX_LEN, prefill_chunk=64, block_size=8, kv_blocks=20
+    )
+    engine.warmup()
+    pool = engine.scheduler.pool
+    requests = mixed_requests(model.config.vocab_size, 36, seed=0)
+    starved = []  # steps where a request waited with a slot free: blocks ran out
+    step = engine.step
+
+    def watched_step():
+        out = step()
+        free_slot = engine.active_slots < engine.max_batch
+        starved.append(free_slot and bool(engine.scheduler.waiting))
+        assert pool.used == sum(len(s.blocks) for s in engine.scheduler.running)
+        return out
+
+    engine.step = watched_step
+    with CompileCount() as counted:
+        sink = run_staggered(engine, requests)
+    assert counted.compiles == []
+    assert sum(starved) > 0
+    for request, tokens in zip(requests, solo(model, requests), strict=True):
+        assert sink.tokens[request.id] == tokens, request.prompt
+        assert sink.finish(request.id).finish_reason == "length"
+    assert pool.used == 0 and pool.available == 20
+
+
+def test_prefix_cache_hits_give_the_tokens_of_misses(model):
+    """Prompts sharing a 40-token header (some whole prompts repeated), staggered: the
+    later ones start their prefill after the header's cached blocks, and every request
+    gets its solo greedy tokens; an echo request computes its whole prompt."""
+    engine = Engine(model, max_batch=3, max_len=MAX_LEN, prefill_chunk=16, block_size=8)
+    pool = engine.scheduler.pool
+    rs = np.random.RandomState(7)
+    vocab = model.config.vocab_size
+    header = rs.randint(3, vocab, 40).tolist()
+    prompts = [header + rs.randint(3, vocab, rs.randint(1, 20)).tolist() for _ in range(8)]
+    prompts += [prompts[1], prompts[1], header[:17]]
+    requests = [Request(p, int(rs.randint(1, 20))) for p in prompts]
+    sink = run_staggered(engine, requests, every=6)
+    for request, tokens in zip(requests, solo(model, requests), strict=True):
+        assert sink.tokens[request.id] == tokens, request.prompt
+    assert pool.hit_tokens >= 8 * 40  # most later prompts found the header cached
+    assert pool.used == 0
+    echo = Request(prompts[2], 0, prompt_logprobs=0)
+    hits = pool.hit_tokens
+    run_staggered(engine, [echo])
+    assert pool.hit_tokens == hits
+
+
+def test_an_int8_cache_paged_or_not_gives_the_same_tokens(model):
+    """An int8 cache stores the same keys and scales in slots or in pages, so the two
+    engines agree token for token (and neither is the float cache: see
+    tests/test_paged_cache.py for int8's quality)."""
+    requests = {
+        paged: mixed_requests(model.config.vocab_size, 10, seed=3) for paged in (False, True)
+    }
+    tokens = {}
+    for paged, batch in requests.items():
+        engine = Engine(
+            model,
+            max_batch=3,
+            max_len=MAX_LEN,
+            prefill_chunk=16,
+            kv_dtype="int8",
+            block_size=8 if paged else None,
+        )
+        assert engine.cache.k[0].dtype == jnp.int8
+        sink = run_staggered(engine, batch)
+        tokens[paged] = [sink.tokens[r.id] for r in batch]
+    assert tokens[True] == tokens[False]
+
+
+def test_a_paged_cache_of_a_sliding_window_model_reuses_its_blocks():
+    """Past a window of 6 with chunks of 16: a row's rolling buffer of 21 slots is 3
+    blocks of 8, overwritten in turn, and a request never holds more."""
+    model = Mixtral(tiny_config(sliding_window=6), rngs=nnx.Rngs(5))
+    engine = Engine(model, max_batch=3, max_len=MAX_LEN, prefill_chunk=16, block_size=8)
+    assert engine.scheduler.pool.blocks_per_row == 3
+    requests = mixed_requests(model.config.vocab_size, 12, seed=1)
+    sink = run_staggered(engine, requests)
+    for request, tokens in zip(requests, solo(model, requests), strict=True):
+        assert sink.tokens[request.id] == tokens
+
+
 def test_nothing_compiles_after_warmup(model, engine):
     """Requests of every kind coming and going: greedy and sampled, log-probabilities,
     prompt log-probabilities, every prompt length, stop ids, cancellations."""
-    compiles = []
-
-    def listen(event: str, duration: float, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with CompileCount() as counted:
         vocab = model.config.vocab_size
         requests = mixed_requests(vocab, 8, seed=2)
         requests += mixed_requests(vocab, 6, seed=3, temperature=0.9, top_k=5, top_p=0.9)
@@ -139,9 +238,7 @@ def test_nothing_compiles_after_warmup(model, engine):
         engine.cancel(requests[-1].id)
         engine.run_until_idle()
         assert len({o.request_id for o in sink.outputs if o.finished}) == len(requests)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert compiles == []
+    assert counted.compiles == []
 
 
 def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(model, engine):
@@ -327,6 +424,12 @@ def test_a_full_queue_refuses_and_bad_settings_are_named(model):
         Engine(model, max_len=4096)
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
         Engine(model, max_batch=0)
+    with pytest.raises(ValueError, match="kv_blocks 5 cannot hold one request of max_len 96: "):
+        Engine(model, max_len=MAX_LEN, block_size=8, kv_blocks=5)
+    with pytest.raises(ValueError, match="kv_blocks sizes a paged cache: give block_size"):
+        Engine(model, max_len=MAX_LEN, kv_blocks=50)
+    with pytest.raises(ValueError, match="kv_dtype 'int4' is not one of int8, bfloat16"):
+        Engine(model, max_len=MAX_LEN, kv_dtype="int4")
     assert buckets(256) == (16, 32, 64, 128, 256) and buckets(100) == (16, 32, 64, 100)
 
 

@@ -142,6 +142,8 @@ def test_a_request_that_fails_ends_alone_and_the_server_serves_on(url, engine, m
 
 
 def test_sigterm_finishes_what_is_in_flight_and_exits_0(tmp_path):
+    """The CLI with a paged cache (--block_size): its blocks on /metrics, and on SIGTERM
+    the stream in flight ends complete and the process exits 0."""
     port = free_port()
     env = dict(os.environ, MIXTRAL_JAX_CACHE=str(tmp_path))
     server = subprocess.Popen(
@@ -157,6 +159,8 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(tmp_path):
             "32",
             "--max_batch",
             "2",
+            "--block_size",
+            "16",
         ],
         cwd=ROOT,
         env=env,
@@ -167,6 +171,9 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(url), timeout=240), server.stderr.read()
+        metrics = httpx.get(f"{url}/metrics").text  # a paged cache, all its blocks free
+        assert "\nkv_blocks_used 0.0" in metrics and "\nkv_blocks_total " in metrics
+        assert "\nprefix_cache_hit_rate 0.0" in metrics
         body = {
             "model": NAME,
             "prompt": "def f(x):",

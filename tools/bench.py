@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import os
 import re
 import signal
@@ -43,7 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixtral_jax import Mixtral, ModelConfig  # noqa: E402
 from mixtral_jax.backends.cpu.decode import COMPILER_OPTIONS  # noqa: E402
 from mixtral_jax.checkpoints import hub, store  # noqa: E402
+from mixtral_jax.inference.blocks import BlockPool  # noqa: E402
+from mixtral_jax.inference.engine import Engine  # noqa: E402
 from mixtral_jax.inference.generate import generate_tokens  # noqa: E402
+from mixtral_jax.inference.requests import Request  # noqa: E402
+from mixtral_jax.model.kv_cache import blocks_per_row, init_cache  # noqa: E402
 from mixtral_jax.model.moe import SparseMoE  # noqa: E402
 from mixtral_jax.params import flat_params  # noqa: E402
 from mixtral_jax.planning.plan import element_bits, forward_flops  # noqa: E402
@@ -416,6 +421,7 @@ def bench_serve(args, config: ModelConfig, peak: float):
         f"{args.prefill_rows} prompts a step; {args.serve_rounds} round(s) of the server "
         "and static batches alternated"
     )
+    _print_capacity(config, prompts, answers)
     hf, model = twins(args, config)
     compiled = set()
 
@@ -523,6 +529,151 @@ def bench_serve(args, config: ModelConfig, peak: float):
             f"{prefill_s:.1f} s prefilling {prompt_tokens} prompt tokens "
             f"({prompt_tokens / prefill_s:.0f}/s) and {decode_s:.1f} s decoding"
         )
+    if "prefix" in contenders:
+        _bench_prefix_caching(args, config, model)
+    if "cache" in contenders:
+        _bench_cache_kinds(config, model)
+
+
+def _bench_prefix_caching(args, config: ModelConfig, model) -> None:
+    """TTFT of requests sharing a long system prompt, through a paged server with and
+    without prefix caching."""
+    load = serve_load.shared_prefix_load(
+        PREFIX_REQUESTS, args.serve_rate, config.vocab_size, PREFIX_TOKENS, seed=3
+    )
+    print(
+        f"\n  Prefix caching: {len(load)} requests at {args.serve_rate}/s sharing a "
+        f"{PREFIX_TOKENS}-token system prompt, then 16-64 tokens of their own, 16 answer "
+        f"tokens each; a paged cache of blocks of {PREFIX_BLOCK}"
+    )
+    serve_load.header()
+    p50 = {}
+    for name, flags in (("without", ("--no_prefix_caching",)), ("with", ())):
+        flags = ("--block_size", str(PREFIX_BLOCK), *flags)
+        with _server(args, config, model, load, flags) as url:
+            results, makespan = serve_load.run_http(url, "bench", load)
+            hits = serve_load.scrape(url).get("prefix_cache_hit_rate", 0.0)
+        serve_load.summarize(f"{name} prefix caching", results, makespan, None)
+        p50[name] = statistics.median(r.first - r.arrival for r in results)
+        print(f"    prefix cache hit rate {100 * hits:.0f}% of prompt tokens")
+    print(f"  TTFT p50 {p50['without'] / p50['with']:.1f}x lower with prefix caching")
+
+
+def _bench_cache_kinds(config: ModelConfig, model) -> None:
+    """The engine's decode steps, batch SERVE_BATCH, over each kind of KV cache, in
+    alternated rounds: slots, pages, pages in int8 (and bfloat16 where the model
+    computes in float32)."""
+    kinds = {"slots": {}, "pages": {"block_size": 16}}
+    if model.config.compute_dtype != jnp.bfloat16:
+        kinds["pages, bfloat16"] = {"block_size": 16, "kv_dtype": "bfloat16"}
+    kinds["pages, int8"] = {"block_size": 16, "kv_dtype": "int8"}
+    engines = {
+        name: Engine(model, max_batch=SERVE_BATCH, max_len=1024, prefill_chunk=512, **kw)
+        for name, kw in kinds.items()
+    }
+    rs = np.random.RandomState(4)
+    rates = {name: [] for name in kinds}
+    for _ in range(CACHE_ROUNDS):
+        for name, engine in engines.items():
+            for _ in range(SERVE_BATCH):
+                engine.submit(Request(rs.randint(3, config.vocab_size, 512).tolist(), 65))
+            before_s, before_rows = engine.busy_seconds["decode"], engine.decode_rows
+            engine.run_until_idle()
+            steps_s = engine.busy_seconds["decode"] - before_s
+            rates[name].append((engine.decode_rows - before_rows) / steps_s)
+    print(
+        f"\n  Decode steps by KV cache kind ({SERVE_BATCH} rows, prompts of 512, 64 steps; "
+        f"tokens/s, {CACHE_ROUNDS} alternated rounds, the first compiling)"
+    )
+    for name, r in rates.items():
+        bytes_per_token = _cache_bytes_per_token(config, kinds[name].get("kv_dtype"))
+        print(
+            f"    {name:<18} {statistics.median(r[1:]):7.1f} ({', '.join(f'{x:.0f}' for x in r)})"
+            f"  {bytes_per_token:,.0f} bytes of cache per token"
+        )
+
+
+def _cache_bytes_per_token(config: ModelConfig, kv_dtype: str | None) -> float:
+    """Keys and values of one token in every layer, with int8's scales."""
+    c = config
+    dtype = jnp.dtype(kv_dtype or c.compute_dtype)
+    per_head = c.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0)
+    return 2 * c.num_layers * c.num_kv_heads * per_head
+
+
+# Prefix caching: requests, shared system prompt tokens, block size. Cache kinds: rounds.
+PREFIX_REQUESTS, PREFIX_TOKENS, PREFIX_BLOCK = 32, 1000, 16
+CACHE_ROUNDS = 3
+
+
+def cache_quality(
+    model: Mixtral, tokens: list[int], kv_dtype: str, reference: str, chunk: int = 16
+) -> tuple[float, float, float]:
+    """The logits of `tokens` read through a `kv_dtype` cache against a `reference`
+    one, teacher-forced (chunked prefill: each chunk of `chunk` tokens attends over the
+    cache the chunks before it wrote): (max and mean |logit error|, share of positions
+    whose greedy token agrees)."""
+    c = model.config
+    forward = nnx.jit(
+        lambda m, t, p, cache: m.forward(t, p, cache=cache, chunk=True),
+    )
+    logits = {}
+    for dtype in (kv_dtype, reference):
+        cache = init_cache(c, 1, len(tokens), jnp.dtype(dtype), chunk)
+        outs = []
+        for start in range(0, len(tokens) - chunk + 1, chunk):
+            ids = jnp.asarray([tokens[start : start + chunk]])
+            out = forward(model, ids, jnp.arange(start, start + chunk)[None], cache)
+            cache = out.cache
+            outs.append(np.asarray(out.logits[0], np.float32))
+        logits[dtype] = np.concatenate(outs)
+    got, want = logits[kv_dtype], logits[reference]
+    agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    error = np.abs(got - want)
+    return float(error.max()), float(error.mean()), agree
+
+
+def _print_capacity(config: ModelConfig, prompts: tuple, answers: tuple) -> None:
+    """Requests of the load's mix that fit at once in one cache memory, as slots and as
+    pages (`cache_capacity`)."""
+    jobs = serve_load.make_load(CAPACITY_DRAWS, 1.0, config.vocab_size, prompts, answers, seed=2)
+    slots, max_len = SERVE_BATCH, CAPACITY_LEN
+    print(
+        f"  KV cache capacity in the memory of {slots} slots of {max_len} tokens, for prompts "
+        f"{prompts[0]}-{prompts[1]} and answers {answers[0]}-{answers[1]} (a request holds the "
+        f"blocks its prompt and max_tokens fill; median, min-max of {len(jobs)} draws):"
+    )
+    for block_size in CAPACITY_BLOCKS:
+        counts = cache_capacity(config, jobs, slots, max_len, block_size)
+        median = statistics.median(counts)
+        print(
+            f"    pages of {block_size}: {median:.0f} requests ({min(counts)}-{max(counts)}), "
+            f"{median / slots:.1f}x the {slots} slots"
+        )
+
+
+# The capacity figures: the issue's context, blocks tried, requests drawn.
+CAPACITY_LEN, CAPACITY_BLOCKS, CAPACITY_DRAWS = 4096, (16, 64), 256
+
+
+def cache_capacity(
+    config: ModelConfig, jobs: list, slots: int, max_len: int, block_size: int
+) -> list[int]:
+    """How many of `jobs` at once a paged cache of as much memory as `slots` slots of
+    `max_len` admits (blocks of `block_size`, the engine's own `BlockPool`), counted
+    from each job in turn until the next does not fit. Slots hold `slots`."""
+    per_row = blocks_per_row(config, max_len, block_size)
+    counts = []
+    for first in range(len(jobs)):
+        pool, admitted = BlockPool(slots * per_row, block_size, per_row), 0
+        for job in itertools.islice(itertools.cycle(jobs), first, first + len(jobs)):
+            need = pool.needed(len(job.prompt), job.max_tokens)
+            if need > pool.available:
+                break
+            pool.take(need)
+            admitted += 1
+        counts.append(admitted)
+    return counts
 
 
 SERVER_ROW = "mixtral_jax serve (continuous)"
@@ -573,9 +724,10 @@ def at_their_rows(
 
 
 @contextlib.contextmanager
-def _server(args, config: ModelConfig, model, load):
-    """`python -m mixtral_jax.serve` on `model` in a process of its own, for `load`;
-    yields its URL once it answers, and stops it after."""
+def _server(args, config: ModelConfig, model, load, flags: tuple[str, ...] = ()):
+    """`python -m mixtral_jax.serve` on `model` in a process of its own, for `load`
+    (with more command-line `flags`); yields its URL once it answers, and stops it
+    after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -589,7 +741,7 @@ def _server(args, config: ModelConfig, model, load):
             "--tokenizer", "mistral-v1", "--port", str(port), "--model_name", "bench",
             "--max_batch", str(SERVE_BATCH), "--max_len", str(max_len),
             "--prefill_chunk", str(args.prefill_chunk), "--prefill_rows", str(args.prefill_rows),
-            "--max_queue", str(len(load)),
+            "--max_queue", str(len(load)), *flags,
         ]  # fmt: skip
         server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
         url = f"http://127.0.0.1:{port}"
@@ -650,8 +802,9 @@ def main(argv=None):
     )
     parser.add_argument(
         "--serve_contenders",
-        default="server,static,transformers",
-        help="serve: which of server, static (our generate), transformers to run",
+        default="server,static,transformers,prefix,cache",
+        help="serve: which of server, static (our generate), transformers to run, and "
+        "prefix (TTFT with and without prefix caching), cache (decode speed by KV cache)",
     )
     parser.add_argument("--train_batch", type=int, default=1, help="train: rows per step")
     parser.add_argument(

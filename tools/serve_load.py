@@ -56,6 +56,17 @@ def make_load(
     ]
 
 
+def shared_prefix_load(
+    count: int, rate: float, vocab: int, prefix: int, suffixes=(16, 64), answer: int = 16, seed=0
+) -> list[Job]:
+    """`count` requests at `rate` per second (Poisson) whose prompts all begin with the
+    same `prefix` tokens (a system prompt), each then its own 16-64 tokens."""
+    rs = np.random.RandomState(seed)
+    shared = rs.randint(3, vocab, prefix).tolist()
+    jobs = make_load(count, rate, vocab, suffixes, (answer, answer), seed + 1)
+    return [job._replace(prompt=shared + job.prompt) for job in jobs]
+
+
 async def _one(client: httpx.AsyncClient, url: str, model: str, job: Job, start: float) -> Result:
     await asyncio.sleep(max(0.0, start + job.arrival - time.perf_counter()))
     body = {

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import backends
+from mixtral_jax.inference.blocks import BlockPool
 from mixtral_jax.inference.cache import empty_cache
 from mixtral_jax.inference.generate import mesh_rules_of, rules_context
 from mixtral_jax.inference.requests import (
@@ -47,7 +48,7 @@ from mixtral_jax.inference.requests import (
 )
 from mixtral_jax.inference.sampling import Logprobs, RowSampling, logprobs, sample_rows
 from mixtral_jax.inference.scheduler import Chunk, Scheduler, Sequence
-from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.kv_cache import KVCache, blocks_per_row, row_length
 from mixtral_jax.model.mixtral import Mixtral, Unstacked
 from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules
 
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # Defaults: the most prompt tokens per step, and prompts per prefill call.
 PREFILL_CHUNK, PREFILL_ROWS = 512, 4
+# What the KV cache may store: the model's compute dtype (None), or int8 with a scale
+# per key (value) and head, half of bfloat16's memory.
+KV_DTYPES = (None, "int8", "bfloat16", "float32")
 
 
 def _slot_axis(cache: KVCache) -> int:
@@ -63,16 +67,28 @@ def _slot_axis(cache: KVCache) -> int:
     return 0 if isinstance(cache.k, tuple) else 1
 
 
+_BUFFERS = ("k", "v", "k_scale", "v_scale")  # a contiguous cache's, by slot
+
+
 def _slot_rows(cache: KVCache, slots: jax.Array) -> KVCache:
     """The cache's rows of `slots` [R] (batch R); a slot past the end (an unused row of
-    a call) reads as empty."""
+    a call) reads as empty. A paged cache's rows are their positions and block tables
+    (no block for an unused row); the pool is every row's."""
 
     def take(a, axis, fill):
         return jnp.take(a, slots, axis=axis, mode="fill", fill_value=fill)
 
+    rows = cache._replace(positions=take(cache.positions, 0, -1))
+    if cache.blocks is not None:
+        no_block = jax.tree.leaves(cache.k)[0].shape[-4]
+        return rows._replace(blocks=take(cache.blocks, 0, no_block))
     axis = _slot_axis(cache)
-    k, v = (jax.tree.map(lambda a, axis=axis: take(a, axis, 0), x) for x in (cache.k, cache.v))
-    return KVCache(k, v, take(cache.positions, 0, -1))
+    return rows._replace(
+        **{
+            name: jax.tree.map(lambda a: take(a, axis, 0), getattr(cache, name))
+            for name in _BUFFERS
+        }
+    )
 
 
 def _put_slot_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
@@ -81,12 +97,19 @@ def _put_slot_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
     def put(a, r, axis):
         return a.at[(slice(None),) * axis + (slots,)].set(r, mode="drop")
 
+    positions = put(cache.positions, rows.positions, 0)
+    if cache.blocks is not None:  # the pool as the call left it; the tables as they were
+        return rows._replace(positions=positions, blocks=cache.blocks)
     axis = _slot_axis(cache)
-    k, v = (
-        jax.tree.map(lambda a, r, axis=axis: put(a, r, axis), x, r)
-        for x, r in ((cache.k, rows.k), (cache.v, rows.v))
+    return cache._replace(
+        positions=positions,
+        **{
+            name: jax.tree.map(
+                lambda a, r: put(a, r, axis), getattr(cache, name), getattr(rows, name)
+            )
+            for name in _BUFFERS
+        },
     )
-    return KVCache(k, v, put(cache.positions, rows.positions, 0))
 
 
 _STATIC = ("graphdef", "mesh_rules", "prompt_logprobs")
@@ -110,14 +133,19 @@ def prefill_chunks(
 ):
     """R prompts' chunks in one call: tokens [R, C] (row r's first lengths[r] real, at
     positions starts[r]..) into the cache rows of slots [R] (emptied first where
-    `fresh`; a slot past the end is an unused row). Returns the token each row draws
+    `fresh`, but for the positions before starts[r], which a paged cache's prefix
+    cache holds; a slot past the end is an unused row). Returns the token each row draws
     from its last real token's logits, with its log-probabilities; with
     `prompt_logprobs`, those of `targets` [R, C] (the prompts' next tokens) everywhere.
     `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`)."""
     model = nnx.merge(graphdef, params)
     R, C = tokens.shape
     own = _slot_rows(cache, slots)
-    own = own._replace(positions=jnp.where(fresh[:, None], -1, own.positions))
+    # A new prompt's row forgets what its slot held, but the prompt's first `starts`
+    # tokens, whose keys are in the blocks the prefix cache gave it.
+    S = own.positions.shape[1]
+    held = jnp.where(jnp.arange(S) < starts[:, None], jnp.arange(S, dtype=jnp.int32), -1)
+    own = own._replace(positions=jnp.where(fresh[:, None], held, own.positions))
     index = jnp.arange(C, dtype=jnp.int32)
     last = jnp.maximum(lengths - 1, 0)  # [R]
     with rules_context(mesh_rules):
@@ -204,6 +232,10 @@ class Engine:
         max_queue: int = 256,
         mesh: jax.sharding.Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
+        block_size: int | None = None,
+        kv_blocks: int | None = None,
+        prefix_caching: bool = True,
+        kv_dtype: str | None = None,
     ):
         c = model.config
         for name, value in (
@@ -212,9 +244,16 @@ class Engine:
             ("prefill_chunk", prefill_chunk),
             ("prefill_rows", prefill_rows),
             ("max_queue", max_queue),
+            ("block_size", block_size or 1),
+            ("kv_blocks", kv_blocks or 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(
+                f"kv_dtype {kv_dtype!r} is not one of {', '.join(map(str, KV_DTYPES[1:]))} "
+                "(or None: the model's compute dtype)"
+            )
         if max_len > c.max_position_embeddings:
             raise ValueError(
                 f"max_len {max_len} exceeds the model's max_position_embeddings "
@@ -222,14 +261,30 @@ class Engine:
             )
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
-        self.scheduler = Scheduler(max_batch, min(prefill_chunk, max_len), prefill_rows, max_queue)
+        prefill_chunk = min(prefill_chunk, max_len)
+        pool, paged = None, None
+        if block_size is not None:
+            per_row = blocks_per_row(c, max_len, block_size, prefill_chunk)
+            kv_blocks = kv_blocks or max_batch * per_row
+            if kv_blocks < per_row:
+                raise ValueError(
+                    f"kv_blocks {kv_blocks} cannot hold one request of max_len {max_len}: "
+                    f"it needs {per_row} blocks of {block_size}; raise kv_blocks or lower max_len"
+                )
+            # A rolling buffer shorter than a request overwrites its own blocks: not shared.
+            rolls = row_length(c, max_len, prefill_chunk) < max_len
+            pool = BlockPool(kv_blocks, block_size, per_row, prefix_caching and not rolls)
+            paged = (kv_blocks, block_size)
+        elif kv_blocks is not None:
+            raise ValueError("kv_blocks sizes a paged cache: give block_size too")
+        self.scheduler = Scheduler(max_batch, prefill_chunk, prefill_rows, max_queue, pool)
         self._graphdef, self._params = nnx.split(model)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
         self._decode_fn = jitted_decode(self._backend.compiler_options)
         self._prefill_weights = self._backend.prefill()
         self._new_cache = functools.partial(
-            empty_cache, c, max_batch, max_len, mesh, rules, chunk=self.scheduler.prefill_chunk
+            empty_cache, c, max_batch, max_len, mesh, rules, kv_dtype, prefill_chunk, paged
         )
         self.cache = self._fresh_cache()
         self._lock = threading.Condition()
@@ -317,6 +372,7 @@ class Engine:
         self.scheduler.admit()
         start = time.perf_counter()
         chunks = self.scheduler.chunks()
+        self._sync_blocks()  # after chunks(): a first chunk may take cached prefix blocks
         if chunks:  # (reads the drawn tokens back: the call is done)
             self._guarded([c.sequence for c in chunks], news, self._prefill, chunks, news)
         prefilled = time.perf_counter()
@@ -441,16 +497,32 @@ class Engine:
             if isinstance(placed, jax.sharding.NamedSharding):
                 placed = jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec())
             cache = jax.device_put(cache, placed)
+        self._table = None if cache.blocks is None else np.asarray(cache.blocks)
         return cache
+
+    def _sync_blocks(self) -> None:
+        """A paged cache's block tables, as the running sequences hold their blocks."""
+        if self._table is None:
+            return
+        table = np.full_like(self._table, self.scheduler.pool.num_blocks)
+        for sequence in self.scheduler.running:
+            table[sequence.slot, : len(sequence.blocks)] = sequence.blocks
+        if not np.array_equal(table, self._table):
+            placed = self.cache.blocks.sharding
+            self.cache = self.cache._replace(blocks=jax.device_put(table, placed))
+            self._table = table
 
     def _prefill(self, chunks: list[Chunk], news: dict) -> None:
         prompt_logprobs = any(c.sequence.request.prompt_logprobs is not None for c in chunks)
         args = self._prefill_args(chunks, prompt_logprobs)
         tokens, drawn, prompt, self.cache = prefill_chunks(*args)
         tokens = np.asarray(tokens)
+        pool = self.scheduler.pool
         for row, chunk in enumerate(chunks):
             sequence, r = chunk.sequence, chunk.sequence.request
             sequence.prefilled += chunk.length
+            if pool is not None:
+                pool.register(r.prompt, sequence.blocks, sequence.prefilled)
             if r.prompt_logprobs is not None:
                 if chunk.start == 0:
                     sequence.prompt_logprobs = [TokenLogprob(None)]
@@ -482,7 +554,7 @@ class Engine:
             after = prompt[chunk.start + 1 : chunk.start + chunk.length + 1]
             targets[row, : len(after)] = after
             slots[row], starts[row], lengths[row] = chunk.sequence.slot, chunk.start, chunk.length
-            fresh[row] = chunk.start == 0
+            fresh[row] = chunk.start == chunk.sequence.cached
         sampling = self._row_sampling([c.sequence for c in chunks], R, by_slot=False)
         return (
             self._graphdef,

@@ -3,6 +3,9 @@
 queue_depth                     gauge: requests waiting for a slot
 active_slots                    gauge: slots holding a request
 max_slots                       gauge: the engine's slots (--max_batch)
+kv_blocks_used, kv_blocks_total gauges: a paged cache's blocks held by requests, in all
+prefix_cache_hit_rate           gauge: of the prompt tokens looked up, the share cached
+prefix_cache_hit_tokens_total   counter: prompt tokens the prefix cache held (not computed)
 prompt_tokens_total             counter: prompt tokens of finished requests
 tokens_generated_total          counter: tokens generated
 requests_finished_total{reason} counter: stop, length, cancelled, error
@@ -74,6 +77,22 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("queue_depth", "Requests waiting for a slot", e.queue_depth)
         yield GaugeMetricFamily("active_slots", "Slots holding a request", e.active_slots)
         yield GaugeMetricFamily("max_slots", "The engine's decode slots", e.max_batch)
+        pool = e.scheduler.pool
+        if pool is not None:
+            yield GaugeMetricFamily("kv_blocks_used", "KV cache blocks held by requests", pool.used)
+            yield GaugeMetricFamily(
+                "kv_blocks_total", "KV cache blocks in the pool", pool.num_blocks
+            )
+            yield GaugeMetricFamily(
+                "prefix_cache_hit_rate",
+                "Of the prompt tokens looked up in the prefix cache, the share it held",
+                pool.hit_rate,
+            )
+            yield CounterMetricFamily(
+                "prefix_cache_hit_tokens",
+                "Prompt tokens the prefix cache held, not computed",
+                pool.hit_tokens,
+            )
         busy = CounterMetricFamily(
             "engine_busy_seconds", "Seconds spent prefilling and decoding", labels=["phase"]
         )

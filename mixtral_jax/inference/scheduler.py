@@ -10,6 +10,13 @@ Each step admits waiting requests into free slots, hands out prefill chunks (at 
 steps while the others keep decoding), then one decode step for every slot whose
 prompt is in the cache.
 
+With a paged cache (`blocks.BlockPool`), a request is admitted only when the pool has
+the blocks its prompt and `max_tokens` can fill, which it holds until it ends: the
+head of the queue waits for them (nothing is preempted, so nothing is recomputed), and
+a request in a slot never runs out of room. When its first chunk is chosen, the blocks
+of its prompt's longest prefix in the prefix cache take the place of its first ones,
+and its prefill starts after them.
+
 A prefill call is padded to fixed shapes, `rows` prompts of `length` tokens from a few
 buckets, and padding is not free: attention and the projections compute it (the
 experts skip it; docs/serving.md has the figures). So the step's chunks are those of
@@ -23,6 +30,7 @@ import collections
 import dataclasses
 from typing import NamedTuple
 
+from mixtral_jax.inference.blocks import BlockPool
 from mixtral_jax.inference.requests import Output, Request, TokenLogprob
 
 # The shortest prefill bucket: shorter chunks are padded to it.
@@ -55,6 +63,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     prompt_sent: bool = False
+    blocks: list[int] = dataclasses.field(default_factory=list)  # a paged cache's, in order
+    cached: int | None = None  # prompt tokens found in the prefix cache (None: not looked up)
 
     @property
     def prefilling(self) -> bool:
@@ -100,7 +110,15 @@ class Chunk(NamedTuple):
 class Scheduler:
     """Slots, the queue and this step's work: see the module docstring."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int, prefill_rows: int, max_queue: int):
+    def __init__(
+        self,
+        max_batch: int,
+        prefill_chunk: int,
+        prefill_rows: int,
+        max_queue: int,
+        pool: BlockPool | None = None,
+    ):
+        self.pool = pool
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
         # A call's chunks are padded to one of these lengths (`buckets`), and a call is
         # one prompt's chunk or `prefill_rows` (some rows unused).
@@ -118,11 +136,19 @@ class Scheduler:
         return incoming + len(self.waiting) - self.slots.count(None) >= self.max_queue
 
     def admit(self) -> list[Sequence]:
-        """Waiting sequences moved into free slots, oldest first."""
+        """Waiting sequences moved into free slots, oldest first, each with its blocks
+        (the oldest waits, and those behind it, until the pool has them)."""
         admitted = []
         for slot, holder in enumerate(self.slots):
             if holder is None and self.waiting:
-                sequence = self.waiting.popleft()
+                sequence = self.waiting[0]
+                if self.pool is not None:
+                    r = sequence.request
+                    need = self.pool.needed(len(r.prompt), r.max_tokens)
+                    if need > self.pool.available:
+                        break
+                    sequence.blocks = self.pool.take(need)
+                self.waiting.popleft()
                 sequence.slot, self.slots[slot] = slot, sequence
                 self.running.append(sequence)
                 admitted.append(sequence)
@@ -152,6 +178,22 @@ class Scheduler:
         prefilling = [s for s in self.running if s.prefilling][: self.prefill_rows]
         if not prefilling:
             return []
+        chosen = self._choose(prefilling)
+        if all(c.sequence.cached is not None for c in chosen):
+            return chosen
+        for c in chosen:  # first chunks: start after what the prefix cache holds
+            self._look_up(c.sequence)
+        return self._choose([c.sequence for c in chosen])
+
+    def _look_up(self, sequence: Sequence) -> None:
+        if sequence.cached is not None:
+            return
+        r = sequence.request
+        share = self.pool is not None and r.prompt_logprobs is None  # echo computes it all
+        sequence.cached = self.pool.share(r.prompt, sequence.blocks) if share else 0
+        sequence.prefilled = sequence.cached
+
+    def _choose(self, prefilling: list[Sequence]) -> list[Chunk]:
         options = []
         for n in sorted({1, len(prefilling)}):
             share = self.share(next(b for b in self.row_buckets if b >= n))
@@ -176,6 +218,9 @@ class Scheduler:
         self.slots[sequence.slot] = None
         self.running.remove(sequence)
         sequence.slot = None
+        if self.pool is not None:
+            self.pool.give(sequence.blocks)
+            sequence.blocks = []
 
     def find(self, request_id: str) -> Sequence | None:
         return next((s for s in (*self.running, *self.waiting) if s.request.id == request_id), None)

@@ -23,7 +23,7 @@ import jax
 from mixtral_jax import cli
 from mixtral_jax.backends.cpu.kernels import default_cache_dir
 from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
-from mixtral_jax.inference.engine import PREFILL_CHUNK, PREFILL_ROWS, Engine
+from mixtral_jax.inference.engine import KV_DTYPES, PREFILL_CHUNK, PREFILL_ROWS, Engine
 from mixtral_jax.parallel.mesh import make_mesh, parse_mesh
 
 
@@ -73,6 +73,32 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="requests waiting, beyond the free slots, before new ones get 429",
+    )
+    p.add_argument(
+        "--block_size",
+        type=int,
+        default=None,
+        help="a paged KV cache of blocks of this many tokens (e.g. 16): a request holds "
+        "the blocks its prompt and max_tokens can fill, not a whole --max_len slot",
+    )
+    p.add_argument(
+        "--kv_blocks",
+        type=int,
+        default=None,
+        help="with --block_size: blocks in the cache's pool (default: as many as "
+        "--max_batch slots of --max_len hold); requests wait for free blocks",
+    )
+    p.add_argument(
+        "--kv_dtype",
+        default=None,
+        choices=[d for d in KV_DTYPES if d],
+        help="what the KV cache stores (default: the model's compute dtype); int8 keeps "
+        "a scale per key and head, half of bfloat16's memory",
+    )
+    p.add_argument(
+        "--no_prefix_caching",
+        action="store_true",
+        help="with --block_size: compute every prompt whole, even a prefix cached before",
     )
     p.add_argument(
         "--shutdown_timeout",
@@ -135,12 +161,21 @@ def _serve(args: argparse.Namespace) -> None:
         prefill_rows=args.prefill_rows,
         max_queue=args.max_queue,
         mesh=mesh,
+        block_size=args.block_size,
+        kv_blocks=args.kv_blocks,
+        prefix_caching=not args.no_prefix_caching,
+        kv_dtype=args.kv_dtype,
     )
     if not args.no_warmup:
         engine.warmup()
+    pool = engine.scheduler.pool
+    cache = ""
+    if pool is not None:
+        cache = f", a pool of {pool.num_blocks} KV blocks of {pool.block_size}"
+        cache += ", prefix caching" if pool.prefix_caching else ""
     print(
         f"serving {name!r} ({model.config.num_layers} layers, {args.max_batch} slots of "
-        f"{max_len} tokens) on http://{args.host}:{args.port}/v1, ready after "
+        f"{max_len} tokens{cache}) on http://{args.host}:{args.port}/v1, ready after "
         f"{time.perf_counter() - start:.1f} s",
         file=sys.stderr,
         flush=True,

@@ -22,7 +22,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.model.config import ModelConfig
-from mixtral_jax.model.kv_cache import CACHE_AXES, LayerCache
+from mixtral_jax.model.kv_cache import (
+    CACHE_AXES,
+    POOL_AXES,
+    LayerCache,
+    dequantize,
+    gather_rows,
+    paged_slots,
+    quantize,
+)
 from mixtral_jax.model.layers import apply_rope, attach_adapters, project, weight
 from mixtral_jax.parallel.rules import constrain
 
@@ -128,13 +136,15 @@ class Projections(Protocol):
         q: jax.Array,
         keys: jax.Array,
         values: jax.Array,
+        blocks: jax.Array,
         query_positions: jax.Array,
         key_positions: jax.Array,
         sliding_window: int | None,
     ) -> jax.Array:
-        """q [B, K, G, H] (scaled) over the cache's keys and values [B, K, S, H], those
-        at key positions [B, S] a query at query_positions [B] sees (as
-        `cached_attention_mask`) -> [B, K, G, H]."""
+        """q [B, K, G, H] (scaled) over the cache's keys and values, blocks [N, K, bs, H]
+        that each row's table [B, M] lists in order of its S = M bs slots (contiguous
+        rows: N = B, bs = S, row b's table [b]), those at key positions [B, S] a query
+        at query_positions [B] sees (as `cached_attention_mask`) -> [B, K, G, H]."""
 
     def o(self, x: jax.Array) -> jax.Array:
         """The attention's output [B, N H] -> [B, D]."""
@@ -193,23 +203,48 @@ class Attention(nnx.Module):
             # indices made the TPU compiler copy the whole cache to scatter into it.
             rows, heads = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
             own = cache.k.ndim == 4  # the layer's own buffers, not every layer's
-            at = (rows, heads, cache.slots[:, None, :])
+            if cache.blocks is None:
+                at = (rows, heads, cache.slots[:, None, :])
+            else:  # a paged cache: [N, K, bs, H] blocks, each row's through its table
+                pool, bs = cache.k.shape[-4], cache.k.shape[-2]
+                page, offset = paged_slots(cache.blocks, cache.slots, bs, pool)
+                at = (page[:, None, :], heads, offset[:, None, :])
             at = at if own else (cache.layer, *at)
             new_keys, new_values = (a.swapaxes(1, 2) for a in (k, v))  # [B, K, T, H]
+            quantized = cache.k_scale is not None  # int8, a scale per key (value) and head
+            if quantized:
+                (new_keys, key_scales), (new_values, value_scales) = map(
+                    quantize, (new_keys, new_values)
+                )
             k_all = cache.k.at[at].set(new_keys.astype(cache.k.dtype), mode="drop")
             v_all = cache.v.at[at].set(new_values.astype(cache.v.dtype), mode="drop")
-            axes = CACHE_AXES.k[1:] if own else CACHE_AXES.k
+            axes = CACHE_AXES.k if cache.blocks is None else POOL_AXES
+            axes = axes[1:] if own else axes
             kv = constrain(k_all, axes), constrain(v_all, axes)
+            if quantized:
+                kv += tuple(
+                    constrain(a.at[at].set(scales, mode="drop"), axes[:-1])
+                    for a, scales in ((cache.k_scale, key_scales), (cache.v_scale, value_scales))
+                )
             if T == 1 or chunk:  # decode, or a prompt's chunk: attend over the cache
-                keys, values = (a if own else a[cache.layer] for a in kv)  # [B, K, S, H]
+                keys, values, *scales = (a if own else a[cache.layer] for a in kv)
+                if quantized:
+                    keys, values = (
+                        dequantize(a, s, dtype) for a, s in zip((keys, values), scales, strict=True)
+                    )
                 keys, values = keys.astype(dtype), values.astype(dtype)
                 if projections is not None:  # each row reads only the keys it sees
+                    blocks = cache.blocks
+                    if blocks is None:  # row b's slots are block b
+                        blocks = jnp.arange(B, dtype=jnp.int32)[:, None]
                     out = projections.attend(
-                        q[:, 0], keys, values, positions[:, 0], cache.key_positions,
+                        q[:, 0], keys, values, blocks, positions[:, 0], cache.key_positions,
                         c.sliding_window,
                     )  # fmt: skip
                     out = projections.o(out.reshape(B, N * H))
                     return constrain(out[:, None], ("batch", "length", "embed")), kv
+                if cache.blocks is not None:  # [B, K, S, H]: each row's blocks in order
+                    keys, values = (gather_rows(a, cache.blocks) for a in (keys, values))
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
                 out = _attend(q, keys, values, mask, kv_axes="BKSH")
                 return self._project(out.reshape(B, T, K * G, H)), kv

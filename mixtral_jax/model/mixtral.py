@@ -188,8 +188,9 @@ class Mixtral(nnx.Module):
         segment_ids: int [B, T]; tokens attend only within their segment and
         segment 0 marks padding, which routing statistics and expert capacity
         ignore. Default: one segment per row, no padding.
-        cache: with T > 1, a prefill into an empty cache (`kv_cache.init_cache`);
-        with T = 1, a decode step that attends over the cache. Positions must stay
+        cache: with T > 1, a prefill into an empty cache (`kv_cache.init_cache`, or
+        paged: `init_paged_cache`, its rows' block tables set); with T = 1, a decode
+        step that attends over the cache. Positions must stay
         below the cache length unless the cache is a sliding window's buffer.
         unstacked: the blocks in buffers of their own (`Unstacked`), read in place of
         the stacked layers: a decode step's, or, without one-row kernels, any call's.
@@ -220,13 +221,13 @@ class Mixtral(nnx.Module):
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
 
         x = constrain(self.embed(tokens, c.compute_dtype), ("batch", "length", "embed"))
-        kv, slots, key_positions = None, None, None
+        kv, slots, key_positions, blocks = None, None, None, None
         if cache is not None:
             slots, key_positions = cache_slots(cache, positions, token_mask)
-            kv = (cache.k, cache.v)
+            kv, blocks = cache.buffers, cache.blocks
         # Unstacked experts are the sorted dispatch's rows (`moe.ExpertsFn`).
         moe_impl = moe.DECODE_IMPL if decode or unstacked is not None else c.moe_impl
-        inputs = (positions, segment_ids, token_mask, slots, key_positions)
+        inputs = (positions, segment_ids, token_mask, slots, key_positions, blocks)
         x, (stats, weights, experts), kv = self._run_layers(
             x, kv, inputs, moe_impl, unstacked, chunk, differentiable
         )
@@ -238,7 +239,7 @@ class Mixtral(nnx.Module):
         else:
             logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
         logits = constrain(logits, ("batch", "length", "vocab"))
-        new_cache = None if cache is None else KVCache(*kv, key_positions)
+        new_cache = None if cache is None else KVCache(*kv[:2], key_positions, blocks, *kv[2:])
         return ModelOutput(logits, LayerRouting(stats, weights, experts), new_cache)
 
     def _run_layers(
@@ -285,7 +286,7 @@ class Mixtral(nnx.Module):
         outs, layer_kv = [], []
         for i, args in enumerate(layers):
             if per_layer_cache:
-                (x, kv_i), out = block((x, (kv[0][i], kv[1][i])), *args)
+                (x, kv_i), out = block((x, tuple(a[i] for a in kv)), *args)
                 layer_kv.append(kv_i)
             else:
                 (x, kv), out = block((x, kv), *args)
@@ -298,16 +299,19 @@ class Mixtral(nnx.Module):
         """One block as a function of (x, kv) and (its parameters, its layer index, its
         slice of the stacked experts when they are trained in place or None), and
         optionally its experts and attention projections as functions (`Unstacked`)."""
-        positions, segment_ids, token_mask, slots, key_positions = inputs
+        positions, segment_ids, token_mask, slots, key_positions, blocks = inputs
 
         def block(carry, scanned, experts_fn=None, projections=None):
             x, kv = carry  # kv: every layer's [L, ...] buffers, or this layer's own
+            # (KVCache.buffers: keys, values, an int8 cache's scales)
             layer_params, layer, own = scanned  # own: the layer's slice of `stacked`
             module = nnx.merge(graphdef, stacked, layer_params)
             if own is not None:
                 own_experts = nnx.merge(graphdef, own, layer_params).moe.experts
                 experts_fn = module.moe.experts.trainable_rows_fn(own_experts, layer)
-            cache = None if kv is None else LayerCache(*kv, layer, slots, key_positions)
+            cache = None
+            if kv is not None:
+                cache = LayerCache(*kv[:2], layer, slots, key_positions, blocks, *kv[2:])
             x, out, kv = module(
                 x,
                 positions,

@@ -93,8 +93,15 @@ def per_layer(cache: KVCache) -> KVCache:
     over the stacked [L, ...] cache would copy each layer's keys and values, the whole
     cache, on every step."""
     L = cache.k.shape[0]
-    return KVCache(
-        tuple(cache.k[i] for i in range(L)), tuple(cache.v[i] for i in range(L)), cache.positions
+
+    def split(a):
+        return None if a is None else tuple(a[i] for i in range(L))
+
+    return cache._replace(
+        k=split(cache.k),
+        v=split(cache.v),
+        k_scale=split(cache.k_scale),
+        v_scale=split(cache.v_scale),
     )
 
 

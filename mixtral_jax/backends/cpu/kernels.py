@@ -77,8 +77,8 @@ class PackedAttention(NamedTuple):
     qkv: DenseKernel  # [D] -> q, k and v side by side [(N + 2K) H]
     o: DenseKernel  # [N H] -> [D]
 
-    def attend(self, q, keys, values, query_positions, key_positions, sliding_window):
-        return attend(q, keys, values, query_positions, key_positions, sliding_window)
+    def attend(self, q, keys, values, blocks, query_positions, key_positions, sliding_window):
+        return attend(q, keys, values, blocks, query_positions, key_positions, sliding_window)
 
 
 class PackedExperts(NamedTuple):
@@ -198,6 +198,7 @@ def attend(
     q: jax.Array,
     keys: jax.Array,
     values: jax.Array,
+    blocks: jax.Array,
     query_positions: jax.Array,
     key_positions: jax.Array,
     sliding_window: int | None,
@@ -205,14 +206,17 @@ def attend(
     variant: str = "",
 ) -> jax.Array:
     """A decode step's attention: q [B, K, G, H] float32 (scaled) over each row's keys
-    and values [B, K, S, H] at key positions [B, S] (-1: empty) up to its query's
-    position [B] (within `sliding_window`) -> [B, K, G, H]. Keys outside are never read;
-    a row with none gets zeros."""
+    and values, blocks [N, K, bs, H] that the row's table [B, M] lists in order of its
+    S = M bs slots (contiguous rows: N = B, bs = S, row b's table [b]), at key positions
+    [B, S] (-1: empty) up to its query's position [B] (within `sliding_window`) ->
+    [B, K, G, H]. Keys outside, or in no block (a table entry outside [0, N)), are never
+    read; a row with none gets zeros."""
     call = jax.ffi.ffi_call(ATTEND_TARGET + variant, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(
         q,
         keys,
         values,
+        blocks.astype(jnp.int32),
         key_positions.astype(jnp.int32),
         query_positions.astype(jnp.int32),
         window=sliding_window or 0,

@@ -351,42 +351,49 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// A decode step's attention over a paged cache: keys and values are blocks
+// [N, K, bs, H], and row b's slot s is slot s % bs of block blocks[b, s / bs]
+// (contiguous rows: N = B, bs = S, blocks[b] = {b}).
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
-                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> key_positions,
-                  ffi::Buffer<ffi::S32> query_positions, int64_t window,
-                  ffi::ResultBuffer<ffi::F32> out) {
+                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> blocks,
+                  ffi::Buffer<ffi::S32> key_positions, ffi::Buffer<ffi::S32> query_positions,
+                  int64_t window, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
-    return ffi::Error::InvalidArgument("cpu_moe: attention operands must be 4-D");
+  const auto td = blocks.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("cpu_moe: attention operands must be 4-D, blocks 2-D");
   }
-  const int64_t B = qd[0], K = qd[1], G = qd[2], H = qd[3], S = kd[2];
-  if (kd[0] != B || kd[1] != K || kd[3] != H || vd[0] != B || vd[1] != K || vd[2] != S ||
-      vd[3] != H || key_positions.element_count() != B * S ||
+  const int64_t B = qd[0], K = qd[1], G = qd[2], H = qd[3];
+  const int64_t N = kd[0], bs = kd[2], M = td[1], S = M * bs;
+  if (kd[1] != K || kd[3] != H || vd[0] != N || vd[1] != K || vd[2] != bs || vd[3] != H ||
+      td[0] != B || key_positions.element_count() != B * S ||
       query_positions.element_count() != B) {
     return ffi::Error::InvalidArgument("cpu_moe: attention operand shapes do not fit together");
   }
   ParallelFor(pool, B * K, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> seen;
+    std::vector<int64_t> seen;  // offsets of the keys seen, in floats from a head's start
     std::vector<float> scores;
     for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / K;
+      const int64_t b = bk / K, head = bk % K;
       const int32_t t = query_positions.typed_data()[b];
       const int32_t* kp = key_positions.typed_data() + b * S;
+      const int32_t* table = blocks.typed_data() + b * M;
       seen.clear();
       for (int64_t s = 0; s < S; ++s) {
-        const int32_t p = kp[s];
-        if (p >= 0 && p <= t && (window <= 0 || t - p < window)) seen.push_back(s);
+        const int32_t p = kp[s], block = table[s / bs];
+        if (p >= 0 && p <= t && (window <= 0 || t - p < window) && block >= 0 && block < N)
+          seen.push_back(((block * K + head) * bs + s % bs) * H);
       }
       const int64_t n = seen.size();
-      const float* k = keys.typed_data() + bk * S * H;
-      const float* v = values.typed_data() + bk * S * H;
+      const float* k = keys.typed_data();
+      const float* v = values.typed_data();
       float* o = out->typed_data() + bk * G * H;
       std::fill(o, o + G * H, 0.0f);
       if (n == 0) continue;  // an idle row: its output is never used
       scores.resize(G * n);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t g = 0; g < G; ++g)
-          scores[g * n + i] = Dot(q.typed_data() + (bk * G + g) * H, k + seen[i] * H, H);
+          scores[g * n + i] = Dot(q.typed_data() + (bk * G + g) * H, k + seen[i], H);
       for (int64_t g = 0; g < G; ++g) {
         float* w = scores.data() + g * n;
         const float top = *std::max_element(w, w + n);
@@ -395,7 +402,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
         float* og = o + g * H;
         for (int64_t i = 0; i < n; ++i) {
           const float weight = w[i] / total;
-          const float* vi = v + seen[i] * H;
+          const float* vi = v + seen[i];
           for (int64_t h = 0; h < H; ++h) og[h] += weight * vi[h];
         }
       }
@@ -429,6 +436,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuAttend, Attend,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("window")
