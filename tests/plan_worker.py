@@ -188,7 +188,24 @@ def serving(config: ModelConfig) -> dict:
     chip = get_slice("cpu:8", hbm_gib=2 * one.peak / (1 - HEADROOM) / GiB)
     largest = largest_batch(config, chip, seq_len=64, mesh=mesh, prefill_rows=2)
     more = make_plan(config, chip, batch=largest.batch + 4, **kwargs)
+    paged = make_plan(
+        config, get_slice("cpu:8"), batch=8, prefill_chunk=32, block_size=16, mean_len=24,
+        kv_dtype="int8", **kwargs,
+    )  # fmt: skip
+    c, blocks = config, 8 * 2  # 8 requests of 24 tokens on average: 2 blocks of 16 each
+    # The pool [L, N, K, 16, H] int8 and its scales [L, N, K, 16] float32, split by KV
+    # head (tensor) alone; the block tables [8, 64 / 16] and positions [8, 64] int32 by
+    # slot (data).
+    per_block = c.num_layers * (c.num_kv_heads // 2) * 16 * (c.head_dim + 4)
+    tables = (8 // 4) * (64 // 16) * 4 + (8 // 4) * 64 * 4
     return {
+        "paged": {
+            "programs": {p.name: p.tokens for p in paged.programs},
+            "fits": paged.fits,
+            "cache": paged.cache,
+            "cache_bytes": paged.cache_bytes,
+            "expected_cache_bytes": 2 * blocks * per_block + tables,
+        },
         "programs": {p.name: p.tokens for p in result.programs},
         "cache_bytes": result.cache_bytes,
         # [L, B, K, S, H] keys and values split by slot (data) and KV head (tensor),

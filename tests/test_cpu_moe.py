@@ -22,7 +22,7 @@ from mixtral_jax.backends.cpu import kernels
 from mixtral_jax.backends.cpu.decode import ExpertBuffers, per_layer, unstacked
 from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.model.attention import _attend, cached_attention_mask
-from mixtral_jax.model.kv_cache import init_cache
+from mixtral_jax.model.kv_cache import dequantize, gather_rows, init_cache, quantize
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.moe import SparseMoE
 
@@ -108,14 +108,16 @@ def test_dense_kernel_equals_a_matmul(K, N, variant):
         jax.block_until_ready(dense(x, packed, N + 16))
 
 
+@pytest.mark.parametrize("stored", ["float32", "int8"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("H, window", [(128, None), (40, 5)], ids=["causal", "window-tail"])
-def test_attention_kernel_equals_the_masked_softmax(H, window, paged, variant):
+def test_attention_kernel_equals_the_masked_softmax(H, window, paged, stored, variant):
     """Each row over the keys its slot holds, in any slot order (a rolling buffer's),
     some empty, one stored past the query; H = 40 leaves a tail of 8 past the vectors.
     Paged: the rows' slots are blocks of 8 of a shuffled pool, read through their
-    tables (an idle row's in no block). A row that sees no key (an idle slot) gets
-    zeros, where the mask would average."""
+    tables (an idle row's in no block). int8: the keys and values as an int8 cache
+    stores them, with a scale per key and head. A row that sees no key (an idle slot)
+    gets zeros, where the mask would average."""
     rng = np.random.RandomState(0)
     B, K, G, S = 6, 2, 3, 24
     q = rng.randn(B, K, G, H).astype(np.float32) * H**-0.5
@@ -135,8 +137,20 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, paged, variant):
         pool_keys, pool_values = (rng.randn(N, K, bs, H).astype(np.float32) for _ in range(2))
         for pool, rows in ((pool_keys, keys), (pool_values, values)):
             pool[blocks[:5]] = rows[:5].reshape(5, K, S // bs, bs, H).swapaxes(1, 2)
+    scales = ()
+    if stored == "int8":  # what the kernel reads, and what it must compute with
+        (pool_keys, key_scales), (pool_values, value_scales) = map(
+            quantize, (pool_keys, pool_values)
+        )
+        scales = key_scales, value_scales
+        pool = {"k": dequantize(pool_keys, key_scales, jnp.float32)}
+        pool["v"] = dequantize(pool_values, value_scales, jnp.float32)
+        if paged:
+            keys, values = (np.asarray(gather_rows(pool[n], blocks)) for n in ("k", "v"))
+        else:
+            keys, values = np.asarray(pool["k"]), np.asarray(pool["v"])
     attend = jax.jit(functools.partial(kernels.attend, variant=variant), static_argnums=6)
-    got = attend(q, pool_keys, pool_values, blocks, query_positions, key_positions, window)
+    got = attend(q, pool_keys, pool_values, blocks, query_positions, key_positions, window, *scales)
     mask = cached_attention_mask(query_positions[:, None], key_positions, window)
     want = _attend(q[:, None], keys, values, mask, kv_axes="BKSH")[:, 0]
     np.testing.assert_allclose(got[:5], want[:5], rtol=1e-5, atol=1e-5)
@@ -151,6 +165,7 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, paged, variant):
                 query_positions,
                 key_positions,
                 window,
+                *scales,
                 variant=variant,
             )
         )

@@ -92,6 +92,11 @@ def test_serving_plans_the_servers_programs_and_the_most_slots_that_fit(results)
     assert n > 8 and n % 4 == 0 and not got["more_fits"]
     assert got["text"].startswith(f"largest batch: {n} slots × 64 tokens (peak")
     assert got["none_text"] == "largest batch: not one slot of 64 tokens fits; use a larger slice"
+    # A paged int8 cache: a pool for 8 requests of 24 tokens, not 8 slots of 64.
+    paged = got["paged"]
+    assert paged["programs"] == {"prefill": 32, "decode": 8} and paged["fits"]
+    assert paged["cache_bytes"] == paged["expected_cache_bytes"]
+    assert paged["cache"] == "pages of 16, 24 tokens a request on average, int8"
 
 
 def test_the_tpu_compiler_plans_a_v5e_slice(results):

@@ -20,7 +20,10 @@ by the nearest mesh or batch that does. See mixtral_jax/planning/plan.py for the
 --mode serve plans the server (`python -m mixtral_jax.serve`): --batch slots
 (default 16, its --max_batch) of --seq_len tokens (its --max_len), its prefill
 call (--prefill_chunk tokens over up to --prefill_rows prompts) and decode step, and then finds the
-largest batch of slots that fits, with its decode roofline.
+largest batch of slots that fits, with its decode roofline. With --block_size (the
+server's), the cache is a paged pool sized for requests of --mean_len tokens on average
+(default 400: prompts of 16-512 and answers of 16-256), and --kv_dtype int8 stores it
+in 8 bits: the largest batch is then how many such requests run at once.
 
 --mode train plans training every weight as MaxText benchmarks Mixtral
 (configs/pretrain.py: bfloat16 compute, 4k rows, 8 rows per chip) and prints the
@@ -109,6 +112,8 @@ QUANTIZED_TABLE = [
         ("v6e-1", 1, 4096, "int4"),
     )
 ] + [("configs/mixtral_8x7b.py", "v5e-8", "lora", 8, 4096, "int8")]  # finetune_qlora.py
+# Serving with pages: the tokens a request fills on average, prompt and answer.
+MEAN_LEN = 400
 # Serving 8x7B: the most slots of 4096 tokens each slice holds (`--table serve`).
 SERVE_TABLE = [
     ("configs/mixtral_8x7b.py", slice_, 4096, scheme)
@@ -308,6 +313,22 @@ def main(argv: list[str] | None = None) -> int:
         "--prefill_chunk", type=int, default=PREFILL_CHUNK, help="serve: tokens per prefill call"
     )
     parser.add_argument(
+        "--block_size", type=int, default=None, help="serve: a paged KV cache of these blocks"
+    )
+    parser.add_argument(
+        "--mean_len",
+        type=int,
+        default=MEAN_LEN,
+        help="serve with --block_size: the tokens a request fills on average (prompt and "
+        "answer), which sizes the pool",
+    )
+    parser.add_argument(
+        "--kv_dtype",
+        default=None,
+        choices=("int8", "bfloat16"),
+        help="serve: what the KV cache stores",
+    )
+    parser.add_argument(
         "--table",
         nargs="?",
         const="all",
@@ -328,7 +349,13 @@ def _plan(args: argparse.Namespace) -> None:
         return
     serving = {}
     if args.mode == "serve":
-        serving = dict(prefill_rows=args.prefill_rows, prefill_chunk=args.prefill_chunk)
+        serving = dict(
+            prefill_rows=args.prefill_rows,
+            prefill_chunk=args.prefill_chunk,
+            block_size=args.block_size,
+            mean_len=args.mean_len,
+            kv_dtype=args.kv_dtype,
+        )
     start = time.perf_counter()
     result, nearest, searched = make(
         args.config,

@@ -140,11 +140,14 @@ class Projections(Protocol):
         query_positions: jax.Array,
         key_positions: jax.Array,
         sliding_window: int | None,
+        key_scales: jax.Array | None = None,
+        value_scales: jax.Array | None = None,
     ) -> jax.Array:
         """q [B, K, G, H] (scaled) over the cache's keys and values, blocks [N, K, bs, H]
         that each row's table [B, M] lists in order of its S = M bs slots (contiguous
         rows: N = B, bs = S, row b's table [b]), those at key positions [B, S] a query
-        at query_positions [B] sees (as `cached_attention_mask`) -> [B, K, G, H]."""
+        at query_positions [B] sees (as `cached_attention_mask`) -> [B, K, G, H]. An
+        int8 cache's keys and values come with their scales [N, K, bs]."""
 
     def o(self, x: jax.Array) -> jax.Array:
         """The attention's output [B, N H] -> [B, D]."""
@@ -228,21 +231,21 @@ class Attention(nnx.Module):
                 )
             if T == 1 or chunk:  # decode, or a prompt's chunk: attend over the cache
                 keys, values, *scales = (a if own else a[cache.layer] for a in kv)
-                if quantized:
-                    keys, values = (
-                        dequantize(a, s, dtype) for a, s in zip((keys, values), scales, strict=True)
-                    )
-                keys, values = keys.astype(dtype), values.astype(dtype)
                 if projections is not None:  # each row reads only the keys it sees
                     blocks = cache.blocks
                     if blocks is None:  # row b's slots are block b
                         blocks = jnp.arange(B, dtype=jnp.int32)[:, None]
                     out = projections.attend(
                         q[:, 0], keys, values, blocks, positions[:, 0], cache.key_positions,
-                        c.sliding_window,
+                        c.sliding_window, *scales,
                     )  # fmt: skip
-                    out = projections.o(out.reshape(B, N * H))
+                    out = projections.o(out.reshape(B, N * H).astype(dtype))
                     return constrain(out[:, None], ("batch", "length", "embed")), kv
+                if quantized:
+                    keys, values = (
+                        dequantize(a, s, dtype) for a, s in zip((keys, values), scales, strict=True)
+                    )
+                keys, values = keys.astype(dtype), values.astype(dtype)
                 if cache.blocks is not None:  # [B, K, S, H]: each row's blocks in order
                     keys, values = (gather_rows(a, cache.blocks) for a in (keys, values))
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)

@@ -52,7 +52,7 @@ from mixtral_jax.inference.generate import decode_step, prefill_step
 from mixtral_jax.inference.sampling import RowSampling, Sampling
 from mixtral_jax.inference.scheduler import Scheduler
 from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
-from mixtral_jax.model.kv_cache import init_cache
+from mixtral_jax.model.kv_cache import init_cache, init_paged_cache
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.parallel.placement import param_shardings, place, shardings_like
@@ -134,6 +134,7 @@ class Plan:
     optimizer_bytes: int  # per chip
     cache_bytes: int  # per chip
     programs: tuple[Program, ...]
+    cache: str = ""  # serving: how the KV cache is kept, when not slots of the model's dtype
 
     @property
     def static_bytes(self) -> int:
@@ -308,19 +309,33 @@ def _placed(config: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any]:
 
 
 def _serving(
-    config: ModelConfig, mesh: Mesh, rules, batch: int, seq_len: int, rows: int, chunk: int
+    config: ModelConfig,
+    mesh: Mesh,
+    rules,
+    batch: int,
+    seq_len: int,
+    rows: int,
+    chunk: int,
+    paged: tuple[int, int] | None = None,
+    kv_dtype: str | None = None,
 ) -> Steps:
     """The server's programs (`inference/engine.py`) for `batch` slots of `seq_len`
     tokens, each in its largest form: the largest prefill call of `chunk` tokens over
     up to `rows` prompts (`Scheduler.shapes`) with the prompts' log-probabilities, and
     the decode step over every slot with the drawn tokens'. The prefill's costs are
     those of a forward over the chunks (their attention over the chunks before them is
-    not counted)."""
+    not counted). `paged` (blocks, block_size): a pool of that many blocks in place of
+    the slots' cache; `kv_dtype`: what the cache stores."""
     graphdef, params = _placed(config, mesh, rules)
     chunk = min(chunk, seq_len)
     shapes = Scheduler(batch, chunk, rows, 1).shapes()
     rows, length = max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
-    cache = jax.eval_shape(functools.partial(init_cache, config, batch, seq_len, None, chunk))
+    dtype = None if kv_dtype is None else jnp.dtype(kv_dtype)
+    if paged is None:
+        make = functools.partial(init_cache, config, batch, seq_len, dtype, chunk)
+    else:
+        make = functools.partial(init_paged_cache, config, batch, seq_len, *paged, dtype, chunk)
+    cache = jax.eval_shape(make)
     cache = place(cache, cache_shardings(cache, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -532,10 +547,15 @@ def make_plan(
     name: str = "model",
     prefill_rows: int = PREFILL_ROWS,
     prefill_chunk: int = PREFILL_CHUNK,
+    block_size: int | None = None,
+    mean_len: int | None = None,
+    kv_dtype: str | None = None,
 ) -> Plan:
     """Compiles the steps of `mode` for `slice_` and reads what they need per chip.
     Serving (`batch` slots of `seq_len` tokens) prefills up to `prefill_chunk` tokens
-    of up to `prefill_rows` prompts per call, as the server's options say.
+    of up to `prefill_rows` prompts per call, as the server's options say; with
+    `block_size`, a paged cache of as many blocks as `batch` requests of `mean_len`
+    tokens (of up to `seq_len`) fill, in `kv_dtype` (the model's dtype if None).
 
     When the parameters, optimizer state and cache alone exceed a chip's memory,
     nothing is compiled and the plan has no programs.
@@ -555,14 +575,23 @@ def make_plan(
             "inference with it, or full fine-tuning without --quantize"
         )
     device_mesh, sizes = slice_mesh(mesh, slice_)
+    cache = ""
     if mode in ("inference", "serve"):
         config = config.replace(capacity_factor=None)  # generation is dropless
         if mode == "inference":
             planned = _inference(config, device_mesh, rules, batch, seq_len)
         else:
+            paged = None
+            if block_size is not None:
+                mean_len = min(mean_len or seq_len, seq_len)
+                paged = (batch * -(-mean_len // block_size), block_size)
+                cache = f"pages of {block_size}, {mean_len:,} tokens a request on average"
+            if kv_dtype is not None:
+                cache = f"{cache}, {kv_dtype}" if paged else kv_dtype
             planned = _serving(
-                config, device_mesh, rules, batch, seq_len, prefill_rows, prefill_chunk
-            )
+                config, device_mesh, rules, batch, seq_len, prefill_rows, prefill_chunk,
+                paged, kv_dtype,
+            )  # fmt: skip
     else:
         if train_config is None or (mode == "lora") != bool(train_config.lora.rank):
             raise PlanError(
@@ -586,6 +615,7 @@ def make_plan(
         planned.optimizer_bytes,
         planned.cache_bytes,
         tuple(programs),
+        cache,
     )
 
 

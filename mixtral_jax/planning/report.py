@@ -125,8 +125,9 @@ def largest_batch(largest: Plan | None, plan: Plan) -> str:
         return f"largest batch: not one slot of {plan.seq_len:,} tokens fits; use a larger slice"
     decode = next(p for p in largest.programs if p.name == "decode")
     speed = tokens_per_s(decode, largest.slice.chip)
+    cache = f", KV cache in {largest.cache}" if largest.cache else ""
     line = (
-        f"largest batch: {largest.batch} slots × {largest.seq_len:,} tokens "
+        f"largest batch: {largest.batch} slots × {largest.seq_len:,} tokens{cache} "
         f"(peak {gib(largest.peak)} per chip, in the {largest.peak_step})"
     )
     return line + (f"; decode roofline {_si(speed)} tokens/s" if speed else "")

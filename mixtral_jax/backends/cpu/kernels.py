@@ -51,6 +51,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
 TARGET = "mixtral_jax_cpu_moe"
 DENSE_TARGET = "mixtral_jax_cpu_dense"
 ATTEND_TARGET = "mixtral_jax_cpu_attend"
+ATTEND_INT8_TARGET = "mixtral_jax_cpu_attend_int8"
 # Past this many rows per expert on average (batch x k / E) a step is compute-bound
 # and XLA's library matmuls are as fast as the kernel (docs/cpu-decode.md).
 MAX_MEAN_ROWS = 16
@@ -77,8 +78,8 @@ class PackedAttention(NamedTuple):
     qkv: DenseKernel  # [D] -> q, k and v side by side [(N + 2K) H]
     o: DenseKernel  # [N H] -> [D]
 
-    def attend(self, q, keys, values, blocks, query_positions, key_positions, sliding_window):
-        return attend(q, keys, values, blocks, query_positions, key_positions, sliding_window)
+    def attend(self, q, keys, values, blocks, query_positions, key_positions, window, *scales):
+        return attend(q, keys, values, blocks, query_positions, key_positions, window, *scales)
 
 
 class PackedExperts(NamedTuple):
@@ -172,6 +173,7 @@ def register(library: ctypes.CDLL, variant: str = "") -> None:
         (TARGET, library.MixtralCpuMoE),
         (DENSE_TARGET, library.MixtralCpuDense),
         (ATTEND_TARGET, library.MixtralCpuAttend),
+        (ATTEND_INT8_TARGET, library.MixtralCpuAttendInt8),
     ):
         jax.ffi.register_ffi_target(target + variant, jax.ffi.pycapsule(handler), platform="cpu")
 
@@ -202,6 +204,8 @@ def attend(
     query_positions: jax.Array,
     key_positions: jax.Array,
     sliding_window: int | None,
+    key_scales: jax.Array | None = None,
+    value_scales: jax.Array | None = None,
     *,
     variant: str = "",
 ) -> jax.Array:
@@ -210,12 +214,21 @@ def attend(
     S = M bs slots (contiguous rows: N = B, bs = S, row b's table [b]), at key positions
     [B, S] (-1: empty) up to its query's position [B] (within `sliding_window`) ->
     [B, K, G, H]. Keys outside, or in no block (a table entry outside [0, N)), are never
-    read; a row with none gets zeros."""
-    call = jax.ffi.ffi_call(ATTEND_TARGET + variant, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    read; a row with none gets zeros. Keys and values are float32, or int8 read with
+    their scales [N, K, bs] (an int8 cache's); any other dtype is made float32 first."""
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    if key_scales is not None:
+        call = jax.ffi.ffi_call(ATTEND_INT8_TARGET + variant, out)
+        keys, values = (a.astype(jnp.int8) for a in (keys, values))
+        scales = (key_scales.astype(jnp.float32), value_scales.astype(jnp.float32))
+    else:
+        call = jax.ffi.ffi_call(ATTEND_TARGET + variant, out)
+        keys, values, scales = keys.astype(jnp.float32), values.astype(jnp.float32), ()
     return call(
         q,
         keys,
         values,
+        *scales,
         blocks.astype(jnp.int32),
         key_positions.astype(jnp.int32),
         query_positions.astype(jnp.int32),

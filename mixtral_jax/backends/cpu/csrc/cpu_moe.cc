@@ -22,8 +22,9 @@
 //
 // A decode step's attention, each row over the keys its own slot holds:
 //
-//   q [B, K, G, H] (G query heads per KV head), keys and values [B, K, S, H], the
-//   slots' key positions [B, S] (-1: empty), the queries' positions [B]
+//   q [B, K, G, H] (G query heads per KV head), keys and values in blocks [N, K, bs, H]
+//   that each row's table [B, M] lists (float32, or int8 with a scale per key and
+//   head), the rows' key positions [B, M bs] (-1: empty), the queries' positions [B]
 //   -> out [B, K, G, H] = softmax(q . k) v (q scaled already) over the keys at
 //   positions <= the query's (and within `window` of it when window > 0)
 //
@@ -340,26 +341,38 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// a . b over n floats, in vectors of W with a scalar tail.
-inline float Dot(const float* a, const float* b, int64_t n) {
+// What a cache holds: float32, or int8 with a float32 scale per key (value) and head.
+typedef int8_t bvec __attribute__((vector_size(W), aligned(1), may_alias));
+
+inline vec load_as_float(const float* p) { return load(p); }
+inline vec load_as_float(const int8_t* p) {
+  return __builtin_convertvector(*reinterpret_cast<const bvec*>(p), vec);
+}
+
+// a . b over n elements, in vectors of W with a scalar tail.
+template <typename T>
+inline float Dot(const float* a, const T* b, int64_t n) {
   vec sum = {};
   int64_t i = 0;
-  for (; i + W <= n; i += W) sum += load(a + i) * load(b + i);
+  for (; i + W <= n; i += W) sum += load(a + i) * load_as_float(b + i);
   float total = 0.0f;
   for (int64_t j = 0; j < W; ++j) total += sum[j];
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
   return total;
 }
 
 // A decode step's attention over a paged cache: keys and values are blocks
 // [N, K, bs, H], and row b's slot s is slot s % bs of block blocks[b, s / bs]
-// (contiguous rows: N = B, bs = S, blocks[b] = {b}).
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
-                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> blocks,
-                  ffi::Buffer<ffi::S32> key_positions, ffi::Buffer<ffi::S32> query_positions,
-                  int64_t window, ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
-  const auto td = blocks.dimensions();
+// (contiguous rows: N = B, bs = S, blocks[b] = {b}). int8 keys and values come with
+// their scales [N, K, bs] (nullptr for float32).
+template <typename T>
+ffi::Error AttendOver(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* keys,
+                      const T* values, const float* key_scales, const float* value_scales,
+                      ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd,
+                      ffi::Buffer<ffi::S32>& blocks, ffi::Buffer<ffi::S32>& key_positions,
+                      ffi::Buffer<ffi::S32>& query_positions, int64_t window,
+                      ffi::ResultBuffer<ffi::F32>& out) {
+  const auto qd = q.dimensions(), td = blocks.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2) {
     return ffi::Error::InvalidArgument("cpu_moe: attention operands must be 4-D, blocks 2-D");
   }
@@ -371,7 +384,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
     return ffi::Error::InvalidArgument("cpu_moe: attention operand shapes do not fit together");
   }
   ParallelFor(pool, B * K, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> seen;  // offsets of the keys seen, in floats from a head's start
+    std::vector<int64_t> seen;  // where the keys seen are, in elements from the pool's start
     std::vector<float> scores;
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / K, head = bk % K;
@@ -385,15 +398,15 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
           seen.push_back(((block * K + head) * bs + s % bs) * H);
       }
       const int64_t n = seen.size();
-      const float* k = keys.typed_data();
-      const float* v = values.typed_data();
       float* o = out->typed_data() + bk * G * H;
       std::fill(o, o + G * H, 0.0f);
       if (n == 0) continue;  // an idle row: its output is never used
       scores.resize(G * n);
-      for (int64_t i = 0; i < n; ++i)
+      for (int64_t i = 0; i < n; ++i) {
+        const float scale = key_scales ? key_scales[seen[i] / H] : 1.0f;
         for (int64_t g = 0; g < G; ++g)
-          scores[g * n + i] = Dot(q.typed_data() + (bk * G + g) * H, k + seen[i], H);
+          scores[g * n + i] = scale * Dot(q.typed_data() + (bk * G + g) * H, keys + seen[i], H);
+      }
       for (int64_t g = 0; g < G; ++g) {
         float* w = scores.data() + g * n;
         const float top = *std::max_element(w, w + n);
@@ -401,14 +414,39 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
         for (int64_t i = 0; i < n; ++i) total += (w[i] = std::exp(w[i] - top));
         float* og = o + g * H;
         for (int64_t i = 0; i < n; ++i) {
-          const float weight = w[i] / total;
-          const float* vi = v + seen[i];
-          for (int64_t h = 0; h < H; ++h) og[h] += weight * vi[h];
+          const float weight = w[i] / total * (value_scales ? value_scales[seen[i] / H] : 1.0f);
+          const T* vi = values + seen[i];
+          for (int64_t h = 0; h < H; ++h) og[h] += weight * static_cast<float>(vi[h]);
         }
       }
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> blocks,
+                  ffi::Buffer<ffi::S32> key_positions, ffi::Buffer<ffi::S32> query_positions,
+                  int64_t window, ffi::ResultBuffer<ffi::F32> out) {
+  return AttendOver(pool, q, keys.typed_data(), values.typed_data(), nullptr, nullptr,
+                    keys.dimensions(), values.dimensions(), blocks, key_positions,
+                    query_positions, window, out);
+}
+
+ffi::Error AttendInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> keys,
+                      ffi::Buffer<ffi::S8> values, ffi::Buffer<ffi::F32> key_scales,
+                      ffi::Buffer<ffi::F32> value_scales, ffi::Buffer<ffi::S32> blocks,
+                      ffi::Buffer<ffi::S32> key_positions,
+                      ffi::Buffer<ffi::S32> query_positions, int64_t window,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto kd = keys.dimensions();
+  if (key_scales.element_count() * kd.back() != keys.element_count() ||
+      value_scales.element_count() * kd.back() != values.element_count()) {
+    return ffi::Error::InvalidArgument("cpu_moe: attention operand shapes do not fit together");
+  }
+  return AttendOver(pool, q, keys.typed_data(), values.typed_data(), key_scales.typed_data(),
+                    value_scales.typed_data(), kd, values.dimensions(), blocks, key_positions,
+                    query_positions, window, out);
 }
 
 }  // namespace
@@ -434,6 +472,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuAttend, Attend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuAttendInt8, AttendInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
