@@ -77,3 +77,14 @@ def test_without_prefix_caching_nothing_is_shared():
     p = pool(prefix_caching=False)
     prefill(p, list(range(9)))
     assert p.share(list(range(9)), p.take(3)) == 0 and p.lookup_tokens == 0
+
+
+def test_a_lost_cache_forgets_every_prefix_and_frees_every_block():
+    p = pool(8)
+    held = prefill(p, [3] * 9)  # two full blocks registered, held
+    p.give(prefill(p, [4] * 9))  # two more registered, no longer held
+    p.forget()
+    assert not p.by_hash and not p.idle and p.available == 8 - len(held)
+    p.give(held)
+    assert sorted(p.free) == list(range(8))
+    assert p.share([3] * 9, p.take(3)) == 0

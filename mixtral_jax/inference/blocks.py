@@ -125,6 +125,14 @@ class BlockPool:
             if h not in self.by_hash and block not in self.hash_of:
                 self.by_hash[h], self.hash_of[block] = block, h
 
+    def forget(self) -> None:
+        """Empties the prefix cache, as when the cache's contents are lost: blocks no one
+        holds are free, and held ones will be when given back."""
+        self.free.extend(self.idle)
+        self.idle.clear()
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     @property
     def hit_rate(self) -> float:
         """Of the prompt tokens looked up in the prefix cache, the share it held."""

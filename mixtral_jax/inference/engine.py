@@ -11,7 +11,8 @@ over its chunks before), then runs one decode step for every slot whose prompt i
 the cache. A request that ends frees its slot at once; the next step gives it to a
 waiting one, whose first chunk forgets what the slot held.
 
-Shapes are fixed: the cache is [L, max_batch, K, max_len, H]; a prefill call is one
+Shapes are fixed: the cache is [L, max_batch, K, max_len, H] (or, paged, a pool of
+blocks and a block table per slot: `kv_cache.init_paged_cache`); a prefill call is one
 row or `prefill_rows`, its chunks padded to a few bucket lengths (powers of two up to
 `prefill_chunk`, and to its share of it per row); the decode step always
 runs every slot, idle ones masked (never written, never routed). After `warmup`,
@@ -219,6 +220,10 @@ class Engine:
     max_queue: requests waiting, beyond the free slots, before `submit` raises
     QueueFull. With a `mesh` (the model on it), the cache is split over it by `rules`
     and the steps shard as `generate`'s.
+    block_size: a paged cache of `kv_blocks` blocks of this many tokens (default: as
+    many as the slots would hold), a request holding those its prompt and max_tokens
+    fill (`blocks.BlockPool`), sharing cached prompt prefixes unless `prefix_caching` is
+    off. kv_dtype: what the cache stores (`KV_DTYPES`; None: the compute dtype).
     """
 
     def __init__(
@@ -463,6 +468,8 @@ class Engine:
             if any(a.is_deleted() for a in jax.tree.leaves(self.cache)):
                 self.cache = self._fresh_cache()
                 sequences = list(self.scheduler.running)
+                if self.scheduler.pool is not None:  # the cached prefixes went with it
+                    self.scheduler.pool.forget()
             for sequence in sequences:
                 self._end(sequence, news, "error", f"{type(e).__name__}: {e}")
 

@@ -109,7 +109,8 @@ def init_cache(
     chunk: int = 1,
 ) -> KVCache:
     """An empty cache for `batch_size` sequences of up to `max_length` tokens (a
-    rolling buffer with a sliding window: `row_length`)."""
+    rolling buffer with a sliding window: `row_length`). `dtype` int8 stores keys and
+    values in 8 bits with a float32 scale each (`quantize`)."""
     c = config
     S = row_length(c, max_length, chunk)
     shape = (c.num_layers, batch_size, c.num_kv_heads, S, c.head_dim)
