@@ -3,10 +3,8 @@ the contiguous cache's logits, across block boundaries and past the sliding wind
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,6 @@ from flax import nnx
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.backends.cpu.decode import per_layer, unstacked
-from mixtral_jax.checkpoints.load import EMBEDDED, load_tokenizer
 from mixtral_jax.model.kv_cache import (
     blocks_per_row,
     gather_rows,
@@ -25,7 +22,6 @@ from mixtral_jax.model.kv_cache import (
     paged_slots,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 B, T, CHUNK, BLOCK = 3, 21, 4, 4
 
 
@@ -124,8 +120,7 @@ def test_an_int8_cache_halves_bfloat16s_memory_within_its_quality_bounds(embedde
     512 tokens). The same cache against itself differs by nothing."""
     from tools import bench
 
-    text = (ROOT / "mixtral_jax/assets/sample/eval_code.jsonl").read_text().splitlines()[0]
-    tokens = load_tokenizer(EMBEDDED).encode(json.loads(text)["text"])[:256]
+    tokens = bench.code_sample_tokens(256)
     worst, mean, agree = bench.cache_quality(embedded_model, tokens, "int8", "bfloat16")
     assert agree >= 0.98 and mean < 0.05 and worst < 5, (worst, mean, agree)
     assert bench.cache_quality(embedded_model, tokens[:32], "bfloat16", "bfloat16")[:2] == (0, 0)

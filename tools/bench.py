@@ -597,13 +597,9 @@ def _bench_cache_kinds(config: ModelConfig, model) -> None:
 def _print_int8_quality() -> None:
     """int8 against bfloat16 caches on the embedded model (trained: its logits mean
     something, where the bench's random weights' do not)."""
-    import json
+    from mixtral_jax.checkpoints.load import EMBEDDED, load
 
-    from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
-
-    root = Path(__file__).resolve().parents[1]
-    text = (root / "mixtral_jax/assets/sample/eval_code.jsonl").read_text().splitlines()[0]
-    tokens = load_tokenizer(EMBEDDED).encode(json.loads(text)["text"])[:QUALITY_TOKENS]
+    tokens = code_sample_tokens(QUALITY_TOKENS)
     worst, mean, agree = cache_quality(load(EMBEDDED), tokens, "int8", "bfloat16")
     print(
         f"  int8 cache against bfloat16, the embedded model over {len(tokens)} tokens of code "
@@ -612,12 +608,24 @@ def _print_int8_quality() -> None:
     )
 
 
+def code_sample_tokens(count: int) -> list[int]:
+    """The first `count` tokens of the package's first sample of code, as the embedded
+    model's tokenizer reads it."""
+    import json
+
+    from mixtral_jax.checkpoints.load import EMBEDDED, load_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "mixtral_jax/assets/sample/eval_code.jsonl").read_text().splitlines()[0]
+    return load_tokenizer(EMBEDDED).encode(json.loads(text)["text"])[:count]
+
+
 def _cache_bytes_per_token(config: ModelConfig, kv_dtype: str | None) -> float:
-    """Keys and values of one token in every layer, with int8's scales."""
-    c = config
-    dtype = jnp.dtype(kv_dtype or c.compute_dtype)
-    per_head = c.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0)
-    return 2 * c.num_layers * c.num_kv_heads * per_head
+    """Keys and values of one token in every layer, with int8's scales: a one-slot
+    cache's buffers."""
+    dtype = None if kv_dtype is None else jnp.dtype(kv_dtype)
+    cache = jax.eval_shape(functools.partial(init_cache, config, 1, 1, dtype))
+    return sum(a.size * a.dtype.itemsize for a in cache.buffers)
 
 
 # Prefix caching: requests, shared system prompt tokens, block size. Cache kinds: rounds,

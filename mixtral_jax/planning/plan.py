@@ -41,7 +41,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.inference.cache import cache_shardings
+from mixtral_jax.inference.cache import cache_shardings, empty_cache
 from mixtral_jax.inference.engine import (
     PREFILL_CHUNK,
     PREFILL_ROWS,
@@ -52,7 +52,7 @@ from mixtral_jax.inference.generate import decode_step, prefill_step
 from mixtral_jax.inference.sampling import RowSampling, Sampling
 from mixtral_jax.inference.scheduler import Scheduler
 from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
-from mixtral_jax.model.kv_cache import init_cache, init_paged_cache
+from mixtral_jax.model.kv_cache import init_cache
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.parallel.placement import param_shardings, place, shardings_like
@@ -331,10 +331,7 @@ def _serving(
     shapes = Scheduler(batch, chunk, rows, 1).shapes()
     rows, length = max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
     dtype = None if kv_dtype is None else jnp.dtype(kv_dtype)
-    if paged is None:
-        make = functools.partial(init_cache, config, batch, seq_len, dtype, chunk)
-    else:
-        make = functools.partial(init_paged_cache, config, batch, seq_len, *paged, dtype, chunk)
+    make = functools.partial(empty_cache, config, batch, seq_len, None, rules, dtype, chunk, paged)
     cache = jax.eval_shape(make)
     cache = place(cache, cache_shardings(cache, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
