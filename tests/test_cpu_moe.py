@@ -171,6 +171,31 @@ def test_attention_kernel_equals_the_masked_softmax(H, window, paged, stored, va
         )
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_kernel_reads_a_rows_queries_together(window, variant):
+    """T = 3 queries a row (a speculative step's: positions t, t+1, t+2, their keys
+    stored), as heads of the row's kv heads: each sees the keys up to its own position,
+    not those of the queries after it; an idle row gets zeros."""
+    rng = np.random.RandomState(1)
+    B, K, G, T, S, H = 3, 2, 2, 3, 24, 40
+    q = rng.randn(B, T, K, G, H).astype(np.float32) * H**-0.5
+    keys, values = (rng.randn(B, K, S, H).astype(np.float32) for _ in range(2))
+    query_positions = np.array([[9, 10, 11], [2, 3, 4], [0, 1, 2]], np.int32)
+    key_positions = np.full((B, S), -1, np.int32)
+    for b in range(2):
+        held = np.arange(query_positions[b, -1] + 1)
+        key_positions[b, rng.permutation(S)[: len(held)]] = held
+    blocks = np.arange(B, dtype=np.int32)[:, None]
+    attend = jax.jit(functools.partial(kernels.attend, variant=variant), static_argnums=6)
+    heads = q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # query t: heads t G..
+    got = attend(heads, keys, values, blocks, query_positions, key_positions, window)
+    got = np.asarray(got).reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
+    mask = cached_attention_mask(query_positions, key_positions, window)
+    want = _attend(q, keys, values, mask, kv_axes="BKSH")
+    np.testing.assert_allclose(got[:2], want[:2], rtol=1e-5, atol=1e-5)
+    assert np.all(got[2] == 0)
+
+
 def test_decode_moe_with_the_kernel_equals_the_sorted_dispatch(built):
     """A decode step's MoE layer (one token per row, one padded row) gives the same
     output through the kernel as through XLA's per-expert matmuls."""

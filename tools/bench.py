@@ -533,6 +533,8 @@ def bench_serve(args, config: ModelConfig, peak: float):
         _bench_prefix_caching(args, config, model)
     if "cache" in contenders:
         _bench_cache_kinds(config, model)
+    if "speculate" in contenders:
+        _bench_speculation()
 
 
 def _bench_prefix_caching(args, config: ModelConfig, model) -> None:
@@ -594,6 +596,62 @@ def _bench_cache_kinds(config: ModelConfig, model) -> None:
     _print_int8_quality()
 
 
+def _bench_speculation() -> None:
+    """Code completion on the embedded model (trained: its drafts mean something), one
+    request at a time and SERVE_BATCH at once, by engines decoding plainly and with
+    n-gram drafts, in alternated rounds; the tokens must be the same."""
+    from mixtral_jax.checkpoints.load import EMBEDDED, load
+
+    model = load(EMBEDDED)
+    prompts = code_prompts(SPEC_PROMPTS, SPEC_PROMPT_TOKENS)
+    print(
+        f"\n  Speculative decoding ({SPEC_DRAFTER}) on the embedded model: {len(prompts)} "
+        f"pieces of code, their first {SPEC_PROMPT_TOKENS} tokens continued by "
+        f"{SPEC_ANSWER_TOKENS}, greedy; {SPEC_ROUNDS} alternated rounds, the first compiling"
+    )
+    for batch in SPEC_BATCHES:
+        engines = {
+            name: Engine(
+                model, max_batch=batch, max_len=1024, speculate=speculate, speculate_rows=batch
+            )
+            for name, speculate in (("plain", None), (SPEC_DRAFTER, SPEC_DRAFTER))
+        }
+        rates = {name: [] for name in engines}
+        tokens = {}
+        for _ in range(SPEC_ROUNDS):
+            for name, engine in engines.items():
+                tokens[name], rate, per_step = _decode_rate(engine, prompts, batch)
+                rates[name].append(rate)
+        plain, spec = (statistics.median(r[1:]) for r in rates.values())
+        e = engines[SPEC_DRAFTER]
+        print(
+            f"    batch {batch:>2}: plain {plain:6.0f} tokens/s, speculating {spec:6.0f} "
+            f"({spec / plain:.2f}x{', goal >= 1.5x' if batch == 1 else ''}); "
+            f"{per_step:.2f} tokens a row per step, "
+            f"{100 * e.accepted_tokens / max(e.drafted_tokens, 1):.0f}% of drafted tokens kept; "
+            f"same tokens: {'yes' if tokens['plain'] == tokens[SPEC_DRAFTER] else 'NO'}"
+        )
+
+
+def _decode_rate(engine: Engine, prompts: list[list[int]], batch: int):
+    """Every prompt's tokens, and the engine's decode steps' tokens per second and
+    tokens per row, `batch` requests at a time."""
+    got: dict[int, list[int]] = {}
+    before_s, before_tokens = engine.busy_seconds["decode"], engine.tokens_generated
+    before_rows = engine.decode_rows
+    for start in range(0, len(prompts), batch):
+        for i in range(start, min(start + batch, len(prompts))):
+            got[i] = []
+            on_output = lambda o, i=i: got[i].extend(o.tokens)  # noqa: E731
+            engine.submit(Request(prompts[i], SPEC_ANSWER_TOKENS, on_output=on_output))
+        engine.run_until_idle()
+    # Every token after the first comes from a decode step (the first: the prefill).
+    decoded = engine.tokens_generated - before_tokens - len(prompts)
+    seconds = engine.busy_seconds["decode"] - before_s
+    per_step = decoded / (engine.decode_rows - before_rows)
+    return [got[i] for i in range(len(prompts))], decoded / seconds, per_step
+
+
 def _print_int8_quality() -> None:
     """int8 against bfloat16 caches on the embedded model (trained: its logits mean
     something, where the bench's random weights' do not)."""
@@ -608,16 +666,29 @@ def _print_int8_quality() -> None:
     )
 
 
+def code_prompts(count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of `count` of the package's samples of code (those at
+    least that long; repeated if too few)."""
+    long_enough = [ids[:length] for ids in _code_samples() if len(ids) >= length]
+    return [long_enough[i % len(long_enough)] for i in range(count)]
+
+
 def code_sample_tokens(count: int) -> list[int]:
     """The first `count` tokens of the package's first sample of code, as the embedded
     model's tokenizer reads it."""
+    return _code_samples()[0][:count]
+
+
+def _code_samples() -> list[list[int]]:
+    """The package's samples of code, as the embedded model's tokenizer reads them."""
     import json
 
     from mixtral_jax.checkpoints.load import EMBEDDED, load_tokenizer
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "mixtral_jax/assets/sample/eval_code.jsonl").read_text().splitlines()[0]
-    return load_tokenizer(EMBEDDED).encode(json.loads(text)["text"])[:count]
+    lines = (root / "mixtral_jax/assets/sample/eval_code.jsonl").read_text().splitlines()
+    tokenizer = load_tokenizer(EMBEDDED)
+    return [tokenizer.encode(json.loads(line)["text"]) for line in lines]
 
 
 def _cache_bytes_per_token(config: ModelConfig, kv_dtype: str | None) -> float:
@@ -632,6 +703,9 @@ def _cache_bytes_per_token(config: ModelConfig, kv_dtype: str | None) -> float:
 # and the tokens int8's quality is read over.
 PREFIX_REQUESTS, PREFIX_TOKENS, PREFIX_BLOCK = 32, 1000, 16
 CACHE_ROUNDS, QUALITY_TOKENS = 3, 512
+# Speculative decoding: the drafter, code prompts (tokens), answers, rounds.
+SPEC_DRAFTER, SPEC_PROMPTS, SPEC_PROMPT_TOKENS, SPEC_ANSWER_TOKENS = "ngram:4", 16, 512, 256
+SPEC_ROUNDS, SPEC_BATCHES = 3, (1, 2, 4, 16)
 
 
 def cache_quality(
@@ -830,9 +904,10 @@ def main(argv=None):
     )
     parser.add_argument(
         "--serve_contenders",
-        default="server,static,transformers,prefix,cache",
+        default="server,static,transformers,prefix,cache,speculate",
         help="serve: which of server, static (our generate), transformers to run, and "
-        "prefix (TTFT with and without prefix caching), cache (decode speed by KV cache)",
+        "prefix (TTFT with and without prefix caching), cache (decode speed by KV cache), "
+        "speculate (n-gram speculative decoding against plain)",
     )
     parser.add_argument("--train_batch", type=int, default=1, help="train: rows per step")
     parser.add_argument(

@@ -21,6 +21,12 @@ parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
 those `generate` gives it alone. The decode step runs on the backend
 `backends.for_decode` chooses, and the prefill reads the weights it gives
 (`Decode.prefill`), as `generate`'s do; the SMoE never drops a token.
+
+With `speculate="ngram:K"`, a decode step where some row finds a draft in its own
+context (`speculate.Ngram`) verifies the drafts instead, every slot's newest token and
+draft in one call as wide as the longest draft needs (`verify_drafts`): each row gets
+its kept drafts and one token more (`speculate.accept`), the tokens plain decoding
+gives a greedy row, and a sampling row's tokens as plain sampling would draw them.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from mixtral_jax.inference.requests import (
 )
 from mixtral_jax.inference.sampling import Logprobs, RowSampling, logprobs, sample_rows
 from mixtral_jax.inference.scheduler import Chunk, Scheduler, Sequence
+from mixtral_jax.inference.speculate import Ngram, accept
 from mixtral_jax.model.kv_cache import KVCache, blocks_per_row, row_length
 from mixtral_jax.model.mixtral import Mixtral, Unstacked
 from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules
@@ -57,6 +64,10 @@ log = logging.getLogger(__name__)
 
 # Defaults: the most prompt tokens per step, and prompts per prefill call.
 PREFILL_CHUNK, PREFILL_ROWS = 512, 4
+# Speculative decoding on a CPU: at most this many decoding rows verify drafts. A verify
+# step computes every draft token, and a CPU's steps are bound by compute from a few rows
+# on, where the drafts then cost more than they save (docs/serving.md has the figures).
+SPECULATE_ROWS_CPU = 4
 # What the KV cache may store: the model's compute dtype (None), or int8 with a scale
 # per key (value) and head, half of bfloat16's memory.
 KV_DTYPES = (None, "int8", "bfloat16", "float32")
@@ -198,12 +209,45 @@ def _decode(
     return token, drawn, out.cache
 
 
+def verify_drafts(
+    graphdef,
+    params,
+    cache: KVCache,
+    tokens,
+    positions,
+    lengths,
+    rows: RowSampling,
+    mesh_rules,
+    with_logprobs: bool,
+    unstacked: Unstacked | None,
+):
+    """A speculative decode step: tokens [B, T], each row's newest token then its draft,
+    at positions[b] onwards, the first lengths[b] real (0: an idle slot, never written).
+    Returns the tokens each row emits [B, T] and how many [B] (`speculate.accept`), their
+    log-probabilities, and the cache. Rejected drafts' keys stay in the cache at
+    positions the row has not reached: no query sees them before they are overwritten."""
+    model = nnx.merge(graphdef, params)
+    index = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    with rules_context(mesh_rules):
+        out = model.forward(
+            tokens,
+            positions[:, None] + index,
+            (index < lengths[:, None]).astype(jnp.int32),
+            cache=cache,
+            chunk=True,
+            unstacked=unstacked,
+        )
+    emitted, count = accept(out.logits, tokens[:, 1:], jnp.maximum(lengths - 1, 0), rows)
+    drawn = logprobs(out.logits, emitted, MAX_TOP_LOGPROBS) if with_logprobs else None
+    return emitted, count, drawn, out.cache
+
+
 @functools.cache
-def jitted_decode(compiler_options: tuple = ()):
-    """The decode step, jitted with the backend's compiler options (none: the plain
-    path, as on a TPU)."""
+def jitted_decode(compiler_options: tuple = (), step=_decode):
+    """The decode step (or `verify_drafts`), jitted with the backend's compiler options
+    (none: the plain path, as on a TPU)."""
     return jax.jit(
-        _decode,
+        step,
         static_argnames=("graphdef", "mesh_rules", "with_logprobs"),
         donate_argnames=("cache",),
         compiler_options=dict(compiler_options) or None,
@@ -224,6 +268,9 @@ class Engine:
     many as the slots would hold), a request holding those its prompt and max_tokens
     fill (`blocks.BlockPool`), sharing cached prompt prefixes unless `prefix_caching` is
     off. kv_dtype: what the cache stores (`KV_DTYPES`; None: the compute dtype).
+    speculate: "ngram:K" (or a `speculate.Ngram`): each decode step of at most
+    `speculate_rows` rows (default: SPECULATE_ROWS_CPU on a CPU, every row elsewhere)
+    drafts K tokens a row from its context and verifies them in one call.
     """
 
     def __init__(
@@ -241,6 +288,8 @@ class Engine:
         kv_blocks: int | None = None,
         prefix_caching: bool = True,
         kv_dtype: str | None = None,
+        speculate: str | Ngram | None = None,
+        speculate_rows: int | None = None,
     ):
         c = model.config
         for name, value in (
@@ -251,6 +300,7 @@ class Engine:
             ("max_queue", max_queue),
             ("block_size", block_size or 1),
             ("kv_blocks", kv_blocks or 1),
+            ("speculate_rows", speculate_rows or 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -267,6 +317,14 @@ class Engine:
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         prefill_chunk = min(prefill_chunk, max_len)
+        self.drafter = Ngram.parse(speculate) if isinstance(speculate, str) else speculate
+        if self.drafter is not None and self.drafter.k >= prefill_chunk:
+            # A sliding window's rolling buffer holds prefill_chunk - 1 tokens past the
+            # window: a step may write no more than that.
+            raise ValueError(
+                f"speculate drafts {self.drafter.k} tokens a step, which needs a "
+                f"prefill_chunk above it (got {prefill_chunk}); draft fewer"
+            )
         pool, paged = None, None
         if block_size is not None:
             per_row = blocks_per_row(c, max_len, block_size, prefill_chunk)
@@ -287,6 +345,12 @@ class Engine:
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
         self._decode_fn = jitted_decode(self._backend.compiler_options)
+        self._verify_fn = jitted_decode(self._backend.compiler_options, verify_drafts)
+        if speculate_rows is None:
+            devices = jax.tree.leaves(self._params)[0].devices()
+            on_cpu = {d.platform for d in devices} == {"cpu"}
+            speculate_rows = SPECULATE_ROWS_CPU if on_cpu else max_batch
+        self.speculate_rows = speculate_rows
         self._prefill_weights = self._backend.prefill()
         self._new_cache = functools.partial(
             empty_cache, c, max_batch, max_len, mesh, rules, kv_dtype, prefill_chunk, paged
@@ -304,6 +368,8 @@ class Engine:
         self.tokens_generated = 0
         self.busy_seconds = {"prefill": 0.0, "decode": 0.0}
         self.decode_steps = [0] * (max_batch + 1)
+        # Speculative decoding: steps that verified drafts, tokens drafted, tokens kept.
+        self.verify_steps = self.drafted_tokens = self.accepted_tokens = 0
 
     # ---- from any thread ----
 
@@ -406,6 +472,12 @@ class Engine:
             chunks = [Chunk(Sequence(Request([0] * n, 1), 0, i), 0, n) for i in range(rows)]
             programs += [(prefill_chunks, self._prefill_args(chunks, p)) for p in (0, 1)]
         programs += [(self._decode_fn, self._decode_args([], p)) for p in (False, True)]
+        if self.drafter is not None:
+            programs += [
+                (self._verify_fn, self._verify_args([], {}, p, width))
+                for width in self.drafter.widths()
+                for p in (False, True)
+            ]
         for jitted, args in programs:
             jitted.lower(*args).compile()  # cached for the calls to come
 
@@ -581,6 +653,10 @@ class Engine:
 
     def _decode(self, decoding: list[Sequence], news: dict) -> None:
         with_logprobs = any(s.request.logprobs is not None for s in decoding)
+        drafts = self._drafts(decoding)
+        if any(drafts.values()):
+            self._verify(decoding, drafts, with_logprobs, news)
+            return
         tokens, drawn = self._run_decode(decoding, with_logprobs)
         tokens = np.asarray(tokens)
         for sequence in decoding:
@@ -591,6 +667,66 @@ class Engine:
     def _run_decode(self, decoding: list[Sequence], with_logprobs: bool):
         token, drawn, self.cache = self._decode_fn(*self._decode_args(decoding, with_logprobs))
         return token, drawn
+
+    def _drafts(self, decoding: list[Sequence]) -> dict[Sequence, list[int]]:
+        """Each row's draft (none in a step of more than `speculate_rows` rows), short
+        enough that the row's longest run (draft and one token) stays within max_tokens:
+        its positions then stay within the cache."""
+        if self.drafter is None or len(decoding) > self.speculate_rows:
+            return {}
+        return {
+            s: self.drafter.propose(
+                [*s.request.prompt, *s.generated], s.request.max_tokens - len(s.generated) - 1
+            )
+            for s in decoding
+        }
+
+    def _verify(
+        self, decoding: list[Sequence], drafts: dict, with_logprobs: bool, news: dict
+    ) -> None:
+        # The call is as wide as the longest draft needs (a few widths compile).
+        longest = max(map(len, drafts.values()))
+        width = next(w for w in self.drafter.widths() if w > longest)
+        args = self._verify_args(decoding, drafts, with_logprobs, width)
+        emitted, count, drawn, self.cache = self._verify_fn(*args)
+        emitted, count = np.asarray(emitted), np.asarray(count)
+        self.verify_steps += 1
+        for sequence in decoding:
+            slot, n, top = sequence.slot, int(count[sequence.slot]), sequence.request.logprobs
+            self.drafted_tokens += len(drafts[sequence])
+            self.accepted_tokens += n - 1
+            logprobs = (
+                _token_logprobs(drawn, top or 0, (slot, slice(n))) if with_logprobs else [None] * n
+            )
+            for token, logprob in zip(emitted[slot, :n], logprobs, strict=True):
+                if sequence.finish_reason is None:  # a stop id or max_tokens ends the run
+                    self._accept(sequence, int(token), logprob, news)
+
+    def _verify_args(
+        self, decoding: list[Sequence], drafts: dict, with_logprobs: bool, width: int
+    ) -> tuple:
+        """The arrays of a verify call of `width` tokens a row (a draft and its row's
+        newest token)."""
+        B, T = self.max_batch, width
+        tokens, positions = np.zeros((B, T), np.int32), np.zeros(B, np.int32)
+        lengths = np.zeros(B, np.int32)
+        for sequence in decoding:
+            draft, slot = drafts[sequence], sequence.slot
+            tokens[slot, 0] = sequence.generated[-1]
+            tokens[slot, 1 : 1 + len(draft)] = draft
+            positions[slot], lengths[slot] = sequence.position, 1 + len(draft)
+        return (
+            self._graphdef,
+            self._params,
+            self.cache,
+            tokens,
+            positions,
+            lengths,
+            self._row_sampling(decoding, B),
+            self._mesh_rules,
+            with_logprobs,
+            self._backend.unstacked,
+        )
 
     def _decode_args(self, decoding: list[Sequence], with_logprobs: bool) -> tuple:
         B = self.max_batch

@@ -93,6 +93,16 @@ class _EngineCollector(Collector):
                 "Prompt tokens the prefix cache held, not computed",
                 pool.hit_tokens,
             )
+        if e.drafter is not None:
+            yield CounterMetricFamily(
+                "spec_verify_steps", "Decode steps that verified drafts", e.verify_steps
+            )
+            yield CounterMetricFamily(
+                "spec_draft_tokens", "Tokens drafted (speculative decoding)", e.drafted_tokens
+            )
+            yield CounterMetricFamily(
+                "spec_accepted_tokens", "Drafted tokens the model kept", e.accepted_tokens
+            )
         busy = CounterMetricFamily(
             "engine_busy_seconds", "Seconds spent prefilling and decoding", labels=["phase"]
         )

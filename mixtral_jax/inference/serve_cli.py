@@ -101,6 +101,21 @@ def parser() -> argparse.ArgumentParser:
         help="with --block_size: compute every prompt whole, even a prefix cached before",
     )
     p.add_argument(
+        "--speculate",
+        default=None,
+        metavar="ngram:K",
+        help="speculative decoding: each step drafts up to K tokens a request from its own "
+        "context (prompt lookup) and verifies them in one call; same tokens, greedy or "
+        "sampled alike, several a step when the text repeats itself",
+    )
+    p.add_argument(
+        "--speculate_rows",
+        type=int,
+        default=None,
+        help="with --speculate: speculate in steps of at most this many requests "
+        "(default: 4 on a CPU, whose larger steps are bound by compute; all elsewhere)",
+    )
+    p.add_argument(
         "--shutdown_timeout",
         type=float,
         default=30.0,
@@ -165,6 +180,8 @@ def _serve(args: argparse.Namespace) -> None:
         kv_blocks=args.kv_blocks,
         prefix_caching=not args.no_prefix_caching,
         kv_dtype=args.kv_dtype,
+        speculate=args.speculate,
+        speculate_rows=args.speculate_rows,
     )
     if not args.no_warmup:
         engine.warmup()
@@ -173,6 +190,8 @@ def _serve(args: argparse.Namespace) -> None:
     if pool is not None:
         cache = f", a pool of {pool.num_blocks} KV blocks of {pool.block_size}"
         cache += ", prefix caching" if pool.prefix_caching else ""
+    if engine.drafter is not None:
+        cache += f", speculating {engine.drafter.k} tokens a step (n-gram)"
     print(
         f"serving {name!r} ({model.config.num_layers} layers, {args.max_batch} slots of "
         f"{max_len} tokens{cache}) on http://{args.host}:{args.port}/v1, ready after "

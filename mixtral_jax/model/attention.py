@@ -143,10 +143,11 @@ class Projections(Protocol):
         key_scales: jax.Array | None = None,
         value_scales: jax.Array | None = None,
     ) -> jax.Array:
-        """q [B, K, G, H] (scaled) over the cache's keys and values, blocks [N, K, bs, H]
-        that each row's table [B, M] lists in order of its S = M bs slots (contiguous
-        rows: N = B, bs = S, row b's table [b]), those at key positions [B, S] a query
-        at query_positions [B] sees (as `cached_attention_mask`) -> [B, K, G, H]. An
+        """q [B, K, T G, H] (scaled) over the cache's keys and values, blocks
+        [N, K, bs, H] that each row's table [B, M] lists in order of its S = M bs slots
+        (contiguous rows: N = B, bs = S, row b's table [b]), those at key positions
+        [B, S] the row's query t at query_positions [B, T] sees (as
+        `cached_attention_mask`) with its heads [t G, (t + 1) G) -> [B, K, T G, H]. An
         int8 cache's keys and values come with their scales [N, K, bs]."""
 
     def o(self, x: jax.Array) -> jax.Array:
@@ -177,22 +178,23 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
         and the updated cache keys and values (shaped as given) when a cache is given.
-        `projections`: this layer's projections as functions, which a decode step
-        (T = 1, with a cache) uses in place of the einsums. `chunk`: the T tokens
-        continue what the cache holds and attend over it, as a decode step does."""
+        `projections`: this layer's projections as functions of rows, which a call
+        that attends over the cache (a decode step, or a chunk: each token then a row of
+        its own) uses in place of the einsums. `chunk`: the T tokens continue what the
+        cache holds and attend over it, as a decode step does."""
         c = self.config
         dtype = x.dtype
         B, T, D = x.shape
         N, K, G, H = c.num_heads, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
-        if projections is not None and (cache is None or T != 1):
-            raise ValueError("projections replace the einsums of a decode step only (T = 1)")
+        if projections is not None and (cache is None or not (T == 1 or chunk)):
+            raise ValueError("projections replace the einsums of calls that attend over a cache")
 
         if projections is None:
             q = project(SPECS["q_proj"], x, self.q_proj, self.q_proj_lora)
             k = project(SPECS["k_proj"], x, self.k_proj, self.k_proj_lora)
             v = project(SPECS["v_proj"], x, self.v_proj, self.v_proj_lora)
-        else:  # q, k and v in one call: [B, D] -> [B, (N + 2K) H]
-            qkv = projections.qkv(x.reshape(B, D))
+        else:  # q, k and v in one call: [B T, D] -> [B T, (N + 2K) H]
+            qkv = projections.qkv(x.reshape(B * T, D))
             q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
             q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", None))
@@ -231,16 +233,19 @@ class Attention(nnx.Module):
                 )
             if T == 1 or chunk:  # decode, or a prompt's chunk: attend over the cache
                 keys, values, *scales = (a if own else a[cache.layer] for a in kv)
-                if projections is not None:  # each row reads only the keys it sees
+                if projections is not None:  # each query reads only the keys it sees
                     blocks = cache.blocks
                     if blocks is None:  # row b's slots are block b
                         blocks = jnp.arange(B, dtype=jnp.int32)[:, None]
+                    # A row's T queries side by side as heads of its kv heads: each key
+                    # (this call's too, written above) is read once for all of them.
                     out = projections.attend(
-                        q[:, 0], keys, values, blocks, positions[:, 0], cache.key_positions,
-                        c.sliding_window, *scales,
+                        q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H), keys, values,
+                        blocks, positions, cache.key_positions, c.sliding_window, *scales,
                     )  # fmt: skip
-                    out = projections.o(out.reshape(B, N * H).astype(dtype))
-                    return constrain(out[:, None], ("batch", "length", "embed")), kv
+                    out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
+                    out = projections.o(out.reshape(B * T, N * H).astype(dtype))
+                    return constrain(out.reshape(B, T, D), ("batch", "length", "embed")), kv
                 if quantized:
                     keys, values = (
                         dequantize(a, s, dtype) for a, s in zip((keys, values), scales, strict=True)

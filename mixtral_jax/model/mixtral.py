@@ -90,13 +90,13 @@ class Unstacked(NamedTuple):
     place of slicing the stacked [L, ...] parameters (a backend makes them:
     `backends.cpu`, where XLA copies every slice it takes before a matmul reads it, a
     second read of every weight that costs a short prefill about as much as its work).
-    With `attention` or `lm_head`, which compute one row per sequence, only a decode
-    step can use them.
+    With `attention` or `lm_head`, which compute rows (a token each), only calls over a
+    cache can use them: a decode step, or a chunk (a speculative step's draft).
 
     layers[l]: layer l's parameters, but the experts' (whose stacked parameters stay in
     the module, unread); experts[l]: its experts as a function of the rows sorted by
     expert (`moe.ExpertsFn`); attention[l]: its projections as functions, or None for
-    the einsums; lm_head: x [B, D] -> logits [B, V], or None for the einsum."""
+    the einsums; lm_head: x [R, D] -> logits [R, V], or None for the einsum."""
 
     layers: tuple[nnx.State, ...]
     experts: tuple[moe.ExpertsFn, ...]
@@ -193,7 +193,7 @@ class Mixtral(nnx.Module):
         step that attends over the cache. Positions must stay
         below the cache length unless the cache is a sliding window's buffer.
         unstacked: the blocks in buffers of their own (`Unstacked`), read in place of
-        the stacked layers: a decode step's, or, without one-row kernels, any call's.
+        the stacked layers: a call's over a cache, or, without kernels of rows, any call's.
         chunk: with a cache, T > 1 tokens that continue what each row's cache holds (a
         chunk of a prompt, prefilled piece by piece): they attend over the cache, their
         own keys included, instead of only among themselves.
@@ -209,10 +209,11 @@ class Mixtral(nnx.Module):
         _check_inputs(c, tokens, positions, segment_ids)
         B, T = tokens.shape
         decode = cache is not None and T == 1
-        if unstacked is not None and not decode and not unstacked.takes_any_length:
+        if unstacked is not None and not (decode or chunk) and not unstacked.takes_any_length:
             raise ValueError(
-                "these unstacked weights carry one-row kernels (attention, LM head), which "
-                "are for decode steps (one token per row); a prefill takes views without them"
+                "these unstacked weights carry kernels of rows (attention, LM head), which "
+                "are for calls over a cache (a decode step, a chunk); a prefill takes views "
+                "without them"
             )
         if chunk and cache is None:
             raise ValueError("a chunk continues the sequences in a cache; pass the cache")
@@ -235,7 +236,8 @@ class Mixtral(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
         if unstacked is not None and unstacked.lm_head is not None:
-            logits = unstacked.lm_head(x[:, 0])[:, None]
+            B, T, D = x.shape
+            logits = unstacked.lm_head(x.reshape(B * T, D)).reshape(B, T, -1)
         else:
             logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
         logits = constrain(logits, ("batch", "length", "vocab"))

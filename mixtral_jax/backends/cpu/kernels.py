@@ -213,8 +213,10 @@ def attend(
     and values, blocks [N, K, bs, H] that the row's table [B, M] lists in order of its
     S = M bs slots (contiguous rows: N = B, bs = S, row b's table [b]), at key positions
     [B, S] (-1: empty) up to its query's position [B] (within `sliding_window`) ->
-    [B, K, G, H]. Keys outside, or in no block (a table entry outside [0, N)), are never
-    read; a row with none gets zeros. Keys and values are float32, or int8 read with
+    [B, K, G, H]. With T queries a row (a speculative step's), query_positions is
+    [B, T] and heads [t G/T, (t+1) G/T) are query t's: each key is read once for all.
+    Keys outside, or in no block (a table entry outside [0, N)), are never read; a row
+    with none gets zeros. Keys and values are float32, or int8 read with
     their scales [N, K, bs] (an int8 cache's); any other dtype is made float32 first."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     if key_scales is not None:

@@ -40,6 +40,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -378,24 +379,34 @@ ffi::Error AttendOver(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* 
   }
   const int64_t B = qd[0], K = qd[1], G = qd[2], H = qd[3];
   const int64_t N = kd[0], bs = kd[2], M = td[1], S = M * bs;
+  // Q queries a row (a speculative step's draft): heads [q G/Q, (q+1) G/Q) are query q's.
+  const int64_t Q = B > 0 ? query_positions.element_count() / B : 1;
   if (kd[1] != K || kd[3] != H || vd[0] != N || vd[1] != K || vd[2] != bs || vd[3] != H ||
-      td[0] != B || key_positions.element_count() != B * S ||
-      query_positions.element_count() != B) {
+      td[0] != B || key_positions.element_count() != B * S || Q < 1 ||
+      query_positions.element_count() != B * Q || G % Q != 0) {
     return ffi::Error::InvalidArgument("cpu_moe: attention operand shapes do not fit together");
   }
+  const int64_t heads_per_query = G / Q;
   ParallelFor(pool, B * K, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> seen;  // where the keys seen are, in elements from the pool's start
+    std::vector<int32_t> seen_at;  // and their positions
     std::vector<float> scores;
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / K, head = bk % K;
-      const int32_t t = query_positions.typed_data()[b];
+      const int32_t* tq = query_positions.typed_data() + b * Q;
+      const int32_t last = *std::max_element(tq, tq + Q), first = *std::min_element(tq, tq + Q);
       const int32_t* kp = key_positions.typed_data() + b * S;
       const int32_t* table = blocks.typed_data() + b * M;
       seen.clear();
+      seen_at.clear();
+      // The keys some query sees, each read once for all of them.
       for (int64_t s = 0; s < S; ++s) {
         const int32_t p = kp[s], block = table[s / bs];
-        if (p >= 0 && p <= t && (window <= 0 || t - p < window) && block >= 0 && block < N)
+        if (p >= 0 && p <= last && (window <= 0 || first - p < window) && block >= 0 &&
+            block < N) {
           seen.push_back(((block * K + head) * bs + s % bs) * H);
+          seen_at.push_back(p);
+        }
       }
       const int64_t n = seen.size();
       float* o = out->typed_data() + bk * G * H;
@@ -404,12 +415,18 @@ ffi::Error AttendOver(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* 
       scores.resize(G * n);
       for (int64_t i = 0; i < n; ++i) {
         const float scale = key_scales ? key_scales[seen[i] / H] : 1.0f;
-        for (int64_t g = 0; g < G; ++g)
-          scores[g * n + i] = scale * Dot(q.typed_data() + (bk * G + g) * H, keys + seen[i], H);
+        for (int64_t g = 0; g < G; ++g) {
+          const int32_t t = tq[g / heads_per_query], p = seen_at[i];
+          const bool sees = p <= t && (window <= 0 || t - p < window);
+          scores[g * n + i] =
+              sees ? scale * Dot(q.typed_data() + (bk * G + g) * H, keys + seen[i], H)
+                   : -std::numeric_limits<float>::infinity();
+        }
       }
       for (int64_t g = 0; g < G; ++g) {
         float* w = scores.data() + g * n;
         const float top = *std::max_element(w, w + n);
+        if (top == -std::numeric_limits<float>::infinity()) continue;  // sees nothing
         float total = 0.0f;
         for (int64_t i = 0; i < n; ++i) total += (w[i] = std::exp(w[i] - top));
         float* og = o + g * H;
