@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import Mixtral
+from configs import tiny
+from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.inference.engine import Engine
 from mixtral_jax.params import flat_params
 from tools import bench
 
@@ -79,6 +81,19 @@ def test_static_batching_takes_what_has_arrived_and_runs_to_the_longest():
     assert (second.first, second.end, second.tokens) == (2.5, 2.75, 2)  # starts at 1.5
     assert (third.first, third.end, third.tokens) == (2.5, 3.25, 4)
     assert makespan == 3.25 and third.gaps == [0.25] * 3
+
+
+def test_the_speculation_bench_counts_tokens_a_row_per_decode_step():
+    """Plain decoding makes exactly one token a row per step (the first token, the
+    prefill's, not counted); speculating on prompts that repeat, more."""
+    model = Mixtral(ModelConfig.from_dict(tiny.get_config()), rngs=nnx.Rngs(4))
+    prompts = [[5, 6, 7, 8] * 6, [9, 10] * 10, [11, 12, 13] * 5]
+    per_step = {}
+    for speculate in (None, "ngram:4"):
+        engine = Engine(model, max_batch=2, max_len=64, prefill_chunk=16, speculate=speculate)
+        tokens, rate, per_step[speculate] = bench._decode_rate(engine, prompts, 2, 24)
+        assert [len(t) for t in tokens] == [24] * 3 and rate > 0
+    assert per_step[None] == 1.0 and per_step["ngram:4"] > 1.0
 
 
 def test_serve_rounds_must_be_one_or_more(capsys):

@@ -293,8 +293,8 @@ def test_a_prefill_reads_views_or_the_kernels_and_gets_the_stacked_logits(built)
     """A CPU prefill reads each expert's own buffer (XLA:CPU would copy it out of the
     stack), through the experts' kernel where the decode step has one: the logits and
     the cache are those of the stacked weights, for chunks that give each expert a few
-    rows and many. The decode step's one-row kernels (attention, LM head) are refused
-    for a prefill, by name."""
+    rows and many. The decode step's kernels of rows (attention, LM head) are refused
+    for a prefill, by name, and give a chunk over a cache the stacked weights' logits."""
     config = ModelConfig.from_dict(tiny.get_config())  # 8 experts, top 2: batch 64 packs
     model = Mixtral(config, rngs=nnx.Rngs(5))
     packed, unpacked = backends.for_decode(model, 4), backends.for_decode(model, 65)
@@ -314,8 +314,15 @@ def test_a_prefill_reads_views_or_the_kernels_and_gets_the_stacked_logits(built)
             np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-6, atol=1e-6)
     assert packed.unstacked.attention is not None
-    with pytest.raises(ValueError, match="decode steps"):
+    with pytest.raises(ValueError, match="calls over a cache"):
         forward(model, tokens, init_cache(config, 3, T + 1), packed.unstacked)
+    # A chunk continuing a cache (a speculative step's) may: the stacked chunk's logits.
+    chunk = nnx.jit(lambda m, t, p, c, u: m.forward(t, p, cache=c, unstacked=u, chunk=True))
+    cache = forward(model, tokens[:, :90], init_cache(config, 3, T + 1), None).cache
+    positions = jnp.broadcast_to(jnp.arange(90, 96), (3, 6))
+    want = chunk(model, tokens[:, 90:], positions, cache, None)
+    got = chunk(model, tokens[:, 90:], positions, packed.cache(cache), packed.unstacked)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_no_packed_copy_where_it_would_not_fit(monkeypatch, built):

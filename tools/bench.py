@@ -620,7 +620,9 @@ def _bench_speculation() -> None:
         tokens = {}
         for _ in range(SPEC_ROUNDS):
             for name, engine in engines.items():
-                tokens[name], rate, per_step = _decode_rate(engine, prompts, batch)
+                tokens[name], rate, per_step = _decode_rate(
+                    engine, prompts, batch, SPEC_ANSWER_TOKENS
+                )
                 rates[name].append(rate)
         plain, spec = (statistics.median(r[1:]) for r in rates.values())
         e = engines[SPEC_DRAFTER]
@@ -633,9 +635,9 @@ def _bench_speculation() -> None:
         )
 
 
-def _decode_rate(engine: Engine, prompts: list[list[int]], batch: int):
-    """Every prompt's tokens, and the engine's decode steps' tokens per second and
-    tokens per row, `batch` requests at a time."""
+def _decode_rate(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int):
+    """Every prompt's `max_tokens` tokens, and the engine's decode steps' tokens per
+    second and tokens a row per step, `batch` requests at a time."""
     got: dict[int, list[int]] = {}
     before_s, before_tokens = engine.busy_seconds["decode"], engine.tokens_generated
     before_rows = engine.decode_rows
@@ -643,7 +645,7 @@ def _decode_rate(engine: Engine, prompts: list[list[int]], batch: int):
         for i in range(start, min(start + batch, len(prompts))):
             got[i] = []
             on_output = lambda o, i=i: got[i].extend(o.tokens)  # noqa: E731
-            engine.submit(Request(prompts[i], SPEC_ANSWER_TOKENS, on_output=on_output))
+            engine.submit(Request(prompts[i], max_tokens, on_output=on_output))
         engine.run_until_idle()
     # Every token after the first comes from a decode step (the first: the prefill).
     decoded = engine.tokens_generated - before_tokens - len(prompts)
