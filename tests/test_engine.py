@@ -447,12 +447,19 @@ from mixtral_jax.parallel.placement import shard_model
 config = ModelConfig.from_dict(tiny.get_config())
 rs = np.random.RandomState(9)
 prompts = [rs.randint(3, config.vocab_size, rs.randint(1, 40)).tolist() for _ in range(10)]
+prompts += [[5, 6, 7, 8] * 6, [9, 10] * 10]  # drafts find these
 out = {}
-for name, mesh in (("one", None), ("mesh", make_mesh(data=2, fsdp=1, tensor=2, expert=2))):
+for name, mesh, speculate in (
+    ("one", None, None),
+    ("mesh", make_mesh(data=2, fsdp=1, tensor=2, expert=2), None),
+    ("speculating", make_mesh(data=2, fsdp=1, tensor=2, expert=2), "ngram:4"),
+):
     model = Mixtral(config, rngs=nnx.Rngs(4))
     if mesh is not None:
         shard_model(model, mesh)
-    engine = Engine(model, max_batch=4, max_len=64, prefill_chunk=16, mesh=mesh)
+    engine = Engine(
+        model, max_batch=4, max_len=64, prefill_chunk=16, mesh=mesh, speculate=speculate
+    )
     tokens = {}
     for i, p in enumerate(prompts):
         sink = lambda o, i=i: tokens.setdefault(i, []).extend(o.tokens)
@@ -460,14 +467,17 @@ for name, mesh in (("one", None), ("mesh", make_mesh(data=2, fsdp=1, tensor=2, e
     engine.run_until_idle()
     out[name] = [tokens[i] for i in range(len(prompts))]
     out[name + "_cache"] = str(engine.cache.k.sharding.spec) if mesh is not None else ""
+    out[name + "_kept"] = engine.accepted_tokens
 print(json.dumps(out))
 """
 
 
 def test_the_engine_on_a_mesh_gives_the_same_tokens():
-    """8 CPU devices, (data 2, tensor 2, expert 2): the cache split by slot and KV head."""
+    """8 CPU devices, (data 2, tensor 2, expert 2): the cache split by slot and KV head;
+    and speculating there, the same tokens."""
     out = run_script(MESH_SCRIPT)
-    assert out["mesh"] == out["one"]
+    assert out["mesh"] == out["one"] and out["speculating"] == out["one"]
+    assert out["speculating_kept"] > 0
     assert "data" in out["mesh_cache"] and "tensor" in out["mesh_cache"]
 
 
