@@ -458,8 +458,9 @@ for name, mesh, speculate in (
     if mesh is not None:
         shard_model(model, mesh)
     engine = Engine(
-        model, max_batch=4, max_len=64, prefill_chunk=16, mesh=mesh, speculate=speculate
-    )
+        model, max_batch=4, max_len=64, prefill_chunk=16, mesh=mesh, speculate=speculate,
+        speculate_rows=4,
+    )  # fmt: skip
     tokens = {}
     for i, p in enumerate(prompts):
         sink = lambda o, i=i: tokens.setdefault(i, []).extend(o.tokens)

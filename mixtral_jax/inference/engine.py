@@ -67,7 +67,7 @@ PREFILL_CHUNK, PREFILL_ROWS = 512, 4
 # Speculative decoding on a CPU: at most this many decoding rows verify drafts. A verify
 # step computes every draft token, and a CPU's steps are bound by compute from a few rows
 # on, where the drafts then cost more than they save (docs/serving.md has the figures).
-SPECULATE_ROWS_CPU = 4
+SPECULATE_ROWS_CPU = 2
 # What the KV cache may store: the model's compute dtype (None), or int8 with a scale
 # per key (value) and head, half of bfloat16's memory.
 KV_DTYPES = (None, "int8", "bfloat16", "float32")

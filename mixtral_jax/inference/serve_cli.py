@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="with --speculate: speculate in steps of at most this many requests "
-        "(default: 4 on a CPU, whose larger steps are bound by compute; all elsewhere)",
+        "(default: 2 on a CPU, whose larger steps are bound by compute; all elsewhere)",
     )
     p.add_argument(
         "--shutdown_timeout",
