@@ -146,9 +146,9 @@ def accept(
     kept, drawn = jax.lax.cond(jnp.any(drawing), draw, lambda _: (matches, greedy), logits)
     kept = jnp.where(drawing[:, None], kept, matches) & real
     drawn = jnp.where(drawing[:, None], drawn, greedy)
-    count = jnp.argmin(jnp.pad(kept, ((0, 0), (0, 1))), axis=1).astype(jnp.int32)  # first miss
-    position = jnp.arange(T)
-    ends = jnp.take_along_axis(drawn, count[:, None], axis=1)  # [B, 1]
+    # The drafts kept: those before the first one rejected (or past the draft).
+    run = jnp.argmin(jnp.pad(kept, ((0, 0), (0, 1))), axis=1).astype(jnp.int32)
+    ends = jnp.take_along_axis(drawn, run[:, None], axis=1)  # [B, 1] the model's token
     padded = jnp.pad(drafts, ((0, 0), (0, 1)))
-    tokens = jnp.where(position < count[:, None], padded, ends)
-    return tokens.astype(jnp.int32), count + 1
+    tokens = jnp.where(jnp.arange(T) < run[:, None], padded, ends)
+    return tokens.astype(jnp.int32), run + 1
