@@ -124,6 +124,24 @@ def _put_slot_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
     )
 
 
+def _forward_chunks(
+    model: Mixtral, cache, tokens, starts, lengths, mesh_rules, unstacked, logits_at=None
+):
+    """tokens [R, C] continuing each row's cache at positions starts[r] onwards, the
+    first lengths[r] real (padding is never written)."""
+    index = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    with rules_context(mesh_rules):
+        return model.forward(
+            tokens,
+            starts[:, None] + index,
+            (index < lengths[:, None]).astype(jnp.int32),
+            cache=cache,
+            chunk=True,
+            logits_at=logits_at,
+            unstacked=unstacked,
+        )
+
+
 _STATIC = ("graphdef", "mesh_rules", "prompt_logprobs")
 
 
@@ -151,26 +169,16 @@ def prefill_chunks(
     `prompt_logprobs`, those of `targets` [R, C] (the prompts' next tokens) everywhere.
     `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`)."""
     model = nnx.merge(graphdef, params)
-    R, C = tokens.shape
     own = _slot_rows(cache, slots)
     # A new prompt's row forgets what its slot held, but the prompt's first `starts`
     # tokens, whose keys are in the blocks the prefix cache gave it.
     S = own.positions.shape[1]
     held = jnp.where(jnp.arange(S) < starts[:, None], jnp.arange(S, dtype=jnp.int32), -1)
     own = own._replace(positions=jnp.where(fresh[:, None], held, own.positions))
-    index = jnp.arange(C, dtype=jnp.int32)
     last = jnp.maximum(lengths - 1, 0)  # [R]
-    with rules_context(mesh_rules):
-        out = model.forward(
-            tokens,
-            starts[:, None] + index,
-            (index < lengths[:, None]).astype(jnp.int32),
-            cache=own,
-            chunk=True,
-            # Every position's logits only when the prompt's log-probabilities are asked.
-            logits_at=None if prompt_logprobs else last,
-            unstacked=unstacked,
-        )
+    # Every position's logits only when the prompt's log-probabilities are asked.
+    logits_at = None if prompt_logprobs else last
+    out = _forward_chunks(model, own, tokens, starts, lengths, mesh_rules, unstacked, logits_at)
     cache = _put_slot_rows(cache, out.cache, slots)
     at = last if prompt_logprobs else jnp.zeros_like(last)
     final = jnp.take_along_axis(out.logits, at[:, None, None], axis=1)[:, 0]  # [R, V]
@@ -227,16 +235,7 @@ def verify_drafts(
     log-probabilities, and the cache. Rejected drafts' keys stay in the cache at
     positions the row has not reached: no query sees them before they are overwritten."""
     model = nnx.merge(graphdef, params)
-    index = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    with rules_context(mesh_rules):
-        out = model.forward(
-            tokens,
-            positions[:, None] + index,
-            (index < lengths[:, None]).astype(jnp.int32),
-            cache=cache,
-            chunk=True,
-            unstacked=unstacked,
-        )
+    out = _forward_chunks(model, cache, tokens, positions, lengths, mesh_rules, unstacked)
     emitted, count = accept(out.logits, tokens[:, 1:], jnp.maximum(lengths - 1, 0), rows)
     drawn = logprobs(out.logits, emitted, MAX_TOP_LOGPROBS) if with_logprobs else None
     return emitted, count, drawn, out.cache
