@@ -714,18 +714,7 @@ class Engine:
             tokens[slot, 0] = sequence.generated[-1]
             tokens[slot, 1 : 1 + len(draft)] = draft
             positions[slot], lengths[slot] = sequence.position, 1 + len(draft)
-        return (
-            self._graphdef,
-            self._params,
-            self.cache,
-            tokens,
-            positions,
-            lengths,
-            self._row_sampling(decoding, B),
-            self._mesh_rules,
-            with_logprobs,
-            self._backend.unstacked,
-        )
+        return self._step_args(decoding, with_logprobs, tokens, positions, lengths)
 
     def _decode_args(self, decoding: list[Sequence], with_logprobs: bool) -> tuple:
         B = self.max_batch
@@ -735,14 +724,16 @@ class Engine:
             tokens[sequence.slot] = sequence.generated[-1]
             positions[sequence.slot] = sequence.position
             active[sequence.slot] = True
+        return self._step_args(decoding, with_logprobs, tokens, positions, active)
+
+    def _step_args(self, decoding: list[Sequence], with_logprobs: bool, *arrays) -> tuple:
+        """A decode (or verify) step's arguments around its `arrays`, a row per slot."""
         return (
             self._graphdef,
             self._params,
             self.cache,
-            tokens,
-            positions,
-            active,
-            self._row_sampling(decoding, B),
+            *arrays,
+            self._row_sampling(decoding, self.max_batch),
             self._mesh_rules,
             with_logprobs,
             self._backend.unstacked,
