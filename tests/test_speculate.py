@@ -17,7 +17,7 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import Mixtral
-from mixtral_jax.inference.engine import Engine
+from mixtral_jax.inference.engine import SPECULATE_ROWS_CPU, Engine
 from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.inference.requests import Request
 from mixtral_jax.inference.sampling import RowSampling
@@ -234,6 +234,8 @@ def test_only_steps_of_at_most_speculate_rows_rows_speculate():
     engine.submit(Request(prompt, 24))
     engine.run_until_idle()
     assert engine.verify_steps > 0
+    on_a_cpu = Engine(model, max_batch=4, max_len=96, prefill_chunk=16, speculate="ngram:4")
+    assert on_a_cpu.speculate_rows == SPECULATE_ROWS_CPU
 
 
 def test_bad_speculation_settings_are_named():

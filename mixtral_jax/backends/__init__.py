@@ -59,8 +59,7 @@ def for_decode(model: Mixtral, batch: int, mesh: jax.sharding.Mesh | None = None
     """The decode path for `model`'s devices and a batch of `batch` rows: the CPU's
     (compile options; on one device without a mesh, the weights as views and the
     kernels while the batch is small enough, `cpu.kernels.suits`), else the plain one."""
-    platforms = {d.platform for d in jax.tree.leaves(nnx.state(model))[0].devices()}
-    if platforms != {"cpu"}:
+    if not on_cpu(model):
         return Decode()
     options = _frozen(decode.COMPILER_OPTIONS)
     if mesh is not None:
@@ -70,6 +69,11 @@ def for_decode(model: Mixtral, batch: int, mesh: jax.sharding.Mesh | None = None
         return Decode(options)
     step = decode.with_kernels(model, views) if kernels.suits(model.config, batch) else views
     return Decode(options, step, views)
+
+
+def on_cpu(model: Mixtral) -> bool:
+    """Whether the model's parameters are on CPU devices (one or a mesh of them)."""
+    return {d.platform for d in jax.tree.leaves(nnx.state(model))[0].devices()} == {"cpu"}
 
 
 def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -346,9 +346,7 @@ class Engine:
         self._decode_fn = jitted_decode(self._backend.compiler_options)
         self._verify_fn = jitted_decode(self._backend.compiler_options, verify_drafts)
         if speculate_rows is None:
-            devices = jax.tree.leaves(self._params)[0].devices()
-            on_cpu = {d.platform for d in devices} == {"cpu"}
-            speculate_rows = SPECULATE_ROWS_CPU if on_cpu else max_batch
+            speculate_rows = SPECULATE_ROWS_CPU if backends.on_cpu(model) else max_batch
         self.speculate_rows = speculate_rows
         self._prefill_weights = self._backend.prefill()
         self._new_cache = functools.partial(
