@@ -5,9 +5,6 @@ sliding-window caches, in the engine and through the server."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +21,7 @@ from mixtral_jax.inference.sampling import RowSampling
 from mixtral_jax.inference.speculate import Ngram, accept
 from tests.serving import NAME, running_server
 from tests.test_engine import Collected, mixed_requests, run_staggered, solo, tiny_config
+from tools import bench
 
 # ---- drafts ----
 
@@ -160,12 +158,10 @@ def test_speculative_greedy_tokens_are_the_plain_ones(changes, options):
     assert engine.active_slots == 0 and engine.queue_depth == 0
 
 
-def test_speculation_on_code_keeps_several_tokens_a_step(embedded_model, embedded_tokenizer):
+def test_speculation_on_code_keeps_several_tokens_a_step(embedded_model):
     """32 pieces of code on the embedded model: the plain greedy tokens, and on average
     more than one drafted token kept per verifying step (the speed-up's source)."""
-    path = Path(mixtral_jax.__path__[0]) / "assets/sample/eval_code.jsonl"
-    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    encoded = [embedded_tokenizer.encode(t) for t in texts]
+    encoded = bench.code_samples()
     prompts = [ids[s : s + 96] for ids in encoded if len(ids) > 400 for s in (0, 300)][:32]
     assert len(prompts) == 32
     requests = [Request(p, 48) for p in prompts]

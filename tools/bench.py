@@ -597,9 +597,9 @@ def _bench_cache_kinds(config: ModelConfig, model) -> None:
 
 
 def _bench_speculation() -> None:
-    """Code completion on the embedded model (trained: its drafts mean something), one
-    request at a time and SERVE_BATCH at once, by engines decoding plainly and with
-    n-gram drafts, in alternated rounds; the tokens must be the same."""
+    """Code completion on the embedded model (trained: its drafts mean something),
+    SPEC_BATCHES requests at a time, by engines decoding plainly and with n-gram drafts,
+    in alternated rounds; the tokens must be the same."""
     from mixtral_jax.checkpoints.load import EMBEDDED, load
 
     model = load(EMBEDDED)
@@ -671,17 +671,17 @@ def _print_int8_quality() -> None:
 def code_prompts(count: int, length: int) -> list[list[int]]:
     """The first `length` tokens of `count` of the package's samples of code (those at
     least that long; repeated if too few)."""
-    long_enough = [ids[:length] for ids in _code_samples() if len(ids) >= length]
+    long_enough = [ids[:length] for ids in code_samples() if len(ids) >= length]
     return [long_enough[i % len(long_enough)] for i in range(count)]
 
 
 def code_sample_tokens(count: int) -> list[int]:
     """The first `count` tokens of the package's first sample of code, as the embedded
     model's tokenizer reads it."""
-    return _code_samples()[0][:count]
+    return code_samples()[0][:count]
 
 
-def _code_samples() -> list[list[int]]:
+def code_samples() -> list[list[int]]:
     """The package's samples of code, as the embedded model's tokenizer reads them."""
     import json
 
