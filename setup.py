@@ -4,8 +4,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# The OpenAI-compatible server (python -m mixtral_jax.serve, inference/server.py).
-SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]
+# The OpenAI-compatible server (python -m mixtral_jax.serve, inference/server.py), and
+# structured output's grammars (inference/grammar.py).
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "llguidance>=1.9"]
 
 setup(
     name="mixtral_jax",
@@ -48,6 +49,7 @@ setup(
             *SERVE,
             "openai>=1.50",  # the serving tests talk to the server as users do
             "httpx>=0.27",
+            "jsonschema>=4.0",  # structured output's answers are validated against their schema
             "pytest>=8",
             "torch==2.13.0; python_version == '3.11'",
             "transformers>=5.0; python_version == '3.11'",

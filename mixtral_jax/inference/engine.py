@@ -46,6 +46,7 @@ from mixtral_jax import backends
 from mixtral_jax.inference.blocks import BlockPool
 from mixtral_jax.inference.cache import empty_cache
 from mixtral_jax.inference.generate import mesh_rules_of, rules_context
+from mixtral_jax.inference.grammar import fill_masks, free_masks
 from mixtral_jax.inference.requests import (
     MAX_TOP_LOGPROBS,
     Output,
@@ -524,7 +525,11 @@ class Engine:
         self.tokens_generated += 1
         if r.logprobs is not None:
             sequence.new_logprobs.append(logprob)
-        if len(sequence.generated) >= r.max_tokens:
+        if r.constraint is not None and not r.constraint.advance(token):
+            self._end(sequence, news, "error", f"the grammar failed: {r.constraint.error}")
+        elif r.constraint is not None and r.constraint.finished:
+            self._end(sequence, news, "stop")
+        elif len(sequence.generated) >= r.max_tokens:
             self._end(sequence, news, "length")
 
     def _guarded(self, sequences: list[Sequence], news: dict, fn, *args) -> None:
@@ -675,6 +680,8 @@ class Engine:
             s: self.drafter.propose(
                 [*s.request.prompt, *s.generated], s.request.max_tokens - len(s.generated) - 1
             )
+            if s.request.constraint is None  # its mask is for the next token only
+            else []
             for s in decoding
         }
 
@@ -740,16 +747,21 @@ class Engine:
     def _row_sampling(
         self, sequences: list[Sequence], rows: int, by_slot: bool = True
     ) -> RowSampling:
-        """Each sequence's sampling, at its slot's row (or in the order given)."""
+        """Each sequence's sampling, at its slot's row (or in the order given), with its
+        constraint's mask of the tokens it may draw next."""
         temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
         top_p, seed = np.ones(rows, np.float32), np.zeros(rows, np.uint32)
         step = np.zeros(rows, np.int32)
+        allowed, constrained = free_masks(rows, self.model.config.vocab_size), []
         for i, sequence in enumerate(sequences):
             i = sequence.slot if by_slot else i
             r = sequence.request
             temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
             seed[i], step[i] = sequence.seed, len(sequence.generated)
-        return RowSampling(temperature, top_k, top_p, seed, step)
+            if r.constraint is not None:
+                constrained.append((r.constraint, i))
+        fill_masks(constrained, allowed)
+        return RowSampling(temperature, top_k, top_p, seed, step, allowed)
 
 
 def _token_logprobs(lp: Logprobs, top: int, rows: slice | tuple) -> list[TokenLogprob]:

@@ -39,6 +39,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    """`response_format.json_schema`, as OpenAI takes it (`strict` or not, the schema
+    is enforced)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """What the answer must be: any text, a JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    def schema(self) -> dict[str, Any] | None:
+        """The schema to enforce (None: any JSON object); the request is refused when
+        the type and the schema do not go together."""
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ApiError(
+                'response_format of type "json_schema" needs a json_schema: '
+                '{"name": ..., "schema": {...}}',
+                "response_format",
+            )
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ApiError(
+                f'response_format.json_schema is for type "json_schema", not {self.type!r}',
+                "response_format",
+            )
+        return self.json_schema.schema_ if self.json_schema else None
+
+
 class _Common(BaseModel):
     """Fields both endpoints take. Unknown fields are refused (a misspelt one would
     otherwise silently keep its default); fields OpenAI has and we do not support
@@ -56,6 +91,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False  # an extension, as vLLM's: generate max_tokens whatever comes
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's chat field; here on both
     n: int = Field(default=1, ge=1)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from mixtral_jax.inference.grammar import Constraint
 
 # The most alternatives a token's log-probabilities list (OpenAI's chat API allows 20).
 MAX_TOP_LOGPROBS = 20
@@ -35,7 +38,9 @@ class Request:
     its `logprobs` most likely alternatives (None: no log-probabilities);
     `prompt_logprobs` likewise for the prompt's tokens (OpenAI's `echo`). A row ends
     after `max_tokens` (0: the prompt's log-probabilities only) or at one of `stop_ids`
-    (not included). `on_output(output)` hears every output, on the engine's thread."""
+    (not included), or when its `constraint` (`grammar.Constraint`: the tokens it may
+    draw, e.g. a JSON schema's) says the document is complete. `on_output(output)`
+    hears every output, on the engine's thread."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -46,6 +51,7 @@ class Request:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     stop_ids: frozenset[int] = frozenset()
+    constraint: Constraint | None = None
     on_output: Callable[[Output], None] | None = None
     id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
 

@@ -95,18 +95,36 @@ class RowSampling(NamedTuple):
 
     A row draws with the key `fold_in(key(seed), step)`, `step` being how many tokens
     its request has drawn, so a seeded request gets the same tokens whatever shares
-    its batch."""
+    its batch. `allowed` [B, ceil(V / 32)] is a bitmask of the tokens a row may draw
+    (`constrain`; a grammar's, `grammar.fill_masks`); None or all ones: any."""
 
     temperature: jax.Array  # float32; 0: greedy
     top_k: jax.Array  # int32; 0: no cut
     top_p: jax.Array  # float32; 1: no cut
     seed: jax.Array  # uint32
     step: jax.Array  # int32
+    allowed: jax.Array | None = None  # int32 bits; -1 (all ones): every token
+
+
+def constrain(logits: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """logits [B, ..., V] with the tokens not set in `allowed` [B, W] (bit t % 32 of
+    word t // 32) at -inf. A batch without a constrained row is left as it is."""
+    if allowed is None:
+        return logits
+    B, V = logits.shape[0], logits.shape[-1]
+
+    def mask(logits):
+        bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+        ok = bits.reshape(B, -1)[:, :V].astype(bool)
+        ok = ok.reshape((B,) + (1,) * (logits.ndim - 2) + (V,))
+        return jnp.where(ok, logits, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(allowed != -1), mask, lambda logits: logits, logits)
 
 
 def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
     """logits [B, V] -> next tokens [B] int32, each row by its own `RowSampling`."""
-    logits = logits.astype(jnp.float32)
+    logits = constrain(logits.astype(jnp.float32), rows.allowed)
     greedy = argmax(logits)
     drawing = rows.temperature > 0
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from mixtral_jax.inference import openai_api as api
 from mixtral_jax.inference.engine import Engine
+from mixtral_jax.inference.grammar import Constraint, Grammars
 from mixtral_jax.inference.metrics import ServingMetrics
 from mixtral_jax.inference.requests import Output, QueueFull, RequestError
 from mixtral_jax.inference.requests import Request as EngineRequest
@@ -99,6 +100,7 @@ def create_app(
     """The OpenAI-compatible app serving `engine`'s model as `model_name`."""
     registry = CollectorRegistry()
     metrics = ServingMetrics(engine, registry)
+    grammars = Grammars(tokenizer, engine.model.config.vocab_size)
     created = api.now()
 
     @contextlib.asynccontextmanager
@@ -148,7 +150,8 @@ def create_app(
             prompt_logprobs=body.logprobs if body.echo else None,
         )
         render = _CompletionRender(tokenizer, body, model_name)
-        return await _respond(engine, metrics, request, body, choices, params, render)
+        constrain = _constraints(grammars, body)
+        return await _respond(engine, metrics, request, body, choices, params, render, constrain)
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest, request: Request):
@@ -164,13 +167,29 @@ def create_app(
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         render = _ChatRender(tokenizer, body, model_name)
-        return await _respond(engine, metrics, request, body, choices, params, render)
+        constrain = _constraints(grammars, body)
+        return await _respond(engine, metrics, request, body, choices, params, render, constrain)
 
     return app
 
 
-async def _respond(engine, metrics, http: Request, body, choices, params, render):
-    """Submits the choices, then answers: one JSON body, or an event stream."""
+def _constraints(grammars: Grammars, body) -> Callable[[], Constraint] | None:
+    """What gives each choice its constraint, for a `response_format` asking for JSON
+    (None: free text); a schema that cannot be enforced is the request's fault."""
+    f = body.response_format
+    if f is None or f.type == "text":
+        if f is not None:
+            f.schema()  # refuses a json_schema given with type "text"
+        return None
+    try:
+        return grammars.json(f.schema())
+    except ValueError as e:
+        raise api.ApiError(f"response_format: {e}", "response_format") from None
+
+
+async def _respond(engine, metrics, http: Request, body, choices, params, render, constrain):
+    """Submits the choices (each with its own constraint from `constrain`, if any), then
+    answers: one JSON body, or an event stream."""
     call = _Call(engine, metrics, body)
     sampling = dict(
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed
@@ -178,7 +197,8 @@ async def _respond(engine, metrics, http: Request, body, choices, params, render
     stop_ids = frozenset() if body.ignore_eos else frozenset({render.tokenizer.eos_id})
     try:
         for choice in choices:
-            call.submit(choice, stop_ids=stop_ids, **sampling, **params)
+            constraint = constrain() if constrain else None
+            call.submit(choice, stop_ids=stop_ids, constraint=constraint, **sampling, **params)
     except BaseException:
         call.cancel()
         raise

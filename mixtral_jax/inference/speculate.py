@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.inference.sampling import RowSampling, allowed_rows, argmax
+from mixtral_jax.inference.sampling import RowSampling, allowed_rows, argmax, constrain
 
 # The longest drafts a step may verify: its call computes draft + 1 positions a row.
 MAX_DRAFT = 16
@@ -105,7 +105,8 @@ def accept(
     drafts and one token drawn by the model (1 <= count <= lengths + 1).
     """
     B, T, V = logits.shape
-    logits = logits.astype(jnp.float32)
+    # A constrained row has no draft: its mask holds for its one position.
+    logits = constrain(logits.astype(jnp.float32), rows.allowed)
     greedy = argmax(logits.reshape(B * T, V)).reshape(B, T)
     index = jnp.arange(T - 1)
     real = index < lengths[:, None]  # [B, T - 1]

@@ -49,6 +49,7 @@ from mixtral_jax.inference.engine import (
     prefill_chunks,
 )
 from mixtral_jax.inference.generate import decode_step, prefill_step
+from mixtral_jax.inference.grammar import mask_words
 from mixtral_jax.inference.sampling import RowSampling, Sampling
 from mixtral_jax.inference.scheduler import Scheduler
 from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
@@ -341,7 +342,8 @@ def _serving(
 
     def sampling(n: int) -> RowSampling:
         floats, ints = array((n,), jnp.float32), array((n,))
-        return RowSampling(floats, ints, floats, array((n,), jnp.uint32), ints)
+        allowed = array((n, mask_words(config.vocab_size)))  # structured output's masks
+        return RowSampling(floats, ints, floats, array((n,), jnp.uint32), ints, allowed)
 
     mesh_rules = (mesh, tuple(rules))
     cache_bytes = bytes_per_chip(cache)

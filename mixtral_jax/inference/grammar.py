@@ -1,0 +1,168 @@
+"""Structured output: JSON, with or without a schema, enforced token by token.
+
+    grammars = Grammars(tokenizer, vocab_size)       # once per server
+    make = grammars.json(schema)                     # a schema compiled (ValueError if bad)
+    constraint = make()                              # one per request: its parser state
+    fill_masks([(constraint, row)], masks)           # before a step: the tokens allowed
+    constraint.advance(token)                        # after it: the token drawn
+
+The grammar engine is llguidance (the Rust parser behind Microsoft's guidance). For
+each step it gives a bitmask of the tokens that keep the output a prefix of some valid
+document, `[B, ceil(V / 32)]` int32 (bit t % 32 of word t // 32: token t); the step
+sets the other tokens' logits to -inf before sampling (`sampling.constrain`), so
+constrained and free requests share a step (a free row's words are all ones). Its
+wheel needs nothing else; xgrammar, the other well-kept choice, requires torch and
+transformers at run time, which this package keeps to its tests.
+
+JSON is written compactly, as `json.dumps` does (`", "` and `": "`, no other
+whitespace): a model cannot then spend its answer on whitespace, and a schema whose
+strings, numbers and arrays are bounded always ends within a known number of tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from mixtral_jax.model.tokenizer import Tokenizer
+
+# How the JSON compiler writes a document: compact, as json.dumps does.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# A schema for `{"type": "json_object"}`: any JSON object.
+ANY_OBJECT = {"type": "object"}
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words in one row's bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def free_masks(rows: int, vocab_size: int) -> np.ndarray:
+    """[rows, W] masks that allow every token."""
+    return np.full((rows, mask_words(vocab_size)), -1, np.int32)
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.numpy  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "structured output needs the llguidance package: pip install llguidance "
+            '(or pip install "mixtral_jax[serve]")'
+        ) from None
+    return llguidance
+
+
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
+    """Each sentencepiece piece as the bytes it decodes to: `▁` a space, a byte-fallback
+    piece `<0xNN>` its byte, a control piece (`<s>`, `[INST]`) its name after 0xFF, which
+    llguidance reads as a special token that no text matches."""
+    sp = tokenizer.sp
+    pieces = []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            pieces.append(bytes([int(piece[3:5], 16)]))
+        elif sp.is_control(i) or sp.is_unknown(i):
+            pieces.append(b"\xff" + piece.encode())
+        else:
+            pieces.append(piece.replace("\u2581", " ").encode())
+    return pieces
+
+
+class _SentencePiece:
+    """What llguidance's TokenizerWrapper reads of a tokenizer: pieces (empty ones for a
+    model's logits past them: never allowed), ids of `<s>` and `</s>`, and text to ids.
+    The text is encoded as text inside a document, without the space sentencepiece puts
+    before a text of its own (the ids after `<unk>`'s)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.sp = tokenizer.sp
+        self.tokens = token_bytes(tokenizer)
+        self.tokens += [b""] * (vocab_size - len(self.tokens))
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
+        self.special_token_ids = [i for i, t in enumerate(self.tokens) if t.startswith(b"\xff")]
+        self._unk = len(self.sp.encode("<unk>"))
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self.sp.encode("<unk>" + text)[self._unk :]
+
+
+class Constraint:
+    """One request's grammar state: which tokens may come next, and the tokens drawn."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+
+    def advance(self, token: int) -> bool:
+        """Takes the token drawn; False if the grammar refuses it (see `error`)."""
+        return self.matcher.consume_token(int(token))
+
+    @property
+    def finished(self) -> bool:
+        """The document is complete: nothing but the end may follow."""
+        return self.matcher.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+class Grammars:
+    """Compiles response formats for one tokenizer and a model's vocabulary of
+    `vocab_size` logits (llguidance's tokenizer is built when first needed)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+    @functools.cached_property
+    def _lltokenizer(self):
+        llguidance = _llguidance()
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} pieces, more than the "
+                f"model's {self.vocab_size} logits: they do not belong together"
+            )
+        wrapper = llguidance.TokenizerWrapper(_SentencePiece(self.tokenizer, self.vocab_size))
+        return llguidance.LLTokenizer(wrapper)
+
+    def json(self, schema: dict[str, Any] | None = None) -> Callable[[], Constraint]:
+        """Requests for a JSON document valid under `schema` (None: any JSON object):
+        a function that gives each request its own Constraint. Raises ValueError saying
+        what is wrong with the schema."""
+        llguidance = _llguidance()
+        schema = ANY_OBJECT if schema is None else schema
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                json.dumps(schema), overrides=JSON_OPTIONS
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"the schema is not a JSON object: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._lltokenizer)
+        if error:
+            raise ValueError(f"the schema cannot be enforced: {error}")
+
+        def constraint() -> Constraint:
+            return Constraint(llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0))
+
+        return constraint
+
+
+def fill_masks(constrained: Sequence[tuple[Constraint, int]], masks: np.ndarray) -> None:
+    """Writes each constraint's mask of allowed tokens into its row of `masks` [R, W]
+    (int32, C-contiguous). One row after another: a mask takes about 10 us, and
+    llguidance's thread pool (`fill_next_token_bitmask_par`) cost more than that to
+    hand rows to, at 2 to 16 rows (docs/serving.md)."""
+    if not constrained:
+        return
+    import llguidance.numpy as lln
+
+    for constraint, row in constrained:
+        lln.fill_next_token_bitmask(constraint.matcher, masks, row)
