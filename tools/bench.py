@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import itertools
+import json
 import os
 import re
 import signal
@@ -535,6 +536,8 @@ def bench_serve(args, config: ModelConfig, peak: float):
         _bench_cache_kinds(config, model)
     if "speculate" in contenders:
         _bench_speculation()
+    if "constrained" in contenders:
+        _bench_constrained()
 
 
 def _bench_prefix_caching(args, config: ModelConfig, model) -> None:
@@ -635,17 +638,67 @@ def _bench_speculation() -> None:
         )
 
 
-def _decode_rate(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int):
-    """Every prompt's `max_tokens` tokens, and the engine's decode steps' tokens per
-    second and tokens a row per step, `batch` requests at a time."""
+def _bench_constrained() -> None:
+    """JSON under a schema against free text on the embedded model: the same prompts and
+    the same number of tokens each, CONSTRAINED_BATCHES requests at a time, in
+    alternated rounds. The decode steps' time holds the grammar's work: its masks
+    before each step, its parser's advance after it."""
+    from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
+    from mixtral_jax.inference.grammar import Grammars
+
+    model, tokenizer = load(EMBEDDED), load_tokenizer(EMBEDDED)
+    make = Grammars(tokenizer, model.config.vocab_size).json(CONSTRAINED_SCHEMA)
+    prompts = [tokenizer.encode(f"records_{i} = ") for i in range(CONSTRAINED_REQUESTS)]
+    print(
+        f"\n  Structured output on the embedded model: {len(prompts)} requests for a JSON "
+        f"array of {CONSTRAINED_ITEMS} records (a schema), against free text of as many "
+        f"tokens; greedy, {CONSTRAINED_ROUNDS} alternated rounds, the first compiling; the "
+        "overhead is the median of the rounds' own"
+    )
+    for batch in CONSTRAINED_BATCHES:
+        engine = Engine(model, max_batch=batch, max_len=1024)
+        rates: dict[str, list[float]] = {"free": [], "json": []}
+        lengths: list[int] = []
+        for _ in range(CONSTRAINED_ROUNDS):
+            got, rate, _ = _decode_rate(engine, prompts, batch, 900, make)
+            lengths = [len(t) for t in got]
+            rates["json"].append(rate)
+            rates["free"].append(_decode_rate(engine, prompts, batch, lengths)[1])
+        free, json_ = (statistics.median(r[1:]) for r in (rates["free"], rates["json"]))
+        overhead = statistics.median(
+            f / j - 1 for f, j in zip(rates["free"][1:], rates["json"][1:], strict=True)
+        )
+        valid = all(
+            len(json.loads(tokenizer.decode(t))) == CONSTRAINED_ITEMS
+            for t in _decode_rate(engine, prompts[:batch], batch, 900, make)[0]
+        )
+        print(
+            f"    batch {batch:>2}: free {free:6.0f} tokens/s, JSON {json_:6.0f} "
+            f"({100 * overhead:+.1f}% time a token, goal <= +10%); "
+            f"{statistics.mean(lengths):.0f} tokens an answer; valid: {'yes' if valid else 'NO'}"
+        )
+
+
+def _decode_rate(
+    engine: Engine,
+    prompts: list[list[int]],
+    batch: int,
+    max_tokens: int | list[int],
+    constraint: Callable | None = None,
+):
+    """Every prompt's tokens (up to `max_tokens`, or each its own), and the engine's
+    decode steps' tokens per second and tokens a row per step, `batch` requests at a
+    time (each constrained by `constraint()` if given)."""
     got: dict[int, list[int]] = {}
     before_s, before_tokens = engine.busy_seconds["decode"], engine.tokens_generated
     before_rows = engine.decode_rows
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     for start in range(0, len(prompts), batch):
         for i in range(start, min(start + batch, len(prompts))):
             got[i] = []
             on_output = lambda o, i=i: got[i].extend(o.tokens)  # noqa: E731
-            engine.submit(Request(prompts[i], max_tokens, on_output=on_output))
+            made = constraint() if constraint else None
+            engine.submit(Request(prompts[i], limits[i], constraint=made, on_output=on_output))
         engine.run_until_idle()
     # Every token after the first comes from a decode step (the first: the prefill).
     decoded = engine.tokens_generated - before_tokens - len(prompts)
@@ -683,8 +736,6 @@ def code_sample_tokens(count: int) -> list[int]:
 
 def code_samples() -> list[list[int]]:
     """The package's samples of code, as the embedded model's tokenizer reads them."""
-    import json
-
     from mixtral_jax.checkpoints.load import EMBEDDED, load_tokenizer
 
     root = Path(__file__).resolve().parents[1]
@@ -708,6 +759,23 @@ CACHE_ROUNDS, QUALITY_TOKENS = 3, 512
 # Speculative decoding: the drafter, code prompts (tokens), answers, rounds.
 SPEC_DRAFTER, SPEC_PROMPTS, SPEC_PROMPT_TOKENS, SPEC_ANSWER_TOKENS = "ngram:4", 16, 512, 256
 SPEC_ROUNDS, SPEC_BATCHES = 3, (1, 2, 4, 16)
+# Structured output: requests, and a schema whose documents have a fixed number of records.
+CONSTRAINED_REQUESTS, CONSTRAINED_ITEMS, CONSTRAINED_BATCHES = 16, 24, (1, 16)
+CONSTRAINED_ROUNDS = 5
+CONSTRAINED_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 999},
+            "status": {"enum": ["open", "closed"]},
+        },
+        "required": ["id", "status"],
+        "additionalProperties": False,
+    },
+    "minItems": CONSTRAINED_ITEMS,
+    "maxItems": CONSTRAINED_ITEMS,
+}
 
 
 def cache_quality(
@@ -906,10 +974,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--serve_contenders",
-        default="server,static,transformers,prefix,cache,speculate",
+        default="server,static,transformers,prefix,cache,speculate,constrained",
         help="serve: which of server, static (our generate), transformers to run, and "
         "prefix (TTFT with and without prefix caching), cache (decode speed by KV cache), "
-        "speculate (n-gram speculative decoding against plain)",
+        "speculate (n-gram speculative decoding against plain), constrained (JSON under a "
+        "schema against free text)",
     )
     parser.add_argument("--train_batch", type=int, default=1, help="train: rows per step")
     parser.add_argument(
