@@ -25,10 +25,10 @@ import mixtral_jax
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.inference.engine import Engine
-from mixtral_jax.inference.grammar import Grammars, free_masks, token_bytes
+from mixtral_jax.inference.grammar import Grammars, fill_masks, free_masks, token_bytes
 from mixtral_jax.inference.requests import Request
 from mixtral_jax.inference.sampling import constrain
-from mixtral_jax.model.tokenizer import Tokenizer
+from mixtral_jax.model.tokenizer import Tokenizer, has_mistral_common
 from tests.serving import NAME, running_server
 from tests.test_server import log_softmax
 
@@ -130,6 +130,30 @@ def test_constrain_masks_exactly_the_tokens_not_allowed():
     np.testing.assert_array_equal(stacked, np.stack([expected] * 2, 1))
     free = free_masks(B, V)
     np.testing.assert_array_equal(np.asarray(constrain(jnp.asarray(logits), free)), logits)
+
+
+@pytest.mark.skipif(not has_mistral_common(), reason="the official tokenizers ship with it")
+@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3"])
+def test_every_token_a_mask_allows_is_accepted_with_mixtrals_tokenizers(name):
+    """Random walks through the masks: a token the mask allows is one the parser takes.
+    (Encoding text after `<unk>`, as the first wrapper did, merged `>` with `{` and broke
+    this for a third of the documents.)"""
+    tokenizer = Tokenizer.official(name)
+    make = Grammars(tokenizer, tokenizer.vocab_size).json(SCHEMAS["code"])
+    rng = np.random.default_rng(0)
+    mask = free_masks(1, tokenizer.vocab_size)
+    for _ in range(30):
+        constraint, tokens = make(), []
+        while not constraint.finished:
+            fill_masks([(constraint, 0)], mask)
+            bits = (mask[0][:, None] >> np.arange(32)) & 1
+            allowed = np.flatnonzero(bits.reshape(-1)[: tokenizer.vocab_size])
+            token = int(rng.choice(allowed))
+            if token == tokenizer.eos_id:
+                break
+            assert constraint.advance(token), constraint.error
+            tokens.append(token)
+        validated(tokenizer.decode(tokens), SCHEMAS["code"])
 
 
 def test_schemas_that_cannot_be_enforced_are_named(embedded_tokenizer):

@@ -79,7 +79,9 @@ class _SentencePiece:
     """What llguidance's TokenizerWrapper reads of a tokenizer: pieces (empty ones for a
     model's logits past them: never allowed), ids of `<s>` and `</s>`, and text to ids.
     The text is encoded as text inside a document, without the space sentencepiece puts
-    before a text of its own (the ids after `<unk>`'s)."""
+    before a text of its own: as the ids after a newline's, a byte-fallback piece that
+    merges with nothing (a prefix that can merge, as `<unk>`'s `>` with `{`, would take
+    the text's first piece with it, and llguidance then misreads forced bytes)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.sp = tokenizer.sp
@@ -87,12 +89,14 @@ class _SentencePiece:
         self.tokens += [b""] * (vocab_size - len(self.tokens))
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
         self.special_token_ids = [i for i, t in enumerate(self.tokens) if t.startswith(b"\xff")]
-        self._unk = len(self.sp.encode("<unk>"))
+        self._newline = self.sp.encode("\n")
 
     def __call__(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self.sp.encode("<unk>" + text)[self._unk :]
+        ids = self.sp.encode("\n" + text)
+        n = len(self._newline)
+        return ids[n:] if ids[:n] == self._newline else self.sp.encode(text)
 
 
 class Constraint:
