@@ -272,6 +272,16 @@ def test_models_health_and_metrics(url, client):
             "messages",
             "Input should be",
         ),
+        (
+            "chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            "tools",
+            "has no tool calls",
+        ),
     ],
 )
 def test_bad_requests_get_openais_error_naming_the_field(url, path, body, param, message):

@@ -149,9 +149,52 @@ class Grammars:
             )
         except (ValueError, TypeError) as e:
             raise ValueError(f"the schema is not a JSON object: {e}") from None
+        return self._compiled(grammar, "the schema")
+
+    def tool_calls(
+        self, tools: Sequence[dict[str, Any]], mode: str, parallel: bool = True
+    ) -> Callable[[], Constraint]:
+        """Requests answered in Mistral's tool format: `[TOOL_CALLS]` then a JSON list of
+        `{"name": ..., "arguments": {...}}`, each naming one of `tools` (OpenAI's
+        functions: `name`, `parameters`) with arguments valid under its parameters (any
+        object where it has none); one call unless `parallel`. mode "required": calls;
+        "auto": calls or text; "none": text alone. Raises ValueError for a tokenizer
+        without the format, or parameters that cannot be enforced."""
+        if self.tokenizer.tool_calls_id is None:
+            raise ValueError("this tokenizer has no [TOOL_CALLS] piece: no tool format")
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t["name"]},
+                    "arguments": t.get("parameters") or ANY_OBJECT,
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in tools
+        ]
+        schema = {
+            "type": "array",
+            "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+            "minItems": 1,
+            **({} if parallel else {"maxItems": 1}),
+            "x-guidance": JSON_OPTIONS,
+        }
+        # The format writes a space after [TOOL_CALLS] (sentencepiece's, before the JSON).
+        body = {"required": "calls", "auto": "calls | text", "none": "text"}[mode]
+        grammar = _llguidance().LLMatcher.grammar_from_lark(
+            f"start: {body}\n"
+            f'calls: <[{self.tokenizer.tool_calls_id}]> " "? %json {json.dumps(schema)}\n'
+            "text: (/(.|\\n)+/)+\n"
+        )
+        return self._compiled(grammar, "the tools' parameters")
+
+    def _compiled(self, grammar: str, what: str) -> Callable[[], Constraint]:
+        llguidance = _llguidance()
         error = llguidance.LLMatcher.validate_grammar(grammar, self._lltokenizer)
         if error:
-            raise ValueError(f"the schema cannot be enforced: {error}")
+            raise ValueError(f"{what} cannot be enforced: {error}")
 
         def constraint() -> Constraint:
             return Constraint(llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0))

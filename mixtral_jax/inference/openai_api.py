@@ -178,16 +178,59 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made (sent back in the conversation)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant's tool calls alone
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's result answers this call
 
     def text(self) -> str:
+        if self.content is None:
+            raise ApiError(f"a {self.role} message needs content", "messages")
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a function's name, as OpenAI and Mistral take it
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # the arguments are always held to `parameters`
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(_Common):
@@ -195,6 +238,9 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self, served: str) -> None:
         super().check(served)
@@ -202,11 +248,62 @@ class ChatRequest(_Common):
             raise ApiError("max_tokens must be at least 1", "max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError("top_logprobs needs logprobs: true", "top_logprobs")
+        names = [t.function.name for t in self.tools or []]
+        choice = self.tool_choice
+        if not names and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            raise ApiError("tool_choice asks for a call, but no tools are given", "tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(
+                f"tool_choice names {choice.function.name!r}, which is not among the tools "
+                f"({', '.join(names)})",
+                "tool_choice",
+            )
+        if len(set(names)) < len(names):
+            raise ApiError("two tools have the same name", "tools")
+        if names and self.response_format is not None and self.response_format.type != "text":
+            raise ApiError("response_format cannot be combined with tools", "response_format")
+
+    @property
+    def calls_tools(self) -> bool:
+        """The conversation has tools, calls or results: Mistral's tool format."""
+        return bool(self.tools) or any(m.role == "tool" or m.tool_calls for m in self.messages)
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none", "auto" or "required" (a named tool: required, of that tool alone)."""
+        choice = self.tool_choice
+        return "required" if isinstance(choice, NamedToolChoice) else choice or "auto"
+
+    def callable_tools(self) -> list[Tool]:
+        """The tools the answer may call (tool_choice naming one: that one)."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return [t for t in self.tools or [] if t.function.name == choice.function.name]
+        return list(self.tools or [])
 
     def prompt(self, tokenizer: Tokenizer) -> list[int]:
+        if self.calls_tools:
+            return self._prompt_with_tools(tokenizer)
         messages = [{"role": m.role, "content": m.text()} for m in self.messages]
         try:
             return tokenizer.encode_chat(messages)
+        except ValueError as e:
+            raise ApiError(str(e), "messages") from None
+
+    def check_tools(self, tokenizer: Tokenizer) -> None:
+        """Tools need a chat format that has them."""
+        if self.tools and tokenizer.tool_calls_id is None:
+            raise ApiError(
+                f"this model's chat format ({tokenizer.version}) has no tool calls; tools "
+                "need a tokenizer of the v3 kind (Mixtral 8x22B's)",
+                "tools",
+            )
+
+    def _prompt_with_tools(self, tokenizer: Tokenizer) -> list[int]:
+        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        try:
+            return tokenizer.encode_chat_openai(messages, tools)
         except ValueError as e:
             raise ApiError(str(e), "messages") from None
 

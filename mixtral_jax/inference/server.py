@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -156,6 +157,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest, request: Request):
         body.check(model_name)
+        body.check_tools(tokenizer)
+        constrain = _constraints(grammars, body)  # bad tools are named before the prompt
         ids = body.prompt(tokenizer)
         # By default the rest of the context (at least one token: a prompt that fills
         # it is refused as too long).
@@ -167,15 +170,22 @@ def create_app(
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         render = _ChatRender(tokenizer, body, model_name)
-        constrain = _constraints(grammars, body)
         return await _respond(engine, metrics, request, body, choices, params, render, constrain)
 
     return app
 
 
 def _constraints(grammars: Grammars, body) -> Callable[[], Constraint] | None:
-    """What gives each choice its constraint, for a `response_format` asking for JSON
-    (None: free text); a schema that cannot be enforced is the request's fault."""
+    """What gives each choice its constraint: a chat's tools (Mistral's tool format,
+    `tool_choice` deciding whether it must, may or must not call), or a
+    `response_format` asking for JSON (None: free text). Tools or a schema that cannot
+    be enforced are the request's fault."""
+    if getattr(body, "tools", None):
+        tools = [t.function.model_dump(exclude_none=True) for t in body.callable_tools()]
+        try:
+            return grammars.tool_calls(tools, body.tool_mode, body.parallel_tool_calls is not False)
+        except ValueError as e:
+            raise api.ApiError(f"tools: {e}", "tools") from None
     f = body.response_format
     if f is None or f.type == "text":
         if f is not None:
@@ -393,16 +403,41 @@ class _ChatRender(_Render):
         pairs = zip(answer.tokens[start:], answer.logprobs[start:], strict=True)
         return {"content": [api.token_entry(self.tokenizer, t, lp) for t, lp in pairs]}
 
+    def _calling(self, answer: api.Answer) -> bool:
+        """The answer opens with [TOOL_CALLS]: its text is calls, not content."""
+        return bool(self.body.tools) and answer.tokens[:1] == [self.tokenizer.tool_calls_id]
+
+    def _tool_calls(self, answer: api.Answer) -> list[dict] | None:
+        """A finished answer's calls in OpenAI's format, each with an id of Mistral's
+        kind (9 letters and digits, which a tool message must give back); None if the
+        answer calls nothing or its calls were cut short."""
+        if not self._calling(answer) or answer.finish_reason != "stop" or answer.stopped:
+            return None
+        try:
+            calls = self.tokenizer.parse_tool_calls(answer.tokens)
+        except ValueError:
+            log.exception("tool calls that do not parse, returned as text")
+            return None
+        return [{**call, "id": uuid.uuid4().hex[:9]} for call in calls]
+
+    def _message(self, answer: api.Answer) -> tuple[dict, str | None]:
+        """The assistant's message and the finish reason."""
+        calls = self._tool_calls(answer)
+        if calls is None:
+            return {"role": "assistant", "content": answer.text}, answer.finish_reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
     def whole(self, choices: list[_Choice]) -> dict:
         (c,) = choices
+        message, finish_reason = self._message(c.answer)
         return {
             **self._head("chat.completion"),
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": c.answer.text},
+                    "message": message,
                     "logprobs": self._logprobs(c.answer, 0),
-                    "finish_reason": c.answer.finish_reason,
+                    "finish_reason": finish_reason,
                 }
             ],
             "usage": self.usage(choices),
@@ -417,6 +452,8 @@ class _ChatRender(_Render):
 
     def delta(self, choice: _Choice, piece: str) -> list[dict]:
         a = choice.answer
+        if self._calling(a):  # calls are sent whole, when they are complete
+            return self._calls_delta(a) if a.done else []
         logprobs = self._logprobs(a, self.logprobs_sent)
         self.logprobs_sent = len(a.tokens)
         chunks = []
@@ -425,6 +462,16 @@ class _ChatRender(_Render):
         if a.done:
             chunks.append(self._chunk({}, None, a.finish_reason))
         return chunks
+
+    def _calls_delta(self, answer: api.Answer) -> list[dict]:
+        message, finish_reason = self._message(answer)
+        logprobs = self._logprobs(answer, 0)
+        if "tool_calls" in message:
+            calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            delta = {"tool_calls": calls}
+        else:
+            delta = {"content": message["content"]}
+        return [self._chunk(delta, logprobs, None), self._chunk({}, None, finish_reason)]
 
     def usage_chunk(self, choices: list[_Choice]) -> dict:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(choices)}

@@ -153,6 +153,44 @@ class Tokenizer:
             ids, mask = ids + prompt, mask + [False] * len(prompt)
         return ids, mask
 
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The id of `[TOOL_CALLS]`, which opens the model's tool calls (v3 tokenizers);
+        None where the format has no tools (v1)."""
+        token = self.sp.piece_to_id("[TOOL_CALLS]")
+        return token if token != self.sp.unk_id() and self.sp.is_control(token) else None
+
+    def encode_chat_openai(
+        self,
+        messages: Sequence[Mapping],
+        tools: Sequence[Mapping] | None = None,
+    ) -> list[int]:
+        """The prompt for the assistant's answer to a conversation in OpenAI's format
+        (assistant `tool_calls`, `role: "tool"` results) with OpenAI's `tools`, as
+        mistral-common encodes it (`ChatCompletionRequest.from_openai`): the tools
+        before the last user message, calls and results in their control pieces (a
+        `tool_choice` changes nothing in the v3 prompt: it is the grammar's). A
+        conversation Mistral's format refuses raises ValueError with the reason."""
+        if not has_mistral_common():
+            raise ValueError(
+                "tools and tool messages are encoded by mistral-common, which is not "
+                "installed (it needs Python 3.11 or newer): pip install mistral-common"
+            )
+        if self._reference is None:
+            self._reference = _MistralCommon(self)
+        return self._reference.encode_openai(messages, tools)
+
+    def parse_tool_calls(self, ids: Sequence[int]) -> list[dict] | None:
+        """The tool calls of an answer that opens with `[TOOL_CALLS]`, in OpenAI's format
+        (`{"id", "type": "function", "function": {"name", "arguments": JSON text}}`),
+        read by mistral-common's decoder; None for an answer that calls nothing.
+        Raises ValueError when the calls do not parse."""
+        if not ids or self.tool_calls_id is None or ids[0] != self.tool_calls_id:
+            return None
+        if self._reference is None:
+            self._reference = _MistralCommon(self)
+        return self._reference.parse_tool_calls(list(ids), self.tool_calls_id)
+
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
@@ -249,6 +287,35 @@ class _MistralCommon:
         finally:
             del encoder.encode_assistant_message
         return ids, _answer_mask(ids, answers)
+
+    def encode_openai(self, messages, tools) -> list[int]:
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        try:
+            request = ChatCompletionRequest.from_openai(
+                messages=[dict(m) for m in messages],
+                tools=None if tools is None else [dict(t) for t in tools],
+            )
+            return self.modes[False].encode_chat_completion(request).tokens
+        except (MistralCommonException, AssertionError, ValueError) as e:
+            raise ValueError(f"Mistral's format refuses this conversation: {e}") from None
+
+    def parse_tool_calls(self, ids: list[int], tool_calls_id: int) -> list[dict]:
+        # mistral-common's own decoder of generated calls, the one its reference server
+        # (mistral_common.experimental.app) uses.
+        from mistral_common.experimental.tools import (
+            _decode_tool_calls,
+            _split_content_and_tool_calls,
+        )
+
+        eos = self.modes[False].instruct_tokenizer.tokenizer.eos_id
+        _, calls = _split_content_and_tool_calls([t for t in ids if t != eos], tool_calls_id)
+        try:
+            decoded = _decode_tool_calls(calls, self.modes[False].instruct_tokenizer.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"the tool calls do not parse: {e}") from None
+        return [call.to_openai() for call in decoded]
 
 
 def _answer_mask(ids: list[int], answers: list[list[int]]) -> list[bool]:
