@@ -422,8 +422,9 @@ def test_a_full_queue_refuses_and_bad_settings_are_named(model):
     engine.run_until_idle()
     with pytest.raises(ValueError, match="max_len 4096 exceeds the model's"):
         Engine(model, max_len=4096)
-    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
-        Engine(model, max_batch=0)
+    for name in ("max_batch", "block_size", "kv_blocks", "speculate_rows"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            Engine(model, max_len=MAX_LEN, **{name: 0})
     with pytest.raises(ValueError, match="kv_blocks 5 cannot hold one request of max_len 96: "):
         Engine(model, max_len=MAX_LEN, block_size=8, kv_blocks=5)
     with pytest.raises(ValueError, match="kv_blocks sizes a paged cache: give block_size"):

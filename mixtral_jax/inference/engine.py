@@ -298,10 +298,12 @@ class Engine:
             ("prefill_chunk", prefill_chunk),
             ("prefill_rows", prefill_rows),
             ("max_queue", max_queue),
-            ("block_size", block_size or 1),
-            ("kv_blocks", kv_blocks or 1),
-            ("speculate_rows", speculate_rows or 1),
+            ("block_size", block_size),  # these three: None is their default
+            ("kv_blocks", kv_blocks),
+            ("speculate_rows", speculate_rows),
         ):
+            if value is None and name in ("block_size", "kv_blocks", "speculate_rows"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if kv_dtype not in KV_DTYPES:
