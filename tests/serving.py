@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import openai
 import uvicorn
 
 from mixtral_jax.inference.engine import Engine
@@ -41,3 +42,8 @@ def running_server(engine: Engine, tokenizer, **app_options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    """The real `openai` client for a test server (no retries: a failure shows at once)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)

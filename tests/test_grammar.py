@@ -16,7 +16,6 @@ import jsonschema
 import llguidance
 import llguidance.numpy
 import numpy as np
-import openai
 import pydantic
 import pytest
 from flax import nnx
@@ -29,7 +28,7 @@ from mixtral_jax.inference.grammar import Grammars, fill_masks, free_masks, toke
 from mixtral_jax.inference.requests import Request
 from mixtral_jax.inference.sampling import constrain
 from mixtral_jax.model.tokenizer import Tokenizer, has_mistral_common
-from tests.serving import NAME, running_server
+from tests.serving import NAME, openai_client, running_server
 from tests.test_server import log_softmax
 
 # Schemas whose every string, number and array is bounded: a document always ends.
@@ -234,7 +233,7 @@ def url(engine, tokenizer):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    return openai_client(url)
 
 
 def chat(client, name: str, temperature: float, **options):

@@ -16,7 +16,7 @@ import pytest
 
 import mixtral_jax
 from mixtral_jax.inference.engine import Engine
-from tests.serving import NAME, running_server
+from tests.serving import NAME, openai_client, running_server
 
 PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n", "for i in range(", "    return"]
 MAX_LEN = 256
@@ -47,7 +47,7 @@ def url(engine, tokenizer):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    return openai_client(url)
 
 
 def test_completions_equal_generate_for_a_batch_of_prompts(client, model, tokenizer):

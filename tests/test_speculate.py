@@ -19,7 +19,7 @@ from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.inference.requests import Request
 from mixtral_jax.inference.sampling import RowSampling
 from mixtral_jax.inference.speculate import Ngram, accept
-from tests.serving import NAME, running_server
+from tests.serving import NAME, openai_client, running_server
 from tests.test_engine import Collected, mixed_requests, run_staggered, solo, tiny_config
 from tools import bench
 
@@ -253,7 +253,7 @@ def client(embedded_model, embedded_tokenizer):
     )  # fmt: skip
     engine.warmup()
     with running_server(engine, embedded_tokenizer) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), url
+        yield openai_client(url), url
 
 
 PROMPTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "class Stack:", "import os\n"]

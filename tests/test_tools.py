@@ -12,7 +12,6 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from flax import nnx
 
@@ -21,7 +20,7 @@ from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.inference import openai_api as api
 from mixtral_jax.inference.engine import Engine
 from mixtral_jax.model.tokenizer import Tokenizer, has_mistral_common, official_path
-from tests.serving import NAME, running_server
+from tests.serving import NAME, openai_client, running_server
 
 pytestmark = pytest.mark.skipif(
     not has_mistral_common(), reason="mistral-common (Python 3.11+) encodes tools"
@@ -80,7 +79,7 @@ def url(tokenizer):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    return openai_client(url)
 
 
 def call_tools(client, **options):
