@@ -761,7 +761,7 @@ SPEC_DRAFTER, SPEC_PROMPTS, SPEC_PROMPT_TOKENS, SPEC_ANSWER_TOKENS = "ngram:4", 
 SPEC_ROUNDS, SPEC_BATCHES = 3, (1, 2, 4, 16)
 # Structured output: requests, and a schema whose documents have a fixed number of records.
 CONSTRAINED_REQUESTS, CONSTRAINED_ITEMS, CONSTRAINED_BATCHES = 16, 24, (1, 16)
-CONSTRAINED_ROUNDS = 5
+CONSTRAINED_ROUNDS = 9
 CONSTRAINED_SCHEMA = {
     "type": "array",
     "items": {

@@ -15,14 +15,16 @@ wheel needs nothing else; xgrammar, the other well-kept choice, requires torch a
 transformers at run time, which this package keeps to its tests.
 
 JSON is written compactly, as `json.dumps` does (`", "` and `": "`, no other
-whitespace): a model cannot then spend its answer on whitespace, and a schema whose
-strings, numbers and arrays are bounded always ends within a known number of tokens.
+whitespace but one space before it, which a sentencepiece model's first piece carries):
+a model cannot then spend its answer on whitespace, and a schema whose strings, numbers
+and arrays are bounded always ends within a known number of tokens.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -141,14 +143,13 @@ class Grammars:
         """Requests for a JSON document valid under `schema` (None: any JSON object):
         a function that gives each request its own Constraint. Raises ValueError saying
         what is wrong with the schema."""
-        llguidance = _llguidance()
         schema = ANY_OBJECT if schema is None else schema
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema), overrides=JSON_OPTIONS
-            )
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"the schema is not a JSON object: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"the schema is not a JSON object: {schema!r}")
+        # An answer's first piece carries the space sentencepiece puts before a text
+        # (`▁{`, as the instruct format encodes answers): one space may open it.
+        document = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+        grammar = _llguidance().LLMatcher.grammar_from_lark(f'start: " "? %json {document}\n')
         return self._compiled(grammar, "the schema")
 
     def tool_calls(
@@ -193,8 +194,9 @@ class Grammars:
     def _compiled(self, grammar: str, what: str) -> Callable[[], Constraint]:
         llguidance = _llguidance()
         error = llguidance.LLMatcher.validate_grammar(grammar, self._lltokenizer)
-        if error:
-            raise ValueError(f"{what} cannot be enforced: {error}")
+        if error:  # without the listing of the grammar that follows the reason
+            reason = re.split(r"\n +1 \| ", error)[0]
+            raise ValueError(f"{what} cannot be enforced: {reason}")
 
         def constraint() -> Constraint:
             return Constraint(llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0))
