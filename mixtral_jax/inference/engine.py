@@ -18,9 +18,10 @@ row or `prefill_rows`, its chunks padded to a few bucket lengths (powers of two 
 runs every slot, idle ones masked (never written, never routed). After `warmup`,
 requests coming and going compile nothing. Each request samples with its own
 parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
-those `generate` gives it alone. The decode step runs on the backend
-`backends.for_decode` chooses, and the prefill reads the weights it gives
-(`Decode.prefill`), as `generate`'s do; the SMoE never drops a token.
+those `generate` gives it alone; a request with a `constraint` (a grammar's,
+`grammar.Constraint`) draws, in the same steps, only the tokens it allows. The decode
+step runs on the backend `backends.for_decode` chooses, and the prefill reads the
+weights it gives (`Decode.prefill`), as `generate`'s do; the SMoE never drops a token.
 
 With `speculate="ngram:K"`, a decode step where some row finds a draft in its own
 context (`speculate.Ngram`) verifies the drafts instead, every slot's newest token and

@@ -1,7 +1,9 @@
-"""Structured output: JSON, with or without a schema, enforced token by token.
+"""Structured output, enforced token by token: JSON, with or without a schema, and
+calls of given tools in Mistral's format.
 
     grammars = Grammars(tokenizer, vocab_size)       # once per server
     make = grammars.json(schema)                     # a schema compiled (ValueError if bad)
+    make = grammars.tool_calls(tools, "required")    # or: calls of these tools
     constraint = make()                              # one per request: its parser state
     fill_masks([(constraint, row)], masks)           # before a step: the tokens allowed
     constraint.advance(token)                        # after it: the token drawn
