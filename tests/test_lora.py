@@ -147,3 +147,26 @@ def test_bad_lora_configs_are_named():
     # A comma-separated string, as a command line gives it.
     config = ModelConfig.from_dict({**values, "lora_rank": 2, "lora_targets": "w1, q_proj"})
     assert config.lora_targets == ("w1", "q_proj")
+
+
+def test_saved_adapters_load_back_onto_the_base(base, tokens, tmp_path):
+    adapted = perturbed(lora.add_adapters(base, rank=4, alpha=8.0, targets=ALL))
+    lora.save_adapters(adapted, tmp_path / "adapters")
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
+        lora.ADAPTER_CONFIG,
+        lora.ADAPTER_FACTORS,
+    ]
+    loaded = lora.load_adapters(base, tmp_path / "adapters")
+    np.testing.assert_array_equal(
+        np.asarray(logits(loaded, tokens)), np.asarray(logits(adapted, tokens))
+    )
+    lora.save_adapters(adapted, tmp_path / "adapters")  # replaced whole
+    with pytest.raises(
+        ValueError, match="trained on a base with hidden_size=48; this model has 32"
+    ):
+        other = Mixtral(base.config.replace(hidden_size=32, head_dim=8), rngs=nnx.Rngs(0))
+        lora.load_adapters(other, tmp_path / "adapters")
+    with pytest.raises(ValueError, match="holds no adapters"):
+        lora.load_adapters(base, tmp_path)
+    with pytest.raises(ValueError, match="no LoRA adapters to save"):
+        lora.save_adapters(base, tmp_path / "none")

@@ -26,7 +26,7 @@ from mixtral_jax.checkpoints.store import save
 from mixtral_jax.model.tokenizer import Tokenizer
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.params import flat_params
-from mixtral_jax.training import evaluate, steps, train
+from mixtral_jax.training import evaluate, lora, steps, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (
@@ -258,6 +258,12 @@ def test_lora_run_exports_a_merged_checkpoint(tmp_path):
     )
     np.testing.assert_allclose(again["loss"], result["eval_loss"], rtol=1e-5)
     assert math.isclose(again["perplexity"], math.exp(again["loss"]))
+    # The adapters alone, put back on the base, are the merged export's function.
+    adapted = lora.load_adapters(base, tmp_path / "run" / "adapters")
+    tokens = jnp.asarray(np.random.RandomState(0).randint(3, base.config.vocab_size, (2, 16)))
+    np.testing.assert_allclose(
+        np.asarray(adapted(tokens)), np.asarray(exported(tokens)), rtol=1e-4, atol=1e-4
+    )
     # The finished run's command run again resumes at the last step and exports anew.
     train.train(config, tmp_path / "run")
     reexported = flat_params(load(tmp_path / "run" / "export"))

@@ -8,17 +8,26 @@ Merging writes W + (alpha / r) A B into the base weights and drops the adapters:
 the merged model is an ordinary Mixtral that computes the same function. The base
 may be quantized (QLoRA, `config.quantization`): it stays frozen as integers and
 scales while the adapters train in float32, and merges into float weights.
+`save_adapters` writes the adapters alone (megabytes, where a merged export is the
+whole model) and `load_adapters` puts them back on a base of the same architecture.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from mixtral_jax.model.config import ModelConfig
+from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
 from mixtral_jax.model.layers import LoRAParam
 from mixtral_jax.model.mixtral import Mixtral, with_config
 from mixtral_jax.params import flat_params, set_params
@@ -88,3 +97,76 @@ def adapter_paths(model: Mixtral) -> list[tuple[str, ...]]:
     """Paths of the adapter modules, e.g. ("layers", "attention", "q_proj_lora")."""
     paths = {p[:-1] for p in flat_params(nnx.state(model, LoRAParam))}
     return sorted(paths)
+
+
+# What save_adapters writes: the adapters' settings and base, and their factors by path.
+ADAPTER_CONFIG, ADAPTER_FACTORS = "adapter_config.json", "adapters.npz"
+
+
+def save_adapters(model: Mixtral, directory: str | Path) -> None:
+    """The model's adapters alone in `directory`: their factors A and B by path, and
+    their rank, alpha, targets and base architecture (`load_adapters` checks it). Every
+    process calls it (the factors are gathered); the first writes. The directory is
+    replaced whole, never left half-written."""
+    c = model.config
+    if not c.lora_rank:
+        raise ValueError("the model has no LoRA adapters to save (config.lora_rank is 0)")
+    factors = {
+        "/".join(path): np.asarray(
+            value
+            if value.is_fully_addressable
+            else multihost_utils.process_allgather(value, tiled=True)
+        )
+        for path, value in flat_params(nnx.state(model, LoRAParam)).items()
+    }
+    if jax.process_index() != 0:
+        return
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "rank": c.lora_rank,
+        "alpha": c.lora_alpha,
+        "targets": list(c.lora_targets),
+        "base": {name: getattr(c, name) for name in ARCHITECTURE_FIELDS},
+    }
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        written = Path(tmp) / "adapters"
+        written.mkdir()
+        (written / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        np.savez(written / ADAPTER_FACTORS, **factors)
+        if directory.exists():
+            shutil.rmtree(directory)
+        written.rename(directory)
+
+
+def load_adapters(model: Mixtral, directory: str | Path) -> Mixtral:
+    """`model` (a base without adapters; its weights shared, not copied) with the
+    adapters `save_adapters` wrote to `directory`. Raises ValueError when the directory
+    holds none, or when they were trained on a base of another architecture."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_FACTORS).is_file():
+        raise ValueError(
+            f"{directory} holds no adapters (it needs {ADAPTER_CONFIG} and "
+            f"{ADAPTER_FACTORS}, as a LoRA run writes to its workdir's adapters/)"
+        )
+    settings = json.loads((directory / ADAPTER_CONFIG).read_text())
+    for name, value in settings["base"].items():
+        if getattr(model.config, name) != value:
+            raise ValueError(
+                f"the adapters in {directory} were trained on a base with {name}={value}; "
+                f"this model has {getattr(model.config, name)}: load its own base"
+            )
+    adapted = add_adapters(
+        model, rank=settings["rank"], alpha=settings["alpha"], targets=settings["targets"]
+    )
+    expected = flat_params(nnx.state(adapted, LoRAParam))
+    with np.load(directory / ADAPTER_FACTORS) as stored:
+        factors = {tuple(key.split("/")): stored[key] for key in stored.files}
+    if set(factors) != set(expected) or any(
+        factors[p].shape != expected[p].shape for p in expected
+    ):
+        raise ValueError(
+            f"{directory}/{ADAPTER_FACTORS} does not hold the factors its config names"
+        )
+    set_params(adapted, {p: jnp.asarray(v, expected[p].dtype) for p, v in factors.items()})
+    return adapted

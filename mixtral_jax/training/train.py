@@ -6,7 +6,8 @@
 A run lives in its work directory: `checkpoints/` (Orbax, every
 `checkpoint_every` steps, the last `keep_checkpoints` kept, saved asynchronously),
 `metrics.jsonl` and TensorBoard event files, and at the end `export/` (a
-checkpoint like tools/convert.py writes, LoRA merged into the weights). QLoRA:
+checkpoint like tools/convert.py writes, LoRA merged into the weights) and, for
+LoRA, `adapters/` (the adapters alone, for `lora.load_adapters` on the base). QLoRA:
 `config.model.quantization="int8"|"int4"` quantizes the frozen base as it loads
 (configs/finetune_qlora.py); the export is then float, merged. Run the
 same command again and it resumes from the newest checkpoint that restores
@@ -355,6 +356,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
         manager.wait_until_finished()
         if config.export:
             _export(train_step, state, tokenizer, workdir / "export")
+            if config.lora.rank:
+                lora.save_adapters(train_step.model(state), workdir / "adapters")
+                if jax.process_index() == 0:
+                    print(f"saved the adapters alone to {workdir / 'adapters'}", flush=True)
     finally:
         preemption.restore()
         manager.close()
