@@ -115,9 +115,7 @@ class Tokenizer:
         """
         check_messages(messages, train=train)
         if has_mistral_common():
-            if self._reference is None:
-                self._reference = _MistralCommon(self)
-            ids, mask = self._reference.encode(messages, train)
+            ids, mask = self._mistral_common().encode(messages, train)
         else:
             ids, mask = self._encode_chat(messages)
         return (ids, mask) if train else ids
@@ -176,9 +174,7 @@ class Tokenizer:
                 "tools and tool messages are encoded by mistral-common, which is not "
                 "installed (it needs Python 3.11 or newer): pip install mistral-common"
             )
-        if self._reference is None:
-            self._reference = _MistralCommon(self)
-        return self._reference.encode_openai(messages, tools)
+        return self._mistral_common().encode_openai(messages, tools)
 
     def parse_tool_calls(self, ids: Sequence[int]) -> list[dict] | None:
         """The tool calls of an answer that opens with `[TOOL_CALLS]`, in OpenAI's format
@@ -187,9 +183,13 @@ class Tokenizer:
         Raises ValueError when the calls do not parse."""
         if not ids or self.tool_calls_id is None or ids[0] != self.tool_calls_id:
             return None
+        return self._mistral_common().parse_tool_calls(list(ids), self.tool_calls_id)
+
+    def _mistral_common(self) -> _MistralCommon:
+        """mistral-common's encoders for this tokenizer, built when first needed."""
         if self._reference is None:
             self._reference = _MistralCommon(self)
-        return self._reference.parse_tool_calls(list(ids), self.tool_calls_id)
+        return self._reference
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
