@@ -39,12 +39,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# A schema's or a function's name, as OpenAI (and Mistral, for functions) take it.
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
 class JsonSchema(BaseModel):
     """`response_format.json_schema`, as OpenAI takes it (`strict` or not, the schema
     is enforced)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
@@ -205,9 +209,6 @@ class Message(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
-
-
-NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a function's name, as OpenAI and Mistral take it
 
 
 class Function(BaseModel):
