@@ -187,12 +187,13 @@ def _constraints(grammars: Grammars, body) -> Callable[[], Constraint] | None:
         except ValueError as e:
             raise api.ApiError(f"tools: {e}", "tools") from None
     f = body.response_format
-    if f is None or f.type == "text":
-        if f is not None:
-            f.schema()  # refuses a json_schema given with type "text"
+    if f is None:
+        return None
+    schema = f.schema()  # refuses a type and a json_schema that do not go together
+    if f.type == "text":
         return None
     try:
-        return grammars.json(f.schema())
+        return grammars.json(schema)
     except ValueError as e:
         raise api.ApiError(f"response_format: {e}", "response_format") from None
 
