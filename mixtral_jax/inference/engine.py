@@ -293,18 +293,16 @@ class Engine:
         speculate_rows: int | None = None,
     ):
         c = model.config
+        optional = dict(block_size=block_size, kv_blocks=kv_blocks, speculate_rows=speculate_rows)
         for name, value in (
             ("max_batch", max_batch),
             ("max_len", max_len),
             ("prefill_chunk", prefill_chunk),
             ("prefill_rows", prefill_rows),
             ("max_queue", max_queue),
-            ("block_size", block_size),  # these three: None is their default
-            ("kv_blocks", kv_blocks),
-            ("speculate_rows", speculate_rows),
+            # None is these settings' default; a value given is checked as the others.
+            *((name, value) for name, value in optional.items() if value is not None),
         ):
-            if value is None and name in ("block_size", "kv_blocks", "speculate_rows"):
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if kv_dtype not in KV_DTYPES:
