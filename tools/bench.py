@@ -668,10 +668,7 @@ def _bench_constrained() -> None:
         overhead = statistics.median(
             f / j - 1 for f, j in zip(rates["free"][1:], rates["json"][1:], strict=True)
         )
-        valid = all(
-            len(json.loads(tokenizer.decode(t))) == CONSTRAINED_ITEMS
-            for t in _decode_rate(engine, prompts[:batch], batch, 900, make)[0]
-        )
+        valid = all(len(json.loads(tokenizer.decode(t))) == CONSTRAINED_ITEMS for t in got)
         print(
             f"    batch {batch:>2}: free {free:6.0f} tokens/s, JSON {json_:6.0f} "
             f"({100 * overhead:+.1f}% time a token, goal <= +10%); "
