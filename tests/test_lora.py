@@ -11,6 +11,7 @@ from flax import nnx
 
 from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.backends.cpu import kernels
 from mixtral_jax.backends.cpu.decode import per_layer, unstacked
 from mixtral_jax.model.config import ConfigError
 from mixtral_jax.model.kv_cache import init_cache
@@ -170,3 +171,70 @@ def test_saved_adapters_load_back_onto_the_base(base, tokens, tmp_path):
         lora.load_adapters(base, tmp_path)
     with pytest.raises(ValueError, match="no LoRA adapters to save"):
         lora.save_adapters(base, tmp_path / "none")
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(base, tmp_path_factory):
+    """Three adapters of different ranks, alphas and targets, saved as training saves
+    them, and each adapted model."""
+    root = tmp_path_factory.mktemp("adapters")
+    kinds = [(4, 8.0, ALL), (2, 1.0, ("q_proj", "w2")), (3, 6.0, ("v_proj", "o_proj", "w1", "w3"))]
+    dirs, models = {}, {}
+    for i, (rank, alpha, targets) in enumerate(kinds):
+        name = f"adapter{i}"
+        adapted = perturbed(lora.add_adapters(base, rank=rank, alpha=alpha, targets=targets), i)
+        lora.save_adapters(adapted, root / name)
+        dirs[name], models[name] = root / name, adapted
+    return dirs, models
+
+
+def test_a_bank_applies_each_rows_own_adapter(base, saved_adapters):
+    dirs, models = saved_adapters
+    bank = lora.load_bank(base, dirs)
+    c = bank.config
+    assert (c.lora_bank, c.lora_rank, set(c.lora_targets)) == (3, 4, set(ALL))
+    assert bank.layers.moe.experts.w1_lora.a.shape == (2, 8, 3, 48, 4)  # [L, E, J, D, R]
+    assert bank.layers.attention.q_proj_lora.b.shape[1:3] == (3, 4)  # [L, J, R, N, H]
+    for path, value in flat_params(nnx.state(bank, nnx.Not(LoRAParam))).items():
+        assert value is flat_params(base)[path]  # shared, not copied
+    # Rows of every adapter and of none in one call: each row as its own model computes.
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 211, (4, 9)))
+    ids = jnp.asarray([2, -1, 0, 1])
+    wanted = [models["adapter2"], base, models["adapter0"], models["adapter1"]]
+    expected = jnp.stack([logits(m, tokens[i : i + 1])[0] for i, m in enumerate(wanted)])
+    for impl in ("dense", "sorted"):
+        banked = Mixtral(c.replace(moe_impl=impl, capacity_factor=None), rngs=nnx.Rngs(0))
+        nnx.update(banked, nnx.state(bank))
+        got = nnx.jit(lambda m, t, i: m.forward(t, adapter_ids=i).logits)(banked, tokens, ids)
+        np.testing.assert_allclose(got, expected, atol=3e-5)
+    # A decode step after a prefill, with the experts and projections in buffers of
+    # their own and on the CPU kernels where they apply (the projections' adapters are
+    # added beside the kernels; the experts' kernel takes none).
+    with_kernels = unstacked(bank)
+    assert with_kernels.attention is not None or not kernels.available()
+    for pieces in (None, unstacked(bank, pack=False), with_kernels):
+
+        @nnx.jit
+        def step(model, tokens, ids, pieces=pieces):
+            cache = init_cache(model.config, tokens.shape[0], 16, jnp.float32)
+            out = model.forward(tokens[:, :-1], cache=cache, adapter_ids=ids)
+            cache = out.cache if pieces is None else per_layer(out.cache)
+            positions = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
+            out = model.forward(
+                tokens[:, -1:], positions, cache=cache, unstacked=pieces, adapter_ids=ids
+            )
+            return out.logits[:, 0]
+
+        np.testing.assert_allclose(step(bank, tokens, ids), expected[:, -1], atol=3e-5)
+
+
+def test_bad_banks_are_named(base, saved_adapters, tmp_path):
+    dirs, models = saved_adapters
+    with pytest.raises(ValueError, match="at least one adapter"):
+        lora.load_bank(base, {})
+    with pytest.raises(ValueError, match="holds no adapters"):
+        lora.load_bank(base, {"x": tmp_path})
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.load_bank(models["adapter0"], dirs)
+    with pytest.raises(ValueError, match="this model has none"):
+        base.forward(jnp.zeros((1, 3), jnp.int32), adapter_ids=jnp.zeros((1,), jnp.int32))

@@ -82,9 +82,10 @@ class BlockPool:
                 else:
                     self.free.append(block)
 
-    def hashes(self, prompt: list[int]) -> list[bytes]:
-        """The chain hash of each full block of `prompt`."""
-        bs, out, h = self.block_size, [], b""
+    def hashes(self, prompt: list[int], namespace: bytes = b"") -> list[bytes]:
+        """The chain hash of each full block of `prompt` (its chain starting from
+        `namespace`: what else decides the blocks' keys, e.g. a LoRA adapter)."""
+        bs, out, h = self.block_size, [], namespace
         tokens = np.asarray(prompt, np.int64)
         for i in range(len(prompt) // bs):
             h = hashlib.blake2b(
@@ -93,7 +94,7 @@ class BlockPool:
             out.append(h)
         return out
 
-    def share(self, prompt: list[int], blocks: list[int]) -> int:
+    def share(self, prompt: list[int], blocks: list[int], namespace: bytes = b"") -> int:
         """The cached blocks of `prompt`'s longest cached prefix put in place of the
         first of `blocks` (a holder's own, fresh; those replaced are freed). Returns the
         prompt tokens they hold, which need no computing."""
@@ -102,7 +103,7 @@ class BlockPool:
         usable = (len(prompt) - 1) // self.block_size  # the last token is always computed
         self.lookup_tokens += len(prompt)
         shared = 0
-        for h in self.hashes(prompt[: usable * self.block_size]):
+        for h in self.hashes(prompt[: usable * self.block_size], namespace):
             block = self.by_hash.get(h)
             if block is None:
                 break
@@ -114,14 +115,17 @@ class BlockPool:
         self.hit_tokens += shared * self.block_size
         return shared * self.block_size
 
-    def register(self, prompt: list[int], blocks: list[int], prefilled: int) -> None:
+    def register(
+        self, prompt: list[int], blocks: list[int], prefilled: int, namespace: bytes = b""
+    ) -> None:
         """The prompt's full blocks among its first `prefilled` tokens, now in the cache,
         made known to later prompts (a block already known, or another block holding
         the same tokens, is left as it is)."""
         if not self.prefix_caching:
             return
         full = min(prefilled, len(prompt)) // self.block_size
-        for h, block in zip(self.hashes(prompt[: full * self.block_size]), blocks, strict=False):
+        hashes = self.hashes(prompt[: full * self.block_size], namespace)
+        for h, block in zip(hashes, blocks, strict=False):
             if h not in self.by_hash and block not in self.hash_of:
                 self.by_hash[h], self.hash_of[block] = block, h
 

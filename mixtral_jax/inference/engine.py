@@ -127,10 +127,18 @@ def _put_slot_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
 
 
 def _forward_chunks(
-    model: Mixtral, cache, tokens, starts, lengths, mesh_rules, unstacked, logits_at=None
+    model: Mixtral,
+    cache,
+    tokens,
+    starts,
+    lengths,
+    mesh_rules,
+    unstacked,
+    adapter_ids,
+    logits_at=None,
 ):
     """tokens [R, C] continuing each row's cache at positions starts[r] onwards, the
-    first lengths[r] real (padding is never written)."""
+    first lengths[r] real (padding is never written), each row with its adapter."""
     index = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     with rules_context(mesh_rules):
         return model.forward(
@@ -141,6 +149,7 @@ def _forward_chunks(
             chunk=True,
             logits_at=logits_at,
             unstacked=unstacked,
+            adapter_ids=adapter_ids,
         )
 
 
@@ -162,6 +171,7 @@ def prefill_chunks(
     mesh_rules,
     prompt_logprobs: bool,
     unstacked: Unstacked | None = None,
+    adapter_ids=None,
 ):
     """R prompts' chunks in one call: tokens [R, C] (row r's first lengths[r] real, at
     positions starts[r]..) into the cache rows of slots [R] (emptied first where
@@ -169,7 +179,9 @@ def prefill_chunks(
     cache holds; a slot past the end is an unused row). Returns the token each row draws
     from its last real token's logits, with its log-probabilities; with
     `prompt_logprobs`, those of `targets` [R, C] (the prompts' next tokens) everywhere.
-    `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`)."""
+    `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`).
+    `adapter_ids` [R]: each row's adapter of the model's bank (-1: none), or None
+    for a model without one."""
     model = nnx.merge(graphdef, params)
     own = _slot_rows(cache, slots)
     # A new prompt's row forgets what its slot held, but the prompt's first `starts`
@@ -180,7 +192,9 @@ def prefill_chunks(
     last = jnp.maximum(lengths - 1, 0)  # [R]
     # Every position's logits only when the prompt's log-probabilities are asked.
     logits_at = None if prompt_logprobs else last
-    out = _forward_chunks(model, own, tokens, starts, lengths, mesh_rules, unstacked, logits_at)
+    out = _forward_chunks(
+        model, own, tokens, starts, lengths, mesh_rules, unstacked, adapter_ids, logits_at
+    )
     cache = _put_slot_rows(cache, out.cache, slots)
     at = last if prompt_logprobs else jnp.zeros_like(last)
     final = jnp.take_along_axis(out.logits, at[:, None, None], axis=1)[:, 0]  # [R, V]
@@ -201,9 +215,11 @@ def _decode(
     mesh_rules,
     with_logprobs: bool,
     unstacked: Unstacked | None,
+    adapter_ids=None,
 ):
     """One token for every active slot: tokens, positions, active [B] -> next tokens
-    [B] (and their log-probabilities), cache. Idle slots are padding: never written."""
+    [B] (and their log-probabilities), cache. Idle slots are padding: never written.
+    `adapter_ids` [B]: each slot's adapter (`prefill_chunks`)."""
     model = nnx.merge(graphdef, params)
     with rules_context(mesh_rules):
         out = model.forward(
@@ -212,6 +228,7 @@ def _decode(
             active.astype(jnp.int32)[:, None],
             cache=cache,
             unstacked=unstacked,
+            adapter_ids=adapter_ids,
         )
     logits = out.logits[:, 0]
     token = sample_rows(logits, rows)
@@ -230,6 +247,7 @@ def verify_drafts(
     mesh_rules,
     with_logprobs: bool,
     unstacked: Unstacked | None,
+    adapter_ids=None,
 ):
     """A speculative decode step: tokens [B, T], each row's newest token then its draft,
     at positions[b] onwards, the first lengths[b] real (0: an idle slot, never written).
@@ -237,7 +255,9 @@ def verify_drafts(
     log-probabilities, and the cache. Rejected drafts' keys stay in the cache at
     positions the row has not reached: no query sees them before they are overwritten."""
     model = nnx.merge(graphdef, params)
-    out = _forward_chunks(model, cache, tokens, positions, lengths, mesh_rules, unstacked)
+    out = _forward_chunks(
+        model, cache, tokens, positions, lengths, mesh_rules, unstacked, adapter_ids
+    )
     emitted, count = accept(out.logits, tokens[:, 1:], jnp.maximum(lengths - 1, 0), rows)
     drawn = logprobs(out.logits, emitted, MAX_TOP_LOGPROBS) if with_logprobs else None
     return emitted, count, drawn, out.cache
@@ -375,7 +395,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queues `request`; raises RequestError (what is wrong, `param` naming the
         field) or QueueFull (retry later; also once `stop` has begun)."""
-        request.check(self.model.config.vocab_size, self.max_len)
+        request.check(self.model.config.vocab_size, self.max_len, self.model.config.lora_bank)
         seed = random.getrandbits(32) if request.seed is None else request.seed % 2**32
         with self._lock:
             if not self._accepting:
@@ -604,7 +624,7 @@ class Engine:
             sequence, r = chunk.sequence, chunk.sequence.request
             sequence.prefilled += chunk.length
             if pool is not None:
-                pool.register(r.prompt, sequence.blocks, sequence.prefilled)
+                pool.register(r.prompt, sequence.blocks, sequence.prefilled, r.kv_namespace)
             if r.prompt_logprobs is not None:
                 if chunk.start == 0:
                     sequence.prompt_logprobs = [TokenLogprob(None)]
@@ -652,6 +672,7 @@ class Engine:
             self._mesh_rules,
             bool(prompt_logprobs),
             self._prefill_weights,
+            self._adapter_ids([c.sequence for c in chunks], R, by_slot=False),
         )
 
     def _decode(self, decoding: list[Sequence], news: dict) -> None:
@@ -743,7 +764,21 @@ class Engine:
             self._mesh_rules,
             with_logprobs,
             self._backend.unstacked,
+            self._adapter_ids(decoding, self.max_batch),
         )
+
+    def _adapter_ids(
+        self, sequences: list[Sequence], rows: int, by_slot: bool = True
+    ) -> np.ndarray | None:
+        """Each sequence's adapter at its slot's row (or in the order given), -1 for none
+        and on unused rows; None for a model without a bank of adapters."""
+        if not self.model.config.lora_bank:
+            return None
+        ids = np.full(rows, -1, np.int32)
+        for i, sequence in enumerate(sequences):
+            adapter = sequence.request.adapter
+            ids[sequence.slot if by_slot else i] = -1 if adapter is None else adapter
+        return ids
 
     def _row_sampling(
         self, sequences: list[Sequence], rows: int, by_slot: bool = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -113,11 +114,14 @@ class _Common(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
 
-    def check(self, served: str) -> None:
-        """What pydantic cannot say: the model's name, what we do not support."""
-        if self.model != served:
+    def check(self, served: Sequence[str]) -> None:
+        """What pydantic cannot say: the model's name (one of `served`: the model's and
+        its adapters'), what we do not support."""
+        if self.model not in served:
             raise ApiError(
-                f"model {self.model!r} is not served here; this server has {served!r}", "model"
+                f"model {self.model!r} is not served here; this server has "
+                f"{', '.join(map(repr, served))}",
+                "model",
             )
         if self.n != 1:
             raise ApiError("n > 1 is not supported: send the request n times (with seeds)", "n")
@@ -139,7 +143,7 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     suffix: str | None = None
 
-    def check(self, served: str) -> None:
+    def check(self, served: Sequence[str]) -> None:
         super().check(served)
         if self.best_of not in (None, 1):
             raise ApiError("best_of > 1 is not supported", "best_of")
@@ -243,7 +247,7 @@ class ChatRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
-    def check(self, served: str) -> None:
+    def check(self, served: Sequence[str]) -> None:
         super().check(served)
         if self.max_tokens == 0:
             raise ApiError("max_tokens must be at least 1", "max_tokens")

@@ -39,8 +39,10 @@ class Request:
     `prompt_logprobs` likewise for the prompt's tokens (OpenAI's `echo`). A row ends
     after `max_tokens` (0: the prompt's log-probabilities only) or at one of `stop_ids`
     (not included), or when its `constraint` (`grammar.Constraint`: the tokens it may
-    draw, e.g. a JSON schema's) says the document is complete. `on_output(output)`
-    hears every output, on the engine's thread."""
+    draw, e.g. a JSON schema's) says the document is complete. `adapter`: the index of
+    the LoRA adapter it applies, among the engine's model's bank (`config.lora_bank`);
+    None: the base model. `on_output(output)` hears every output, on the engine's
+    thread."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -52,11 +54,24 @@ class Request:
     prompt_logprobs: int | None = None
     stop_ids: frozenset[int] = frozenset()
     constraint: Constraint | None = None
+    adapter: int | None = None
     on_output: Callable[[Output], None] | None = None
     id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
 
-    def check(self, vocab_size: int, max_len: int) -> None:
-        """Raises RequestError naming the field when the request cannot be served."""
+    @property
+    def kv_namespace(self) -> bytes:
+        """What decides the prompt's keys and values besides its tokens (the adapter), for
+        the prefix cache: equal prompts share their blocks only within one namespace."""
+        return b"" if self.adapter is None else f"adapter {self.adapter}".encode()
+
+    def check(self, vocab_size: int, max_len: int, adapters: int = 0) -> None:
+        """Raises RequestError naming the field when the request cannot be served by an
+        engine of `max_len` whose model has `adapters` in its bank."""
+        if self.adapter is not None and not 0 <= self.adapter < adapters:
+            raise RequestError(
+                f"adapter {self.adapter} is not among this model's {adapters} adapters",
+                "model",
+            )
         if not self.prompt:
             raise RequestError("the prompt is empty; give at least one token", "prompt")
         bad = next((t for t in self.prompt if not 0 <= t < vocab_size), None)

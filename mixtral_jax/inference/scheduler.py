@@ -190,7 +190,7 @@ class Scheduler:
             return
         r = sequence.request
         share = self.pool is not None and r.prompt_logprobs is None  # echo computes it all
-        sequence.cached = self.pool.share(r.prompt, sequence.blocks) if share else 0
+        sequence.cached = self.pool.share(r.prompt, sequence.blocks, r.kv_namespace) if share else 0
         sequence.prefilled = sequence.cached
 
     def _choose(self, prefilling: list[Sequence]) -> list[Chunk]:

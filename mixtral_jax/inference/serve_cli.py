@@ -2,6 +2,7 @@
 
 python -m mixtral_jax.serve                                   # the embedded model, :8000
 python -m mixtral_jax.serve --checkpoint DIR --max_batch 16 --max_len 4096 --port 8000
+python -m mixtral_jax.serve --checkpoint DIR --lora sql=runs/sql/adapters --lora chat=...
 
 Needs the `.[serve]` extra (FastAPI, uvicorn, prometheus-client). SIGTERM or Ctrl-C
 stops admitting, lets the requests in flight finish (cancels them after
@@ -25,6 +26,7 @@ from mixtral_jax.backends.cpu.kernels import default_cache_dir
 from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
 from mixtral_jax.inference.engine import KV_DTYPES, PREFILL_CHUNK, PREFILL_ROWS, Engine
 from mixtral_jax.parallel.mesh import make_mesh, parse_mesh
+from mixtral_jax.training.lora import load_bank
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,6 +133,14 @@ def parser() -> argparse.ArgumentParser:
         help="a tokenizer.model file, or mistral-v1 / mistral-v3 (default: the checkpoint's)",
     )
     p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also serve the LoRA adapters a fine-tuning run saved in DIR (its workdir's "
+        "adapters/) as the model NAME; repeat for more (a batch mixes them)",
+    )
+    p.add_argument(
         "--no_warmup",
         action="store_true",
         help="compile on the first requests instead of before listening",
@@ -166,6 +176,9 @@ def _serve(args: argparse.Namespace) -> None:
     model = load(
         checkpoint, dtype=args.dtype, mesh=mesh, quantize=args.quantize, group_size=args.group_size
     )
+    adapters = lora_flags(args.lora, name)
+    if adapters:
+        model = load_bank(model, adapters)
     tokenizer = load_tokenizer(args.tokenizer or checkpoint)
     max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
     engine = Engine(
@@ -192,6 +205,8 @@ def _serve(args: argparse.Namespace) -> None:
         cache += ", prefix caching" if pool.prefix_caching else ""
     if engine.drafter is not None:
         cache += f", speculating {engine.drafter.k} tokens a step (n-gram)"
+    if adapters:
+        cache += f", LoRA adapters {', '.join(adapters)}"
     print(
         f"serving {name!r} ({model.config.num_layers} layers, {args.max_batch} slots of "
         f"{max_len} tokens{cache}) on http://{args.host}:{args.port}/v1, ready after "
@@ -199,7 +214,9 @@ def _serve(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    app = create_app(engine, tokenizer, name, shutdown_timeout=args.shutdown_timeout)
+    app = create_app(
+        engine, tokenizer, name, adapters=list(adapters), shutdown_timeout=args.shutdown_timeout
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -215,3 +232,16 @@ def _serve(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: None)
     server.run()
     print("server stopped", file=sys.stderr)
+
+
+def lora_flags(values: Sequence[str], base_name: str) -> dict[str, str]:
+    """--lora NAME=DIR values as {NAME: DIR}, in order; ValueError names a bad one."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora {value!r}: write NAME=DIR, e.g. sql=runs/sql/adapters")
+        if name in adapters or name == base_name:
+            raise ValueError(f"--lora {value!r}: the name {name!r} is taken; choose another")
+        adapters[name] = directory
+    return adapters

@@ -3,7 +3,9 @@
     POST /v1/completions, /v1/chat/completions   (stream: server-sent events, `data: [DONE]`)
     GET  /v1/models, /health, /metrics            (metrics: Prometheus text)
 
-`create_app(engine, tokenizer, name)` builds the app; the engine steps on a thread
+`create_app(engine, tokenizer, name)` builds the app; with a bank of LoRA adapters in
+the engine's model (`training.lora.load_bank`), `adapters=` names them, each served as
+a model of its own (a request's `model` picks it). The engine steps on a thread
 of its own from startup to shutdown. A request becomes one engine request per
 prompt, whose outputs come back through an asyncio queue; text, stop strings and
 log-probabilities are `openai_api`'s. A client that goes away cancels its requests
@@ -18,7 +20,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -96,9 +98,22 @@ class _Call:
 
 
 def create_app(
-    engine: Engine, tokenizer: Tokenizer, model_name: str, *, shutdown_timeout: float = 30.0
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    *,
+    adapters: Sequence[str] = (),
+    shutdown_timeout: float = 30.0,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving `engine`'s model as `model_name`."""
+    """The OpenAI-compatible app serving `engine`'s model as `model_name`, and the
+    adapters of its model's bank (in order) as the models `adapters` names."""
+    served = (model_name, *adapters)
+    if len(adapters) != engine.model.config.lora_bank:
+        raise ValueError(
+            f"{len(adapters)} adapter names for a bank of {engine.model.config.lora_bank}"
+        )
+    if len(set(served)) != len(served):
+        raise ValueError(f"the served models' names must differ: {served}")
     registry = CollectorRegistry()
     metrics = ServingMetrics(engine, registry)
     grammars = Grammars(tokenizer, engine.model.config.vocab_size)
@@ -130,8 +145,17 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        model = {"id": model_name, "object": "model", "created": created, "owned_by": "mixtral_jax"}
-        return {"object": "list", "data": [model]}
+        listed = [{"id": model_name, "object": "model", "created": created}]
+        listed += [
+            {"id": name, "object": "model", "created": created, "parent": model_name}
+            for name in adapters
+        ]
+        return {"object": "list", "data": [m | {"owned_by": "mixtral_jax"} for m in listed]}
+
+    def adapter(body) -> dict:
+        """The engine request's adapter for the model the body names (checked first)."""
+        body.check(served)
+        return {"adapter": None if body.model == model_name else adapters.index(body.model)}
 
     @app.get("/metrics")
     async def prometheus():
@@ -139,7 +163,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, request: Request):
-        body.check(model_name)
+        chosen = adapter(body)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         choices = [
             _Choice(i, ids, text, api.Answer(tokenizer, body.stops))
@@ -149,14 +173,15 @@ def create_app(
             max_tokens=max_tokens,
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo else None,
+            **chosen,
         )
-        render = _CompletionRender(tokenizer, body, model_name)
+        render = _CompletionRender(tokenizer, body, body.model)
         constrain = _constraints(grammars, body)
         return await _respond(engine, metrics, request, body, choices, params, render, constrain)
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest, request: Request):
-        body.check(model_name)
+        chosen = adapter(body)
         body.check_tools(tokenizer)
         constrain = _constraints(grammars, body)  # bad tools are named before the prompt
         ids = body.prompt(tokenizer)
@@ -168,8 +193,9 @@ def create_app(
         params = dict(
             max_tokens=max_tokens,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            **chosen,
         )
-        render = _ChatRender(tokenizer, body, model_name)
+        render = _ChatRender(tokenizer, body, body.model)
         return await _respond(engine, metrics, request, body, choices, params, render, constrain)
 
     return app

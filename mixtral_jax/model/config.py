@@ -90,6 +90,10 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    # Serving many adapters at once (layers.Adapter): each adapted weight holds a bank of
+    # this many adapters side by side, and every token applies its own (its row's), with
+    # its own scale. 0: one adapter per weight, scaled by lora_alpha / lora_rank.
+    lora_bank: int = 0
     # Weight-only quantization of LORA_TARGETS' weights (quantized.py): None, "int8" or
     # "int4"; int4 takes one scale per `quant_group_size` consecutive inputs.
     quantization: str | None = None
@@ -284,6 +288,10 @@ def _validate(c: ModelConfig) -> None:
             f"config.lora_rank={c.lora_rank} but config.lora_targets is empty; name the "
             f"weights to adapt among {LORA_TARGETS}"
         )
+    if not isinstance(c.lora_bank, int) or isinstance(c.lora_bank, bool) or c.lora_bank < 0:
+        raise ConfigError(f"config.lora_bank must be an integer >= 0, got {c.lora_bank!r}")
+    if c.lora_bank and not c.lora_rank:
+        raise ConfigError(f"config.lora_bank={c.lora_bank} needs adapters: set lora_rank")
     _validate_quantization(c)
     if not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
         raise ConfigError(f"config.lora_alpha must be a positive number, got {c.lora_alpha!r}")

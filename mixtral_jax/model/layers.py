@@ -63,6 +63,16 @@ class Adapter(nnx.Module):
     for the experts' "EGCD,EDF->EGCF", A [E, D, R], B [E, R, F]. Applied to
     activations (x A) B, so the [D, F]-sized update is never built while training.
     B starts at zero: a fresh adapter leaves the model unchanged.
+
+    With `bank` J > 0 the weight holds J adapters side by side (serving many at once),
+    a bank axis J after W's shared axes: A [J, D, R], B [J, R, N, H]; the experts'
+    A [E, J, D, R], B [E, J, R, F]. Each token then applies its own through `mix`, one
+    at its adapter's index and zeros elsewhere (the adapters' scales are folded into
+    their B when the bank is built: `training.lora.load_bank`): every adapter's
+    (x A_j) is computed and all but the token's are multiplied by zero, an extra
+    J R (X + Y) of work per token for an [X, Y] weight, small beside X Y while J R is
+    small beside X and Y (Punica's and S-LoRA's kernels gather each row's factors
+    instead; einsums keep this layout for every device and mesh).
     """
 
     def __init__(
@@ -75,19 +85,23 @@ class Adapter(nnx.Module):
         alpha: float,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        bank: int = 0,
     ):
         x_sub, w_sub, out_sub = einsum_parts(spec)
-        produced = [a for a in w_sub if a not in x_sub]
-        contracted = [a for a in w_sub if a in x_sub and a not in out_sub]
-        shared = [a for a in w_sub if a in x_sub and a in out_sub]
-        a_sub = "".join(a for a in w_sub if a not in produced) + "R"
-        b_sub = "".join(shared) + "R" + "".join(produced)
-        mid = "".join(a for a in x_sub if a not in contracted) + "R"
+        produced = "".join(a for a in w_sub if a not in x_sub)
+        contracted = "".join(a for a in w_sub if a in x_sub and a not in out_sub)
+        shared = "".join(a for a in w_sub if a in x_sub and a in out_sub)
+        J = "J" if bank else ""  # the bank's axis (einsum_parts' specs never use J)
+        a_sub = shared + J + "".join(a for a in w_sub if a in contracted) + "R"
+        b_sub = shared + J + "R" + produced
+        mid = "".join(a for a in x_sub if a not in contracted) + J + "R"
         self.spec_a, self.spec_b = f"{x_sub},{a_sub}->{mid}", f"{mid},{b_sub}->{out_sub}"
         self.spec_delta = f"...{a_sub},...{b_sub}->...{w_sub}"
+        self.bank = bank
+        self.shared_axes = len(shared)  # where a bank's J axis is, in A and B
         self.scale = alpha / rank
-        size = dict(zip(w_sub, weight_shape, strict=True)) | {"R": rank}
-        names = dict(zip(w_sub, weight_axes, strict=True)) | {"R": None}
+        size = dict(zip(w_sub, weight_shape, strict=True)) | {"R": rank, "J": bank}
+        names = dict(zip(w_sub, weight_axes, strict=True)) | {"R": None, "J": None}
         fan_in = math.prod(size[a] for a in contracted)
 
         def factor(sub, init):
@@ -97,15 +111,23 @@ class Adapter(nnx.Module):
         self.a = factor(a_sub, nnx.initializers.normal(fan_in**-0.5))
         self.b = factor(b_sub, nnx.initializers.zeros)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """The adapter's contribution to einsum(spec, x, W)."""
+    def __call__(self, x: jax.Array, mix: jax.Array | None = None) -> jax.Array:
+        """The adapter's contribution to einsum(spec, x, W). A bank's needs `mix`: x's
+        axes but the contracted ones, then J (each token's weight for each adapter)."""
         h = jnp.einsum(self.spec_a, x, self.a[...].astype(x.dtype))
+        if self.bank:
+            if mix is None:
+                raise ValueError("a bank of adapters needs each token's mix (lora_mix)")
+            h = h * mix.astype(x.dtype)[..., None]
+            return jnp.einsum(self.spec_b, h, self.b[...].astype(x.dtype))
         y = jnp.einsum(self.spec_b, h, self.b[...].astype(x.dtype))
         return y * jnp.asarray(self.scale, x.dtype)
 
     def delta(self, layer: int | None = None) -> jax.Array:
         """(alpha / r) A B in W's layout (with any leading stacked axes), float32;
-        with `layer`, of that layer of stacked factors only."""
+        with `layer`, of that layer of stacked factors only. Not for a bank."""
+        if self.bank:
+            raise ValueError("a bank of adapters has no one delta: merge each adapter alone")
         a, b = (p[...] if layer is None else p[...][layer] for p in (self.a, self.b))
         return (
             jnp.einsum(self.spec_delta, a.astype(jnp.float32), b.astype(jnp.float32)) * self.scale
@@ -132,16 +154,22 @@ def attach_adapters(
                 alpha=config.lora_alpha,
                 param_dtype=jnp.float32,  # small, trained: float32 whatever the base's dtype
                 rngs=rngs,
+                bank=config.lora_bank,
             )
         setattr(module, f"{name}_lora", adapter)
 
 
 def project(
-    spec: str, x: jax.Array, weight: nnx.Param | QuantizedWeight, adapter: Adapter | None
+    spec: str,
+    x: jax.Array,
+    weight: nnx.Param | QuantizedWeight,
+    adapter: Adapter | None,
+    mix: jax.Array | None = None,
 ) -> jax.Array:
-    """einsum(spec, x, W), plus the LoRA adapter's term when W has one."""
+    """einsum(spec, x, W), plus the LoRA adapter's term when W has one (a bank's mixed
+    by each token's `mix`, `Adapter`)."""
     y = einsum(spec, x, weight)
-    return y if adapter is None else y + adapter(x)
+    return y if adapter is None else y + adapter(x, mix)
 
 
 class RMSNorm(nnx.Module):

@@ -56,14 +56,16 @@ class DecoderBlock(nnx.Module):
         experts_fn: moe.ExpertsFn | None = None,
         projections: Projections | None = None,
         chunk: bool = False,
+        lora_mix: jax.Array | None = None,
     ):
         """`moe_impl`: the SMoE dispatch; `layer` indexes expert weights still stacked
         over layers. With a cache (inference) the SMoE layer never drops a token.
         `experts_fn`, `projections`: a decode step's experts and attention projections
         as functions, in place of this block's weights (`Unstacked`). `chunk`: the
-        tokens continue the cached ones (`Mixtral.forward`)."""
+        tokens continue the cached ones (`Mixtral.forward`). `lora_mix` [B, T, J]: each
+        token's adapter weights (one-hot), for a bank of adapters."""
         attn, kv = self.attention(
-            self.attn_norm(x), positions, segment_ids, cache, projections, chunk
+            self.attn_norm(x), positions, segment_ids, cache, projections, chunk, lora_mix
         )
         h = x + attn
         out = self.moe(
@@ -73,6 +75,7 @@ class DecoderBlock(nnx.Module):
             impl=moe_impl,
             dropless=cache is not None,
             experts_fn=experts_fn,
+            lora_mix=lora_mix,
         )
         return h + out.y, out, kv
 
@@ -181,6 +184,7 @@ class Mixtral(nnx.Module):
         chunk: bool = False,
         logits_at: jax.Array | None = None,
         differentiable: bool = False,
+        adapter_ids: jax.Array | None = None,
     ) -> ModelOutput:
         """Logits and each layer's routing (and the updated cache).
 
@@ -204,6 +208,8 @@ class Mixtral(nnx.Module):
         dispatch then computes its rows with `moe.trainable_rows`, whose backward pass
         keeps its activations once (differentiated, its loops would keep a copy per
         piece); like a forward-only call, it reads the stacked experts in place.
+        adapter_ids: int [B], for a model with a bank of J adapters (`config.lora_bank`):
+        the adapter each row applies, -1 for none (the base model). Default: none.
         """
         c = self.config
         _check_inputs(c, tokens, positions, segment_ids)
@@ -220,6 +226,14 @@ class Mixtral(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
+        mix = None  # [B, T, J]: each token's adapter, one-hot (`layers.Adapter`)
+        if adapter_ids is not None:
+            if not c.lora_bank:
+                raise ValueError("adapter_ids choose among a bank of adapters: this model has none")
+            mix = jax.nn.one_hot(adapter_ids, c.lora_bank, dtype=c.compute_dtype)  # -1: zeros
+            mix = jnp.broadcast_to(mix[:, None, :], (B, T, c.lora_bank))
+        elif c.lora_bank:
+            mix = jnp.zeros((B, T, c.lora_bank), c.compute_dtype)
 
         x = constrain(self.embed(tokens, c.compute_dtype), ("batch", "length", "embed"))
         kv, slots, key_positions, blocks = None, None, None, None
@@ -228,7 +242,7 @@ class Mixtral(nnx.Module):
             kv, blocks = cache.buffers, cache.blocks
         # Unstacked experts are the sorted dispatch's rows (`moe.ExpertsFn`).
         moe_impl = moe.DECODE_IMPL if decode or unstacked is not None else c.moe_impl
-        inputs = (positions, segment_ids, token_mask, slots, key_positions, blocks)
+        inputs = (positions, segment_ids, token_mask, slots, key_positions, blocks, mix)
         x, (stats, weights, experts), kv = self._run_layers(
             x, kv, inputs, moe_impl, unstacked, chunk, differentiable
         )
@@ -301,7 +315,7 @@ class Mixtral(nnx.Module):
         """One block as a function of (x, kv) and (its parameters, its layer index, its
         slice of the stacked experts when they are trained in place or None), and
         optionally its experts and attention projections as functions (`Unstacked`)."""
-        positions, segment_ids, token_mask, slots, key_positions, blocks = inputs
+        positions, segment_ids, token_mask, slots, key_positions, blocks, mix = inputs
 
         def block(carry, scanned, experts_fn=None, projections=None):
             x, kv = carry  # kv: every layer's [L, ...] buffers, or this layer's own
@@ -325,6 +339,7 @@ class Mixtral(nnx.Module):
                 experts_fn=experts_fn,
                 projections=projections,
                 chunk=chunk,
+                lora_mix=mix,
             )
             return (x, kv), (out.stats, out.weights, out.experts)
 

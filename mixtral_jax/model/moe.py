@@ -53,13 +53,15 @@ TILE = 512
 # sorted dispatch reads only those (the dense one multiplies every expert's weights).
 DECODE_IMPL = "sorted"
 # xs [n, D] rows sorted by expert, start and count [E] (expert e owns rows
-# start[e]..start[e] + count[e]) -> ys [n, D]: every row through its expert.
-ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# start[e]..start[e] + count[e]) -> ys [n, D]: every row through its expert. Experts
+# with a bank of adapters also take `mix=` [n, J], each row's adapter weights (one-hot).
+ExpertsFn = Callable[..., jax.Array]
 
 
 class ExpertWeight(NamedTuple):
     """One of w1/w2/w3 for every expert, [..., E, X, Y], with its LoRA factors
-    a [..., E, X, R] and b [..., E, R, Y] when it has an adapter."""
+    a [..., E, X, R] and b [..., E, R, Y] when it has an adapter; a bank's
+    a [..., E, J, X, R] and b [..., E, J, R, Y] (`layers.Adapter`), with scale 0."""
 
     w: jax.Array | quantized.QArray
     a: jax.Array | None = None
@@ -89,17 +91,27 @@ class ExpertWeight(NamedTuple):
         factors = (one(a).astype(dtype) if a is not None else None for a in (self.a, self.b))
         return ExpertWeight(w, *factors, self.scale)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [..., X] @ one expert's [X, Y] matrix, plus its adapter's term."""
+    def __call__(self, x: jax.Array, mix: jax.Array | None = None) -> jax.Array:
+        """x [..., X] @ one expert's [X, Y] matrix, plus its adapter's term (a bank's
+        mixed by each row's `mix` [..., J])."""
         y = x @ self.w
         if self.a is None:
             return y
+        if self.a.ndim == 3:  # a bank: [J, X, R], [J, R, Y]
+            h = jnp.einsum("...X,JXR->...JR", x, self.a) * mix.astype(x.dtype)[..., None]
+            return y + jnp.einsum("...JR,JRY->...Y", h, self.b)
         return y + ((x @ self.a) @ self.b) * jnp.asarray(self.scale, x.dtype)
 
 
-def swiglu(x: jax.Array, w1: ExpertWeight, w2: ExpertWeight, w3: ExpertWeight) -> jax.Array:
+def swiglu(
+    x: jax.Array,
+    w1: ExpertWeight,
+    w2: ExpertWeight,
+    w3: ExpertWeight,
+    mix: jax.Array | None = None,
+) -> jax.Array:
     """One expert: w2(silu(x w1) * (x w3)); x [..., D], w1/w3 [D, F], w2 [F, D]."""
-    return w2(jax.nn.silu(w1(x)) * w3(x))
+    return w2(jax.nn.silu(w1(x, mix)) * w3(x, mix), mix)
 
 
 # The experts' einsums (also what their LoRA adapters are derived from).
@@ -136,9 +148,15 @@ class Experts(nnx.Module):
             adapter = getattr(self, f"{name}_lora")
             if adapter is None:
                 return ExpertWeight(w)
-            return ExpertWeight(w, adapter.a[...], adapter.b[...], adapter.scale)
+            scale = 0.0 if adapter.bank else adapter.scale  # a bank's: each row's mix
+            return ExpertWeight(w, adapter.a[...], adapter.b[...], scale)
 
         return weight("w1"), weight("w2"), weight("w3")
+
+    @property
+    def adapted(self) -> bool:
+        """Whether any of w1, w2, w3 has an adapter."""
+        return any(getattr(self, f"{name}_lora") is not None for name in SPECS)
 
     @property
     def trainable_in_place(self) -> bool:
@@ -152,13 +170,14 @@ class Experts(nnx.Module):
         stacked, mine = (tuple(w.w for w in e.weights()) for e in (self, own))
         return lambda xs, start, count: trainable_rows(xs, start, count, stacked, mine, layer)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]."""
+    def __call__(self, x: jax.Array, mix: jax.Array | None = None) -> jax.Array:
+        """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]; `mix`
+        [E, G, C, J]: theirs, for a bank of adapters."""
         x = constrain(x, ("expert", "group", "capacity", "embed"))
         hidden = ("expert", "group", "capacity", "mlp")
-        gate = constrain(project(SPECS["w1"], x, self.w1, self.w1_lora), hidden)
-        up = constrain(project(SPECS["w3"], x, self.w3, self.w3_lora), hidden)
-        y = project(SPECS["w2"], jax.nn.silu(gate) * up, self.w2, self.w2_lora)
+        gate = constrain(project(SPECS["w1"], x, self.w1, self.w1_lora, mix), hidden)
+        up = constrain(project(SPECS["w3"], x, self.w3, self.w3_lora, mix), hidden)
+        y = project(SPECS["w2"], jax.nn.silu(gate) * up, self.w2, self.w2_lora, mix)
         return constrain(y, ("expert", "group", "capacity", "embed"))
 
 
@@ -172,13 +191,14 @@ def sorted_dispatch(
     token_mask: jax.Array,
     num_experts: int,
     experts_fn: ExpertsFn,
+    mix: jax.Array | None = None,
 ) -> jax.Array:
     """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
 
     Row j of the sorted order is choice order[j] (token order[j] // k); expert e
     owns rows [start[e], start[e] + count[e]), which `experts_fn(xs, start, count)`
-    computes. Padding tokens sort last, past every expert's rows: their output is
-    never used.
+    computes (with `mix=` the rows' mix, when the tokens' `mix` [N, J] is given).
+    Padding tokens sort last, past every expert's rows: their output is never used.
     """
     N, D = x.shape
     k = routes.experts.shape[-1]
@@ -188,7 +208,11 @@ def sorted_dispatch(
     order = jnp.argsort(choice_expert, stable=True)  # [n]
     count = jnp.bincount(choice_expert, length=E + 1)[:E]  # [E]
     start = jnp.cumsum(count) - count  # [E]
-    ys = experts_fn(x[order // k], start, count)  # [n, D]
+    rows = order // k
+    if mix is None:
+        ys = experts_fn(x[rows], start, count)  # [n, D]
+    else:
+        ys = experts_fn(x[rows], start, count, mix=mix[rows])
     return _combine(ys, order, routes.weights, token_mask)
 
 
@@ -261,21 +285,26 @@ def expert_rows(
     expert: Callable[[int | jax.Array], ExpertWeights],
     num_experts: int,
     unroll: bool = False,
+    mix: jax.Array | None = None,
 ) -> jax.Array:
     """Every expert's sorted rows through its SwiGLU (an `ExpertsFn`): xs [n, D] -> [n, D].
 
     `expert(e)` gives expert e's weights in xs' dtype (w1/w3 [D, F], w2 [F, D]); it
     is called with a traced index in a loop over the experts, or with each Python
     int when `unroll` (weights in buffers of their own, one per expert). Either
-    way an expert no row chose is never read.
+    way an expert no row chose is never read. `mix` [n, J]: the rows' adapter
+    scales, for experts with a bank of adapters.
     """
     n, D = xs.shape
     xs = jnp.pad(xs, ((0, slack(n)), (0, 0)))  # sorted rows + slack
+    if mix is not None:
+        mix = jnp.pad(mix, ((0, slack(n)), (0, 0)))
 
     def rows_of_expert(ys, w, r0, size):
         """ys[r0:r0+size] = ffn(xs[r0:r0+size]). Rows past the expert's end get
         garbage that the next expert overwrites, or that nothing reads (padding)."""
-        out = swiglu(jax.lax.dynamic_slice_in_dim(xs, r0, size), *w)
+        rows_mix = None if mix is None else jax.lax.dynamic_slice_in_dim(mix, r0, size)
+        out = swiglu(jax.lax.dynamic_slice_in_dim(xs, r0, size), *w, rows_mix)
         return jax.lax.dynamic_update_slice_in_dim(ys, out, r0, 0)
 
     ys = jnp.zeros(xs.shape, xs.dtype)
@@ -429,6 +458,7 @@ class SparseMoE(nnx.Module):
         impl: str | None = None,
         dropless: bool = False,
         experts_fn: ExpertsFn | None = None,
+        lora_mix: jax.Array | None = None,
     ) -> MoEOutput:
         """x: [B, T, D]; token_mask: [B, T] bool, False on padding.
 
@@ -438,6 +468,7 @@ class SparseMoE(nnx.Module):
         `layer` selects the layer. `dropless`: ignore the config's capacity factor
         (inference). `experts_fn`: computes the sorted rows in place of this layer's
         `experts` (a backend's, e.g. each expert read from a buffer of its own).
+        `lora_mix` [B, T, J]: each token's adapter weights (one-hot), for a bank of adapters.
         """
         c = self.config
         B, T, D = x.shape
@@ -454,22 +485,27 @@ class SparseMoE(nnx.Module):
         xg = jnp.pad(x.reshape(num_tokens, D), ((0, pad), (0, 0))).reshape(G, S, D)
         xg = constrain(xg, ("group", None, "embed"))
         mask = jnp.pad(token_mask.reshape(num_tokens), (0, pad)).reshape(G, S)
+        mix = None
+        if lora_mix is not None and self.experts.adapted:
+            J = lora_mix.shape[-1]
+            mix = jnp.pad(lora_mix.reshape(num_tokens, J), ((0, pad), (0, 0))).reshape(G, S, J)
 
         logits = constrain(self.router_logits(xg), ("group", None, None))
         routes = routing.route(logits, c.num_experts_per_tok)
 
         if impl == "dense":
             if capacity_factor is None:
-                y, kept = self._dropless_dense(xg, routes, mask)
+                y, kept = self._dropless_dense(xg, routes, mask, mix)
             else:
                 capacity = routing.expert_capacity(
                     S, c.num_experts, c.num_experts_per_tok, capacity_factor
                 )
-                y, kept = self._dense(xg, routes, mask, capacity)
+                y, kept = self._dense(xg, routes, mask, mix, capacity)
         else:
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
             rows = experts_fn or self._rows_fn(x.dtype, layer)
-            y = sorted_dispatch(xg[0], flat, mask[0], c.num_experts, rows)[None]
+            rows_mix = None if mix is None else mix[0]
+            y = sorted_dispatch(xg[0], flat, mask[0], c.num_experts, rows, rows_mix)[None]
             kept = jnp.ones(routes.experts.shape, bool)
 
         stats = routing.router_stats(logits, routes, kept, mask)
@@ -504,16 +540,25 @@ class SparseMoE(nnx.Module):
         return functools.partial(expert_rows, expert=expert, num_experts=self.config.num_experts)
 
     def _dense(
-        self, x: jax.Array, routes: routing.Routes, mask: jax.Array, capacity: int
+        self,
+        x: jax.Array,
+        routes: routing.Routes,
+        mask: jax.Array,
+        mix: jax.Array | None,
+        capacity: int,
     ) -> tuple[jax.Array, jax.Array]:
-        """x: [G, S, D] -> y [G, S, D] and kept [G, S, k] with `capacity` slots per expert."""
+        """x: [G, S, D] -> y [G, S, D] and kept [G, S, k] with `capacity` slots per expert;
+        `mix` [G, S, J] (or None): the tokens' adapter weights (one-hot), dispatched with them."""
         d = routing.dispatch_and_combine(routes, mask, self.config.num_experts, capacity)
         # Expert parallelism: groups are sharded over every batch axis, `expert`
         # included, and dispatched where they are; the experts compute on [E, G, C, D]
         # sharded by expert. Each change of layout is one all-to-all.
         by_group = (None, "group", "capacity", "embed")
         x_e = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(x.dtype), x)  # [E, G, C, D]
-        y_e = constrain(self.experts(constrain(x_e, by_group)), by_group)  # [E, G, C, D]
+        mix_e = None
+        if mix is not None:
+            mix_e = jnp.einsum("GSEC,GSJ->EGCJ", d.dispatch.astype(mix.dtype), mix)
+        y_e = constrain(self.experts(constrain(x_e, by_group), mix_e), by_group)  # [E, G, C, D]
         y = jnp.einsum(
             "EGCD,GSEC->GSD",
             y_e,
@@ -523,7 +568,7 @@ class SparseMoE(nnx.Module):
         return constrain(y.astype(x.dtype), ("group", None, "embed")), d.kept
 
     def _dropless_dense(
-        self, x: jax.Array, routes: routing.Routes, mask: jax.Array
+        self, x: jax.Array, routes: routing.Routes, mask: jax.Array, mix: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         """Exact: the smallest capacity on the ladder that no expert overflows."""
         c = self.config
@@ -532,7 +577,7 @@ class SparseMoE(nnx.Module):
         ladder = {routing.expert_capacity(S, E, k, cf) for cf in DROPLESS_LADDER}
         capacities = sorted(ladder | {S})
         if len(capacities) == 1:
-            return self._dense(x, routes, mask, S)
+            return self._dense(x, routes, mask, mix, S)
         fullest = jnp.max(routing.expert_load(routes.experts, mask, E))
         branch = jnp.searchsorted(jnp.asarray(capacities), fullest)  # first C >= fullest
         # Rematerialised: a backward pass through `switch` would otherwise hold the
@@ -540,4 +585,4 @@ class SparseMoE(nnx.Module):
         branches = [
             jax.checkpoint(functools.partial(self._dense, capacity=cap)) for cap in capacities
         ]
-        return jax.lax.switch(branch, branches, x, routes, mask)
+        return jax.lax.switch(branch, branches, x, routes, mask, mix)

@@ -36,11 +36,13 @@ class ExpertBuffers(NamedTuple):
 
     experts: tuple[moe.ExpertWeights, ...]
 
-    def __call__(self, xs: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
+    def __call__(
+        self, xs: jax.Array, start: jax.Array, count: jax.Array, mix: jax.Array | None = None
+    ) -> jax.Array:
         def expert(e: int) -> moe.ExpertWeights:
             return tuple(w.take((), xs.dtype) for w in self.experts[e])
 
-        return moe.expert_rows(xs, start, count, expert, len(self.experts), unroll=True)
+        return moe.expert_rows(xs, start, count, expert, len(self.experts), True, mix)
 
 
 def unstacked(model: Mixtral, pack: bool = True) -> Unstacked | None:

@@ -266,16 +266,20 @@ def suits(config: ModelConfig, batch: int) -> bool:
     return batch * config.num_experts_per_tok <= MAX_MEAN_ROWS * config.num_experts
 
 
-def supports(config: ModelConfig, w: jax.Array, names=("w1", "w2", "w3")) -> bool:
+def supports(
+    config: ModelConfig, w: jax.Array, names=("w1", "w2", "w3"), beside_adapters: bool = False
+) -> bool:
     """Whether the kernels compute with these weights as the model would: float32
     activations, float weights (the model casts bfloat16 ones to float32 before its
     matmuls, and the packing does the same, exactly), and for the weights `names`
-    no adapters and no quantization."""
+    no quantization, and no adapters unless the model adds their terms `beside_adapters`
+    the kernel's (the attention projections'; the experts' kernel fuses its SwiGLU)."""
     return (
         config.compute_dtype == jnp.float32
         and isinstance(w, jax.Array)
         and jnp.issubdtype(w.dtype, jnp.floating)
-        and not any(config.lora(name) or config.quantized(name) for name in names)
+        and not any(config.quantized(name) for name in names)
+        and (beside_adapters or not any(config.lora(name) for name in names))
     )
 
 
@@ -331,7 +335,8 @@ def packed_attention(
     """Every layer's attention projections from the stacked q/k/v [L, D, _, H] and
     o [L, N, H, D] packed for `dense` (made once), if the kernel applies (`supports`),
     the copy fits and the kernel builds; else None."""
-    if not supports(config, q, names=("q_proj", "k_proj", "v_proj", "o_proj")):
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not supports(config, q, names, beside_adapters=True):  # `Attention` adds them
         return None
     L, D = q.shape[:2]
     width = qkv_width(q, k, v)
