@@ -19,7 +19,7 @@ from flax import nnx
 from configs import tiny
 from mixtral_jax import ModelConfig, backends
 from mixtral_jax.backends.cpu import kernels
-from mixtral_jax.backends.cpu.decode import ExpertBuffers, per_layer, unstacked
+from mixtral_jax.backends.cpu.decode import PROJECTIONS, ExpertBuffers, per_layer, unstacked
 from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.model.attention import _attend, cached_attention_mask
 from mixtral_jax.model.kv_cache import dequantize, gather_rows, init_cache, quantize
@@ -219,9 +219,10 @@ def test_experts_are_packed_once_per_set_of_weights(built):
     pieces = unstacked(model)
     first = pieces.experts
     assert all(isinstance(p, kernels.PackedExperts) for p in first)
-    assert pieces.attention[0].qkv.w.shape == (5, 48, 16)  # q, k, v: (4 + 2 + 2) x 10 wide
-    assert pieces.attention[0].qkv.width == 80 and pieces.attention[0].o.width == 48
-    assert pieces.attention[0].o.w.shape == (3, 40, 16)
+    qkv, o = pieces.attention[0].qkv_weights, pieces.attention[0].o_weights
+    assert qkv.w.shape == (5, 48, 16)  # q, k, v: (4 + 2 + 2) x 10 wide
+    assert qkv.width == 80 and o.width == 48
+    assert o.w.shape == (3, 40, 16)
     assert pieces.lm_head.w.shape == (14, 48, 16) and pieces.lm_head.width == 211  # -> 224
     again = unstacked(model)
     assert again.experts is first and again.attention is pieces.attention
@@ -240,27 +241,42 @@ def test_experts_are_packed_once_per_set_of_weights(built):
 @pytest.mark.parametrize(
     "changes, experts, attention, lm_head",
     [
-        (dict(dtype="bfloat16"), False, False, False),
-        (dict(lora_rank=2, lora_targets="w2"), False, True, True),
-        (dict(lora_rank=2, lora_targets="v_proj"), True, False, True),
+        (dict(dtype="bfloat16"), None, False, False),
+        # One adapter on the experts: their kernel takes none (XLA's matmuls). The
+        # attention kernels compute projections with adapters, which lora_rows adds.
+        (dict(lora_rank=2, lora_targets="w2"), None, True, True),
+        (dict(lora_rank=2, lora_targets="v_proj"), kernels.PackedExperts, True, True),
+        # A bank of adapters on every expert weight: the experts' kernel applies them.
+        (
+            dict(lora_rank=2, lora_targets="w1,w2,w3,q_proj", lora_bank=3),
+            kernels.PackedExpertsLoRA,
+            True,
+            True,
+        ),
+        (dict(lora_rank=2, lora_targets="w1,w2", lora_bank=3), None, True, True),
         pytest.param(
             dict(quantization="int8"),
-            False,
+            None,
             False,
             True,
             marks=pytest.mark.skipif(importlib.util.find_spec("qwix") is None, reason="no qwix"),
         ),
     ],
-    ids=["bf16-compute", "lora-experts", "lora-attention", "int8"],
+    ids=["bf16-compute", "lora-experts", "lora-attention", "bank", "bank-partial", "int8"],
 )
 def test_the_kernels_are_only_used_where_they_compute_what_the_model_does(
     changes, experts, attention, lm_head, built
 ):
     config = ModelConfig.from_dict(tiny.get_config()).replace(**changes)
     pieces = unstacked(Mixtral(config, rngs=nnx.Rngs(0)))
-    assert all(isinstance(p, kernels.PackedExperts) for p in pieces.experts) == experts
+    kinds = {type(p) for p in pieces.experts}
+    assert kinds == ({experts} if experts else {ExpertBuffers})
     assert (pieces.attention is not None) == attention
     assert (pieces.lm_head is not None) == lm_head
+    if attention:
+        qkv, o = pieces.attention[0].adapters
+        assert (qkv is not None) == any(config.lora(n) for n in PROJECTIONS[:3])
+        assert (o is not None) == config.lora("o_proj")
 
 
 def test_bfloat16_weights_decode_through_the_kernel_as_without_it(built):

@@ -209,9 +209,11 @@ def test_a_bank_applies_each_rows_own_adapter(base, saved_adapters):
         np.testing.assert_allclose(got, expected, atol=3e-5)
     # A decode step after a prefill, with the experts and projections in buffers of
     # their own and on the CPU kernels where they apply (the projections' adapters are
-    # added beside the kernels; the experts' kernel takes none).
+    # added beside the kernels; the experts' kernel applies each row's own).
     with_kernels = unstacked(bank)
-    assert with_kernels.attention is not None or not kernels.available()
+    if kernels.available():
+        assert with_kernels.attention is not None
+        assert isinstance(with_kernels.experts[0], kernels.PackedExpertsLoRA)
     for pieces in (None, unstacked(bank, pack=False), with_kernels):
 
         @nnx.jit

@@ -108,8 +108,9 @@ def test_equal_prompts_share_cached_blocks_only_under_one_adapter(engine, adapte
     seen = []
     for adapter in (0, 1, 0, None):
         hits = pool.hit_tokens
-        out = []
-        engine.submit(Request(prompt, 4, adapter=adapter, on_output=lambda o: out.extend(o.tokens)))
+        out: list[int] = []
+        on_output = lambda o, out=out: out.extend(o.tokens)  # noqa: E731
+        engine.submit(Request(prompt, 4, adapter=adapter, on_output=on_output))
         engine.run_until_idle()
         seen.append((pool.hit_tokens - hits, out))
     assert [hit for hit, _ in seen] == [0, 0, 32, 0]

@@ -49,6 +49,7 @@ from mixtral_jax.inference.blocks import BlockPool  # noqa: E402
 from mixtral_jax.inference.engine import Engine  # noqa: E402
 from mixtral_jax.inference.generate import generate_tokens  # noqa: E402
 from mixtral_jax.inference.requests import Request  # noqa: E402
+from mixtral_jax.model.config import load_config_file  # noqa: E402
 from mixtral_jax.model.kv_cache import blocks_per_row, init_cache  # noqa: E402
 from mixtral_jax.model.moe import SparseMoE  # noqa: E402
 from mixtral_jax.params import flat_params  # noqa: E402
@@ -536,6 +537,8 @@ def bench_serve(args, config: ModelConfig, peak: float):
         _bench_cache_kinds(config, model)
     if "speculate" in contenders:
         _bench_speculation()
+    if "lora" in contenders:
+        _bench_multi_lora()
     if "constrained" in contenders:
         _bench_constrained()
 
@@ -676,16 +679,84 @@ def _bench_constrained() -> None:
         )
 
 
+def _bench_multi_lora() -> None:
+    """Four LoRA adapters served at once, mixed in every batch, against one adapter
+    merged into the base, on the embedded model (float32 weights: the merged model is
+    then the bank's adapter 0 exactly, which the tokens check). The adapters are
+    configs/finetune_lora.py's: rank 16, alpha 32, on attention and experts."""
+    from mixtral_jax.checkpoints.load import EMBEDDED, load
+    from mixtral_jax.model.layers import LoRAParam
+    from mixtral_jax.training import lora
+
+    base = load(EMBEDDED, dtype="float32")
+    settings = load_config_file(Path(__file__).parents[1] / "configs" / "finetune_lora.py").lora
+    targets = tuple(t.strip() for t in settings.targets.split(","))
+    prompts = code_prompts(LORA_REQUESTS, LORA_PROMPT_TOKENS)
+    print(
+        f"\n  Multi-LoRA on the embedded model: {LORA_ADAPTERS} adapters (rank {settings.rank} "
+        f"on {', '.join(targets)}) in one bank, the {len(prompts)} requests' adapters taking "
+        f"turns, against adapter 0 merged into the base; prompts of {LORA_PROMPT_TOKENS} "
+        f"tokens, {LORA_ANSWER_TOKENS} new, greedy; {LORA_ROUNDS} alternated rounds, the "
+        "first compiling"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {}
+        for i in range(LORA_ADAPTERS):
+            adapted = lora.add_adapters(
+                base, rank=settings.rank, alpha=settings.alpha, targets=targets, seed=i
+            )
+            # As trained adapters are: B no longer zero.
+            state = nnx.state(adapted, LoRAParam)
+            leaves, tree = jax.tree.flatten(state)
+            keys = jax.random.split(jax.random.key(i), len(leaves))
+            noisy = [
+                x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)
+            ]
+            nnx.update(adapted, jax.tree.unflatten(tree, noisy))
+            lora.save_adapters(adapted, f"{tmp}/{i}")
+            dirs[str(i)] = f"{tmp}/{i}"
+            if i == 0:
+                merged = lora.merge(adapted)
+        bank = lora.load_bank(base, dirs)
+    turns = [i % LORA_ADAPTERS for i in range(len(prompts))]
+    for batch in LORA_BATCHES:
+        engines = {
+            "merged": (Engine(merged, max_batch=batch, max_len=1024), None),
+            "bank": (Engine(bank, max_batch=batch, max_len=1024), turns),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        tokens = {}
+        for _ in range(LORA_ROUNDS):
+            for name, (engine, adapters) in engines.items():
+                got, rate, _ = _decode_rate(
+                    engine, prompts, batch, LORA_ANSWER_TOKENS, adapters=adapters
+                )
+                tokens[name] = got
+                rates[name].append(rate)
+        one, mixed = (statistics.median(r[1:]) for r in rates.values())
+        ratio = statistics.median(
+            b / m for m, b in zip(rates["merged"][1:], rates["bank"][1:], strict=True)
+        )
+        same = all(tokens["bank"][i] == tokens["merged"][i] for i, a in enumerate(turns) if a == 0)
+        print(
+            f"    batch {batch:>2}: one merged {one:6.0f} tokens/s, {LORA_ADAPTERS} mixed "
+            f"{mixed:6.0f} ({100 * ratio:.0f}% of merged, goal >= 80%); adapter 0's tokens "
+            f"as merged: {'yes' if same else 'NO'}"
+        )
+
+
 def _decode_rate(
     engine: Engine,
     prompts: list[list[int]],
     batch: int,
     max_tokens: int | list[int],
     constraint: Callable | None = None,
+    adapters: list[int | None] | None = None,
 ):
     """Every prompt's tokens (up to `max_tokens`, or each its own), and the engine's
     decode steps' tokens per second and tokens a row per step, `batch` requests at a
-    time (each constrained by `constraint()` if given)."""
+    time (each constrained by `constraint()` if given, each applying its adapter of
+    `adapters` if given)."""
     got: dict[int, list[int]] = {}
     before_s, before_tokens = engine.busy_seconds["decode"], engine.tokens_generated
     before_rows = engine.decode_rows
@@ -695,7 +766,12 @@ def _decode_rate(
             got[i] = []
             on_output = lambda o, i=i: got[i].extend(o.tokens)  # noqa: E731
             made = constraint() if constraint else None
-            engine.submit(Request(prompts[i], limits[i], constraint=made, on_output=on_output))
+            adapter = adapters[i] if adapters else None
+            engine.submit(
+                Request(
+                    prompts[i], limits[i], constraint=made, adapter=adapter, on_output=on_output
+                )
+            )
         engine.run_until_idle()
     # Every token after the first comes from a decode step (the first: the prefill).
     decoded = engine.tokens_generated - before_tokens - len(prompts)
@@ -759,6 +835,8 @@ SPEC_ROUNDS, SPEC_BATCHES = 3, (1, 2, 4, 16)
 # Structured output: requests, and a schema whose documents have a fixed number of records.
 CONSTRAINED_REQUESTS, CONSTRAINED_ITEMS, CONSTRAINED_BATCHES = 16, 24, (1, 16)
 CONSTRAINED_ROUNDS = 9
+LORA_ADAPTERS, LORA_REQUESTS, LORA_PROMPT_TOKENS, LORA_ANSWER_TOKENS = 4, 32, 64, 128
+LORA_ROUNDS, LORA_BATCHES = 7, (1, 16)
 CONSTRAINED_SCHEMA = {
     "type": "array",
     "items": {
@@ -971,11 +1049,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--serve_contenders",
-        default="server,static,transformers,prefix,cache,speculate,constrained",
+        default="server,static,transformers,prefix,cache,speculate,constrained,lora",
         help="serve: which of server, static (our generate), transformers to run, and "
         "prefix (TTFT with and without prefix caching), cache (decode speed by KV cache), "
         "speculate (n-gram speculative decoding against plain), constrained (JSON under a "
-        "schema against free text)",
+        "schema against free text), lora (4 LoRA adapters mixed against one merged)",
     )
     parser.add_argument("--train_batch", type=int, default=1, help="train: rows per step")
     parser.add_argument(

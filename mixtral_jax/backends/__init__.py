@@ -45,7 +45,9 @@ class Decode(NamedTuple):
         for a program compiled once and called many times (a server's prefill)."""
         if self.views is None:
             return None
-        if isinstance(self.unstacked.experts[0], kernels.PackedExperts):
+        if isinstance(
+            self.unstacked.experts[0], (kernels.PackedExperts, kernels.PackedExpertsLoRA)
+        ):
             return self.views._replace(experts=self.unstacked.experts)
         return self.views if views else None
 

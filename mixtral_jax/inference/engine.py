@@ -46,7 +46,7 @@ from flax import nnx
 from mixtral_jax import backends
 from mixtral_jax.inference.blocks import BlockPool
 from mixtral_jax.inference.cache import empty_cache
-from mixtral_jax.inference.generate import mesh_rules_of, rules_context
+from mixtral_jax.inference.generate import StaticGraph, merge, mesh_rules_of, rules_context
 from mixtral_jax.inference.grammar import fill_masks, free_masks
 from mixtral_jax.inference.requests import (
     MAX_TOP_LOGPROBS,
@@ -182,7 +182,7 @@ def prefill_chunks(
     `unstacked`: the blocks' weights as a backend's buffers (`Decode.prefill`).
     `adapter_ids` [R]: each row's adapter of the model's bank (-1: none), or None
     for a model without one."""
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     own = _slot_rows(cache, slots)
     # A new prompt's row forgets what its slot held, but the prompt's first `starts`
     # tokens, whose keys are in the blocks the prefix cache gave it.
@@ -220,7 +220,7 @@ def _decode(
     """One token for every active slot: tokens, positions, active [B] -> next tokens
     [B] (and their log-probabilities), cache. Idle slots are padding: never written.
     `adapter_ids` [B]: each slot's adapter (`prefill_chunks`)."""
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     with rules_context(mesh_rules):
         out = model.forward(
             tokens[:, None],
@@ -254,7 +254,7 @@ def verify_drafts(
     Returns the tokens each row emits [B, T] and how many [B] (`speculate.accept`), their
     log-probabilities, and the cache. Rejected drafts' keys stay in the cache at
     positions the row has not reached: no query sees them before they are overwritten."""
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     out = _forward_chunks(
         model, cache, tokens, positions, lengths, mesh_rules, unstacked, adapter_ids
     )
@@ -362,7 +362,8 @@ class Engine:
         elif kv_blocks is not None:
             raise ValueError("kv_blocks sizes a paged cache: give block_size too")
         self.scheduler = Scheduler(max_batch, prefill_chunk, prefill_rows, max_queue, pool)
-        self._graphdef, self._params = nnx.split(model)
+        graphdef, self._params = nnx.split(model)
+        self._graphdef = StaticGraph(graphdef)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
         self._decode_fn = jitted_decode(self._backend.compiler_options)

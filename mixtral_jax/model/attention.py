@@ -128,8 +128,9 @@ class Projections(Protocol):
     in place of the einsums (a backend's: `backends.cpu` computes them with its
     kernels)."""
 
-    def qkv(self, x: jax.Array) -> jax.Array:
-        """x [B, D] -> q, k and v side by side [B, (N + 2K) H]."""
+    def qkv(self, x: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+        """x [B, D] -> q, k and v side by side [B, (N + 2K) H], their LoRA adapters'
+        terms included (`ids` [B]: each row's adapter of a bank, -1 for none)."""
 
     def attend(
         self,
@@ -150,8 +151,8 @@ class Projections(Protocol):
         `cached_attention_mask`) with its heads [t G, (t + 1) G) -> [B, K, T G, H]. An
         int8 cache's keys and values come with their scales [N, K, bs]."""
 
-    def o(self, x: jax.Array) -> jax.Array:
-        """The attention's output [B, N H] -> [B, D]."""
+    def o(self, x: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+        """The attention's output [B, N H] -> [B, D], its adapter's term included."""
 
 
 class Attention(nnx.Module):
@@ -175,16 +176,15 @@ class Attention(nnx.Module):
         cache: LayerCache | None = None,
         projections: Projections | None = None,
         chunk: bool = False,
-        lora_mix: jax.Array | None = None,
+        lora_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, T, D], positions: [B, T], segment_ids: [B, T] or None -> [B, T, D],
         and the updated cache keys and values (shaped as given) when a cache is given.
         `projections`: this layer's projections as functions of rows, which a call
         that attends over the cache (a decode step, or a chunk: each token then a row of
         its own) uses in place of the einsums. `chunk`: the T tokens continue what the
-        cache holds and attend over it, as a decode step does. `lora_mix` [B, T, J]: each
-        token's adapter weights (one-hot), for a bank of adapters (`layers.Adapter`). The
-        projections compute the base weights: the adapters' terms are added here."""
+        cache holds and attend over it, as a decode step does. `lora_ids` [B, T]: each
+        token's adapter of a bank (-1: none; `layers.Adapter`)."""
         c = self.config
         dtype = x.dtype
         B, T, D = x.shape
@@ -193,21 +193,14 @@ class Attention(nnx.Module):
             raise ValueError("projections replace the einsums of calls that attend over a cache")
 
         if projections is None:
-            q = project(SPECS["q_proj"], x, self.q_proj, self.q_proj_lora, lora_mix)
-            k = project(SPECS["k_proj"], x, self.k_proj, self.k_proj_lora, lora_mix)
-            v = project(SPECS["v_proj"], x, self.v_proj, self.v_proj_lora, lora_mix)
+            q = project(SPECS["q_proj"], x, self.q_proj, self.q_proj_lora, lora_ids)
+            k = project(SPECS["k_proj"], x, self.k_proj, self.k_proj_lora, lora_ids)
+            v = project(SPECS["v_proj"], x, self.v_proj, self.v_proj_lora, lora_ids)
         else:  # q, k and v in one call: [B T, D] -> [B T, (N + 2K) H]
-            qkv = projections.qkv(x.reshape(B * T, D))
+            rows_ids = None if lora_ids is None else lora_ids.reshape(B * T)
+            qkv = projections.qkv(x.reshape(B * T, D), rows_ids)
             q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
             q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
-            q, k, v = (
-                y if adapter is None else y + adapter(x, lora_mix)
-                for y, adapter in (
-                    (q, self.q_proj_lora),
-                    (k, self.k_proj_lora),
-                    (v, self.v_proj_lora),
-                )
-            )
         q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", None))
         k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", None))
         v = constrain(v, ("batch", "length", "kv_heads", None))
@@ -254,11 +247,9 @@ class Attention(nnx.Module):
                         q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H), keys, values,
                         blocks, positions, cache.key_positions, c.sliding_window, *scales,
                     )  # fmt: skip
-                    out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(dtype)
-                    y = projections.o(out.reshape(B * T, N * H)).reshape(B, T, D)
-                    if self.o_proj_lora is not None:
-                        y = y + self.o_proj_lora(out.reshape(B, T, N, H), lora_mix)
-                    return constrain(y, ("batch", "length", "embed")), kv
+                    out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
+                    out = projections.o(out.reshape(B * T, N * H).astype(dtype), rows_ids)
+                    return constrain(out.reshape(B, T, D), ("batch", "length", "embed")), kv
                 if quantized:
                     keys, values = (
                         dequantize(a, s, dtype) for a, s in zip((keys, values), scales, strict=True)
@@ -268,16 +259,16 @@ class Attention(nnx.Module):
                     keys, values = (gather_rows(a, cache.blocks) for a in (keys, values))
                 mask = cached_attention_mask(positions, cache.key_positions, c.sliding_window)
                 out = _attend(q, keys, values, mask, kv_axes="BKSH")
-                return self._project(out.reshape(B, T, K * G, H), lora_mix), kv
+                return self._project(out.reshape(B, T, K * G, H), lora_ids), kv
 
         outs = []
         for (q0, q1), (k0, k1) in query_blocks(T, c.sliding_window):
             mask = attention_mask(segment_ids, c.sliding_window, (q0, q1), (k0, k1))
             outs.append(_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask))
         out = jnp.concatenate(outs, axis=1).reshape(B, T, K * G, H)
-        return self._project(out, lora_mix), kv
+        return self._project(out, lora_ids), kv
 
-    def _project(self, out: jax.Array, lora_mix: jax.Array | None) -> jax.Array:
+    def _project(self, out: jax.Array, lora_ids: jax.Array | None) -> jax.Array:
         """[B, T, N, H] -> [B, T, D]."""
-        out = project(SPECS["o_proj"], out, self.o_proj, self.o_proj_lora, lora_mix)
+        out = project(SPECS["o_proj"], out, self.o_proj, self.o_proj_lora, lora_ids)
         return constrain(out, ("batch", "length", "embed"))

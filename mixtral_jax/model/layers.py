@@ -66,9 +66,9 @@ class Adapter(nnx.Module):
 
     With `bank` J > 0 the weight holds J adapters side by side (serving many at once),
     a bank axis J after W's shared axes: A [J, D, R], B [J, R, N, H]; the experts'
-    A [E, J, D, R], B [E, J, R, F]. Each token then applies its own through `mix`, one
-    at its adapter's index and zeros elsewhere (the adapters' scales are folded into
-    their B when the bank is built: `training.lora.load_bank`): every adapter's
+    A [E, J, D, R], B [E, J, R, F]. Each token then applies its own (`select`: its index,
+    or one-hot weights; the adapters' scales are folded into their B when the bank is
+    built: `training.lora.load_bank`): every adapter's
     (x A_j) is computed and all but the token's are multiplied by zero, an extra
     J R (X + Y) of work per token for an [X, Y] weight, small beside X Y while J R is
     small beside X and Y (Punica's and S-LoRA's kernels gather each row's factors
@@ -111,14 +111,14 @@ class Adapter(nnx.Module):
         self.a = factor(a_sub, nnx.initializers.normal(fan_in**-0.5))
         self.b = factor(b_sub, nnx.initializers.zeros)
 
-    def __call__(self, x: jax.Array, mix: jax.Array | None = None) -> jax.Array:
-        """The adapter's contribution to einsum(spec, x, W). A bank's needs `mix`: x's
-        axes but the contracted ones, then J (each token's weight for each adapter)."""
+    def __call__(self, x: jax.Array, select: jax.Array | None = None) -> jax.Array:
+        """The adapter's contribution to einsum(spec, x, W). A bank's needs `select`,
+        each token's adapter over x's axes but the contracted ones (`bank_weights`)."""
         h = jnp.einsum(self.spec_a, x, self.a[...].astype(x.dtype))
         if self.bank:
-            if mix is None:
-                raise ValueError("a bank of adapters needs each token's mix (lora_mix)")
-            h = h * mix.astype(x.dtype)[..., None]
+            if select is None:
+                raise ValueError("a bank of adapters needs each token's choice (adapter_ids)")
+            h = h * bank_weights(select, self.bank, x.dtype)[..., None]
             return jnp.einsum(self.spec_b, h, self.b[...].astype(x.dtype))
         y = jnp.einsum(self.spec_b, h, self.b[...].astype(x.dtype))
         return y * jnp.asarray(self.scale, x.dtype)
@@ -159,17 +159,26 @@ def attach_adapters(
         setattr(module, f"{name}_lora", adapter)
 
 
+def bank_weights(select: jax.Array, bank: int, dtype: jnp.dtype) -> jax.Array:
+    """Each token's weight for each of a bank's adapters [..., J], from `select`: its
+    adapter's index [...] (-1: none), or those weights already (floats [..., J], as the
+    dense dispatch moves them with the tokens)."""
+    if jnp.issubdtype(select.dtype, jnp.integer):
+        return jax.nn.one_hot(select, bank, dtype=dtype)
+    return select.astype(dtype)
+
+
 def project(
     spec: str,
     x: jax.Array,
     weight: nnx.Param | QuantizedWeight,
     adapter: Adapter | None,
-    mix: jax.Array | None = None,
+    select: jax.Array | None = None,
 ) -> jax.Array:
-    """einsum(spec, x, W), plus the LoRA adapter's term when W has one (a bank's mixed
-    by each token's `mix`, `Adapter`)."""
+    """einsum(spec, x, W), plus the LoRA adapter's term when W has one (a bank's adapter
+    each token `select`s, `Adapter`)."""
     y = einsum(spec, x, weight)
-    return y if adapter is None else y + adapter(x, mix)
+    return y if adapter is None else y + adapter(x, select)
 
 
 class RMSNorm(nnx.Module):

@@ -56,16 +56,16 @@ class DecoderBlock(nnx.Module):
         experts_fn: moe.ExpertsFn | None = None,
         projections: Projections | None = None,
         chunk: bool = False,
-        lora_mix: jax.Array | None = None,
+        lora_ids: jax.Array | None = None,
     ):
         """`moe_impl`: the SMoE dispatch; `layer` indexes expert weights still stacked
         over layers. With a cache (inference) the SMoE layer never drops a token.
         `experts_fn`, `projections`: a decode step's experts and attention projections
         as functions, in place of this block's weights (`Unstacked`). `chunk`: the
-        tokens continue the cached ones (`Mixtral.forward`). `lora_mix` [B, T, J]: each
-        token's adapter weights (one-hot), for a bank of adapters."""
+        tokens continue the cached ones (`Mixtral.forward`). `lora_ids` [B, T]: each
+        token's adapter of a bank (-1: none)."""
         attn, kv = self.attention(
-            self.attn_norm(x), positions, segment_ids, cache, projections, chunk, lora_mix
+            self.attn_norm(x), positions, segment_ids, cache, projections, chunk, lora_ids
         )
         h = x + attn
         out = self.moe(
@@ -75,7 +75,7 @@ class DecoderBlock(nnx.Module):
             impl=moe_impl,
             dropless=cache is not None,
             experts_fn=experts_fn,
-            lora_mix=lora_mix,
+            lora_ids=lora_ids,
         )
         return h + out.y, out, kv
 
@@ -226,14 +226,13 @@ class Mixtral(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
-        mix = None  # [B, T, J]: each token's adapter, one-hot (`layers.Adapter`)
+        ids = None  # [B, T]: each token's adapter of the bank (`layers.Adapter`)
         if adapter_ids is not None:
             if not c.lora_bank:
                 raise ValueError("adapter_ids choose among a bank of adapters: this model has none")
-            mix = jax.nn.one_hot(adapter_ids, c.lora_bank, dtype=c.compute_dtype)  # -1: zeros
-            mix = jnp.broadcast_to(mix[:, None, :], (B, T, c.lora_bank))
+            ids = jnp.broadcast_to(jnp.asarray(adapter_ids, jnp.int32)[:, None], (B, T))
         elif c.lora_bank:
-            mix = jnp.zeros((B, T, c.lora_bank), c.compute_dtype)
+            ids = jnp.full((B, T), -1, jnp.int32)
 
         x = constrain(self.embed(tokens, c.compute_dtype), ("batch", "length", "embed"))
         kv, slots, key_positions, blocks = None, None, None, None
@@ -242,7 +241,7 @@ class Mixtral(nnx.Module):
             kv, blocks = cache.buffers, cache.blocks
         # Unstacked experts are the sorted dispatch's rows (`moe.ExpertsFn`).
         moe_impl = moe.DECODE_IMPL if decode or unstacked is not None else c.moe_impl
-        inputs = (positions, segment_ids, token_mask, slots, key_positions, blocks, mix)
+        inputs = (positions, segment_ids, token_mask, slots, key_positions, blocks, ids)
         x, (stats, weights, experts), kv = self._run_layers(
             x, kv, inputs, moe_impl, unstacked, chunk, differentiable
         )
@@ -315,7 +314,7 @@ class Mixtral(nnx.Module):
         """One block as a function of (x, kv) and (its parameters, its layer index, its
         slice of the stacked experts when they are trained in place or None), and
         optionally its experts and attention projections as functions (`Unstacked`)."""
-        positions, segment_ids, token_mask, slots, key_positions, blocks, mix = inputs
+        positions, segment_ids, token_mask, slots, key_positions, blocks, ids = inputs
 
         def block(carry, scanned, experts_fn=None, projections=None):
             x, kv = carry  # kv: every layer's [L, ...] buffers, or this layer's own
@@ -339,7 +338,7 @@ class Mixtral(nnx.Module):
                 experts_fn=experts_fn,
                 projections=projections,
                 chunk=chunk,
-                lora_mix=mix,
+                lora_ids=ids,
             )
             return (x, kv), (out.stats, out.weights, out.experts)
 

@@ -41,7 +41,7 @@ from flax import nnx
 
 from mixtral_jax.model import quantized, routing
 from mixtral_jax.model.config import MOE_IMPLS, ModelConfig
-from mixtral_jax.model.layers import attach_adapters, param, project, weight
+from mixtral_jax.model.layers import attach_adapters, bank_weights, param, project, weight
 from mixtral_jax.parallel.rules import constrain
 
 # Capacity factors the dense dropless dispatch tries, smallest first, before
@@ -54,7 +54,7 @@ TILE = 512
 DECODE_IMPL = "sorted"
 # xs [n, D] rows sorted by expert, start and count [E] (expert e owns rows
 # start[e]..start[e] + count[e]) -> ys [n, D]: every row through its expert. Experts
-# with a bank of adapters also take `mix=` [n, J], each row's adapter weights (one-hot).
+# with a bank of adapters also take `ids=` [n], each row's adapter (-1: none).
 ExpertsFn = Callable[..., jax.Array]
 
 
@@ -91,14 +91,15 @@ class ExpertWeight(NamedTuple):
         factors = (one(a).astype(dtype) if a is not None else None for a in (self.a, self.b))
         return ExpertWeight(w, *factors, self.scale)
 
-    def __call__(self, x: jax.Array, mix: jax.Array | None = None) -> jax.Array:
-        """x [..., X] @ one expert's [X, Y] matrix, plus its adapter's term (a bank's
-        mixed by each row's `mix` [..., J])."""
+    def __call__(self, x: jax.Array, select: jax.Array | None = None) -> jax.Array:
+        """x [..., X] @ one expert's [X, Y] matrix, plus its adapter's term (a bank's: the
+        adapter each row `select`s, `layers.bank_weights`)."""
         y = x @ self.w
         if self.a is None:
             return y
         if self.a.ndim == 3:  # a bank: [J, X, R], [J, R, Y]
-            h = jnp.einsum("...X,JXR->...JR", x, self.a) * mix.astype(x.dtype)[..., None]
+            weights = bank_weights(select, self.a.shape[0], x.dtype)
+            h = jnp.einsum("...X,JXR->...JR", x, self.a) * weights[..., None]
             return y + jnp.einsum("...JR,JRY->...Y", h, self.b)
         return y + ((x @ self.a) @ self.b) * jnp.asarray(self.scale, x.dtype)
 
@@ -108,10 +109,10 @@ def swiglu(
     w1: ExpertWeight,
     w2: ExpertWeight,
     w3: ExpertWeight,
-    mix: jax.Array | None = None,
+    select: jax.Array | None = None,
 ) -> jax.Array:
     """One expert: w2(silu(x w1) * (x w3)); x [..., D], w1/w3 [D, F], w2 [F, D]."""
-    return w2(jax.nn.silu(w1(x, mix)) * w3(x, mix), mix)
+    return w2(jax.nn.silu(w1(x, select)) * w3(x, select), select)
 
 
 # The experts' einsums (also what their LoRA adapters are derived from).
@@ -148,7 +149,7 @@ class Experts(nnx.Module):
             adapter = getattr(self, f"{name}_lora")
             if adapter is None:
                 return ExpertWeight(w)
-            scale = 0.0 if adapter.bank else adapter.scale  # a bank's: each row's mix
+            scale = 0.0 if adapter.bank else adapter.scale  # a bank's: folded into B
             return ExpertWeight(w, adapter.a[...], adapter.b[...], scale)
 
         return weight("w1"), weight("w2"), weight("w3")
@@ -170,14 +171,14 @@ class Experts(nnx.Module):
         stacked, mine = (tuple(w.w for w in e.weights()) for e in (self, own))
         return lambda xs, start, count: trainable_rows(xs, start, count, stacked, mine, layer)
 
-    def __call__(self, x: jax.Array, mix: jax.Array | None = None) -> jax.Array:
-        """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]; `mix`
-        [E, G, C, J]: theirs, for a bank of adapters."""
+    def __call__(self, x: jax.Array, select: jax.Array | None = None) -> jax.Array:
+        """x: [E, G, C, D] tokens in each expert's slots -> [E, G, C, D]; `select`
+        [E, G, C, J]: theirs, for a bank of adapters (one-hot weights)."""
         x = constrain(x, ("expert", "group", "capacity", "embed"))
         hidden = ("expert", "group", "capacity", "mlp")
-        gate = constrain(project(SPECS["w1"], x, self.w1, self.w1_lora, mix), hidden)
-        up = constrain(project(SPECS["w3"], x, self.w3, self.w3_lora, mix), hidden)
-        y = project(SPECS["w2"], jax.nn.silu(gate) * up, self.w2, self.w2_lora, mix)
+        gate = constrain(project(SPECS["w1"], x, self.w1, self.w1_lora, select), hidden)
+        up = constrain(project(SPECS["w3"], x, self.w3, self.w3_lora, select), hidden)
+        y = project(SPECS["w2"], jax.nn.silu(gate) * up, self.w2, self.w2_lora, select)
         return constrain(y, ("expert", "group", "capacity", "embed"))
 
 
@@ -191,13 +192,13 @@ def sorted_dispatch(
     token_mask: jax.Array,
     num_experts: int,
     experts_fn: ExpertsFn,
-    mix: jax.Array | None = None,
+    ids: jax.Array | None = None,
 ) -> jax.Array:
     """Dropless experts over rows sorted by expert. x: [N, D], routes [N, k] -> y [N, D].
 
     Row j of the sorted order is choice order[j] (token order[j] // k); expert e
     owns rows [start[e], start[e] + count[e]), which `experts_fn(xs, start, count)`
-    computes (with `mix=` the rows' mix, when the tokens' `mix` [N, J] is given).
+    computes (with `ids=` the rows' adapters, when the tokens' `ids` [N] are given).
     Padding tokens sort last, past every expert's rows: their output is never used.
     """
     N, D = x.shape
@@ -209,10 +210,10 @@ def sorted_dispatch(
     count = jnp.bincount(choice_expert, length=E + 1)[:E]  # [E]
     start = jnp.cumsum(count) - count  # [E]
     rows = order // k
-    if mix is None:
+    if ids is None:
         ys = experts_fn(x[rows], start, count)  # [n, D]
     else:
-        ys = experts_fn(x[rows], start, count, mix=mix[rows])
+        ys = experts_fn(x[rows], start, count, ids=ids[rows])
     return _combine(ys, order, routes.weights, token_mask)
 
 
@@ -285,26 +286,26 @@ def expert_rows(
     expert: Callable[[int | jax.Array], ExpertWeights],
     num_experts: int,
     unroll: bool = False,
-    mix: jax.Array | None = None,
+    ids: jax.Array | None = None,
 ) -> jax.Array:
     """Every expert's sorted rows through its SwiGLU (an `ExpertsFn`): xs [n, D] -> [n, D].
 
     `expert(e)` gives expert e's weights in xs' dtype (w1/w3 [D, F], w2 [F, D]); it
     is called with a traced index in a loop over the experts, or with each Python
     int when `unroll` (weights in buffers of their own, one per expert). Either
-    way an expert no row chose is never read. `mix` [n, J]: the rows' adapter
-    scales, for experts with a bank of adapters.
+    way an expert no row chose is never read. `ids` [n]: the rows' adapters (-1:
+    none), for experts with a bank of adapters.
     """
     n, D = xs.shape
     xs = jnp.pad(xs, ((0, slack(n)), (0, 0)))  # sorted rows + slack
-    if mix is not None:
-        mix = jnp.pad(mix, ((0, slack(n)), (0, 0)))
+    if ids is not None:
+        ids = jnp.pad(ids, (0, slack(n)), constant_values=-1)
 
     def rows_of_expert(ys, w, r0, size):
         """ys[r0:r0+size] = ffn(xs[r0:r0+size]). Rows past the expert's end get
         garbage that the next expert overwrites, or that nothing reads (padding)."""
-        rows_mix = None if mix is None else jax.lax.dynamic_slice_in_dim(mix, r0, size)
-        out = swiglu(jax.lax.dynamic_slice_in_dim(xs, r0, size), *w, rows_mix)
+        rows_ids = None if ids is None else jax.lax.dynamic_slice_in_dim(ids, r0, size)
+        out = swiglu(jax.lax.dynamic_slice_in_dim(xs, r0, size), *w, rows_ids)
         return jax.lax.dynamic_update_slice_in_dim(ys, out, r0, 0)
 
     ys = jnp.zeros(xs.shape, xs.dtype)
@@ -458,7 +459,7 @@ class SparseMoE(nnx.Module):
         impl: str | None = None,
         dropless: bool = False,
         experts_fn: ExpertsFn | None = None,
-        lora_mix: jax.Array | None = None,
+        lora_ids: jax.Array | None = None,
     ) -> MoEOutput:
         """x: [B, T, D]; token_mask: [B, T] bool, False on padding.
 
@@ -468,7 +469,7 @@ class SparseMoE(nnx.Module):
         `layer` selects the layer. `dropless`: ignore the config's capacity factor
         (inference). `experts_fn`: computes the sorted rows in place of this layer's
         `experts` (a backend's, e.g. each expert read from a buffer of its own).
-        `lora_mix` [B, T, J]: each token's adapter weights (one-hot), for a bank of adapters.
+        `lora_ids` [B, T]: each token's adapter (-1: none), for a bank of adapters.
         """
         c = self.config
         B, T, D = x.shape
@@ -485,27 +486,27 @@ class SparseMoE(nnx.Module):
         xg = jnp.pad(x.reshape(num_tokens, D), ((0, pad), (0, 0))).reshape(G, S, D)
         xg = constrain(xg, ("group", None, "embed"))
         mask = jnp.pad(token_mask.reshape(num_tokens), (0, pad)).reshape(G, S)
-        mix = None
-        if lora_mix is not None and self.experts.adapted:
-            J = lora_mix.shape[-1]
-            mix = jnp.pad(lora_mix.reshape(num_tokens, J), ((0, pad), (0, 0))).reshape(G, S, J)
+        ids = None  # [G, S]: each token's adapter, when the experts hold a bank
+        if lora_ids is not None and self.experts.adapted:
+            ids = jnp.pad(lora_ids.reshape(num_tokens), (0, pad), constant_values=-1)
+            ids = ids.reshape(G, S)
 
         logits = constrain(self.router_logits(xg), ("group", None, None))
         routes = routing.route(logits, c.num_experts_per_tok)
 
         if impl == "dense":
             if capacity_factor is None:
-                y, kept = self._dropless_dense(xg, routes, mask, mix)
+                y, kept = self._dropless_dense(xg, routes, mask, ids)
             else:
                 capacity = routing.expert_capacity(
                     S, c.num_experts, c.num_experts_per_tok, capacity_factor
                 )
-                y, kept = self._dense(xg, routes, mask, mix, capacity)
+                y, kept = self._dense(xg, routes, mask, ids, capacity)
         else:
             flat = jax.tree.map(lambda a: a.reshape(S, *a.shape[2:]), routes)
             rows = experts_fn or self._rows_fn(x.dtype, layer)
-            rows_mix = None if mix is None else mix[0]
-            y = sorted_dispatch(xg[0], flat, mask[0], c.num_experts, rows, rows_mix)[None]
+            rows_ids = None if ids is None else ids[0]
+            y = sorted_dispatch(xg[0], flat, mask[0], c.num_experts, rows, rows_ids)[None]
             kept = jnp.ones(routes.experts.shape, bool)
 
         stats = routing.router_stats(logits, routes, kept, mask)
@@ -544,21 +545,22 @@ class SparseMoE(nnx.Module):
         x: jax.Array,
         routes: routing.Routes,
         mask: jax.Array,
-        mix: jax.Array | None,
+        ids: jax.Array | None,
         capacity: int,
     ) -> tuple[jax.Array, jax.Array]:
         """x: [G, S, D] -> y [G, S, D] and kept [G, S, k] with `capacity` slots per expert;
-        `mix` [G, S, J] (or None): the tokens' adapter weights (one-hot), dispatched with them."""
+        `ids` [G, S] (or None): the tokens' adapters of a bank (-1: none)."""
         d = routing.dispatch_and_combine(routes, mask, self.config.num_experts, capacity)
         # Expert parallelism: groups are sharded over every batch axis, `expert`
         # included, and dispatched where they are; the experts compute on [E, G, C, D]
         # sharded by expert. Each change of layout is one all-to-all.
         by_group = (None, "group", "capacity", "embed")
         x_e = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(x.dtype), x)  # [E, G, C, D]
-        mix_e = None
-        if mix is not None:
-            mix_e = jnp.einsum("GSEC,GSJ->EGCJ", d.dispatch.astype(mix.dtype), mix)
-        y_e = constrain(self.experts(constrain(x_e, by_group), mix_e), by_group)  # [E, G, C, D]
+        select = None  # [E, G, C, J]: the tokens' adapters, one-hot, moved with them
+        if ids is not None:
+            onehot = bank_weights(ids, self.config.lora_bank, x.dtype)  # [G, S, J]
+            select = jnp.einsum("GSEC,GSJ->EGCJ", d.dispatch.astype(x.dtype), onehot)
+        y_e = constrain(self.experts(constrain(x_e, by_group), select), by_group)  # [E, G, C, D]
         y = jnp.einsum(
             "EGCD,GSEC->GSD",
             y_e,
@@ -568,7 +570,7 @@ class SparseMoE(nnx.Module):
         return constrain(y.astype(x.dtype), ("group", None, "embed")), d.kept
 
     def _dropless_dense(
-        self, x: jax.Array, routes: routing.Routes, mask: jax.Array, mix: jax.Array | None
+        self, x: jax.Array, routes: routing.Routes, mask: jax.Array, ids: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         """Exact: the smallest capacity on the ladder that no expert overflows."""
         c = self.config
@@ -577,7 +579,7 @@ class SparseMoE(nnx.Module):
         ladder = {routing.expert_capacity(S, E, k, cf) for cf in DROPLESS_LADDER}
         capacities = sorted(ladder | {S})
         if len(capacities) == 1:
-            return self._dense(x, routes, mask, mix, S)
+            return self._dense(x, routes, mask, ids, S)
         fullest = jnp.max(routing.expert_load(routes.experts, mask, E))
         branch = jnp.searchsorted(jnp.asarray(capacities), fullest)  # first C >= fullest
         # Rematerialised: a backward pass through `switch` would otherwise hold the
@@ -585,4 +587,4 @@ class SparseMoE(nnx.Module):
         branches = [
             jax.checkpoint(functools.partial(self._dense, capacity=cap)) for cap in capacities
         ]
-        return jax.lax.switch(branch, branches, x, routes, mask, mix)
+        return jax.lax.switch(branch, branches, x, routes, mask, ids)

@@ -15,11 +15,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mixtral_jax.backends.cpu import kernels
-from mixtral_jax.model import moe
+from mixtral_jax.model import layers, moe
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.mixtral import Mixtral, Unstacked
 
@@ -37,12 +38,12 @@ class ExpertBuffers(NamedTuple):
     experts: tuple[moe.ExpertWeights, ...]
 
     def __call__(
-        self, xs: jax.Array, start: jax.Array, count: jax.Array, mix: jax.Array | None = None
+        self, xs: jax.Array, start: jax.Array, count: jax.Array, ids: jax.Array | None = None
     ) -> jax.Array:
         def expert(e: int) -> moe.ExpertWeights:
             return tuple(w.take((), xs.dtype) for w in self.experts[e])
 
-        return moe.expert_rows(xs, start, count, expert, len(self.experts), True, mix)
+        return moe.expert_rows(xs, start, count, expert, len(self.experts), True, ids)
 
 
 def unstacked(model: Mixtral, pack: bool = True) -> Unstacked | None:
@@ -84,7 +85,7 @@ def with_kernels(model: Mixtral, plain: Unstacked) -> Unstacked:
     """`plain` (`unstacked(model, pack=False)`) with the kernels' packed copies where
     they apply: the experts, the attention projections, the LM head."""
     # Packed in this order, each judged against the memory left by the ones before.
-    experts = _packed_experts(model) or plain.experts
+    experts = _packed_experts(model, plain) or plain.experts
     lm_head = kernels.packed_lm_head(model.config, model.lm_head[...])
     return Unstacked(plain.layers, experts, _packed_attention(model), lm_head)
 
@@ -107,22 +108,95 @@ def per_layer(cache: KVCache) -> KVCache:
     )
 
 
-def _packed_experts(model: Mixtral) -> tuple[kernels.PackedExperts, ...] | None:
-    """Every layer's experts packed for the experts' kernel where it applies, else None."""
+def _packed_experts(model: Mixtral, plain: Unstacked) -> tuple | None:
+    """Every layer's experts packed for the experts' kernel where it applies, with their
+    bank of adapters where they have one (`kernels.PackedExpertsLoRA`), else None."""
     experts = model.layers.moe.experts
     if not isinstance(experts.w1, nnx.Param):  # quantized
         return None
     weights = experts.w1[...], experts.w2[...], experts.w3[...]
-    return kernels.packed_experts(model.config, *weights)
+    bank = _expert_bank(plain) if experts.adapted else None
+    if experts.adapted and (bank is None or model.config.lora_rank > kernels.MAX_LORA_RANK):
+        return None
+    packed = kernels.packed_experts(model.config, *weights, banked=bank is not None)
+    if packed is None or bank is None:
+        return packed
+    return tuple(
+        kernels.PackedExpertsLoRA(p.w13, p.w2, f) for p, f in zip(packed, bank, strict=True)
+    )
+
+
+def _expert_bank(plain: Unstacked) -> list[tuple[jax.Array, ...]] | None:
+    """Each layer's experts' bank of adapters as the kernel takes it: a1, b1, a3, b3, a2,
+    b2 [E, J, ...], stacked from the expert buffers' views (a copy of the factors only);
+    None unless w1, w2 and w3 all hold a bank."""
+    layers = []
+    for buffers in plain.experts:
+        w1, w2, w3 = zip(*buffers.experts, strict=True)  # each: one ExpertWeight per expert
+        if any(w.a is None or w.a.ndim != 3 for w in (*w1, *w2, *w3)):
+            return None
+        layers.append(
+            tuple(
+                jnp.stack([getattr(w, part) for w in ws])
+                for ws in (w1, w3, w2)
+                for part in ("a", "b")
+            )
+        )
+    return layers
 
 
 def _packed_attention(model: Mixtral) -> tuple[kernels.PackedAttention, ...] | None:
-    """Every layer's attention projections packed for the dense kernel, else None."""
+    """Every layer's attention projections packed for the dense kernel, with their LoRA
+    adapters for `kernels.lora_rows` where they have any, else None."""
     attention = model.layers.attention
-    projections = [getattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    projections = [getattr(attention, name) for name in PROJECTIONS]
     if not all(isinstance(p, nnx.Param) for p in projections):  # quantized
         return None
-    return kernels.packed_attention(model.config, *(p[...] for p in projections))
+    packed = kernels.packed_attention(model.config, *(p[...] for p in projections))
+    adapters = [getattr(attention, f"{name}_lora") for name in PROJECTIONS]
+    if packed is None or not any(adapters):
+        return packed
+    if model.config.lora_rank > kernels.MAX_LORA_RANK:
+        return None
+    widths = [p.shape[-2] * p.shape[-1] for p in projections[:3]]  # q, k, v: N H, K H, K H
+    return tuple(
+        p._replace(adapters=(_qkv_bank(adapters[:3], widths, i), _rows_bank(adapters[3], i)))
+        for i, p in enumerate(packed)
+    )
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _rows_bank(adapter: layers.Adapter | None, layer: int) -> kernels.LoRARows | None:
+    """Layer `layer` of an adapter (or of a bank of them) on an attention projection as
+    `kernels.lora_rows` takes it, a [J, K, R] and b [J, R, N] (one adapter: J = 1, its
+    scale folded into b)."""
+    if adapter is None:
+        return None
+    a, b = adapter.a[...][layer], adapter.b[...][layer]
+    if not adapter.bank:
+        a, b = a[None], b[None] * adapter.scale
+    J, R = a.shape[0], a.shape[-1]
+    return kernels.LoRARows(a.reshape(J, -1, R).astype(jnp.float32), b.reshape(J, R, -1))
+
+
+def _qkv_bank(adapters: list, widths: list[int], layer: int) -> kernels.LoRARows | None:
+    """q's, k's and v's adapters as one bank on their side-by-side weight [D, (N + 2K) H]:
+    their A side by side [J, D, 3R], their B block-diagonal [J, 3R, (N + 2K) H] (zeros
+    where an adapter meets another projection's outputs, or for a projection without
+    one). One call then serves all three."""
+    banks = [_rows_bank(a, layer) for a in adapters]
+    if not any(banks):
+        return None
+    a_parts, b_rows = [], []
+    for i, bank in enumerate(banks):
+        if bank is None:
+            continue
+        a_parts.append(bank.a)
+        before, after = sum(widths[:i]), sum(widths[i + 1 :])
+        b_rows.append(jnp.pad(bank.b.astype(jnp.float32), ((0, 0), (0, 0), (before, after))))
+    return kernels.LoRARows(jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_rows, axis=1))
 
 
 def _host_view(a: jax.Array) -> np.ndarray | None:

@@ -8,6 +8,8 @@ from a copy in column panels of `PANEL` floats, with the rows' sums in registers
 
     experts  w13 [E, F/P, D, 2P]  panel j of w1 (gate) and of w3 (up), side by side
              w2  [E, D/P, F, P]   panel j of w2 (down)       (`experts`, `pack`)
+             and a bank of LoRA adapters' factors as the model holds them, each row
+             applying its own                                 (`experts_lora`)
     dense    w   [N/P, K, P]      panel j of a [K, N] weight  (`dense`, `pack_dense`):
              the LM head, and each layer's q, k and v side by side, and o
 
@@ -49,6 +51,8 @@ from mixtral_jax.model.config import ModelConfig
 PANEL = 16  # floats per column panel; csrc/cpu_moe.cc's P
 SOURCE = Path(__file__).with_name("csrc") / "cpu_moe.cc"
 TARGET = "mixtral_jax_cpu_moe"
+LORA_TARGET = "mixtral_jax_cpu_moe_lora"
+LORA_ROWS_TARGET = "mixtral_jax_cpu_lora_rows"
 DENSE_TARGET = "mixtral_jax_cpu_dense"
 ATTEND_TARGET = "mixtral_jax_cpu_attend"
 ATTEND_INT8_TARGET = "mixtral_jax_cpu_attend_int8"
@@ -57,6 +61,9 @@ ATTEND_INT8_TARGET = "mixtral_jax_cpu_attend_int8"
 MAX_MEAN_ROWS = 16
 # The packed copy may take at most this fraction of the memory available when made.
 MAX_FREE_FRACTION = 0.5
+# The largest LoRA rank the kernels take (csrc/cpu_moe.cc's kMaxRank, a row's x A on the
+# stack, holds q's, k's and v's side by side).
+MAX_LORA_RANK = 256  # q's, k's and v's side by side: 3 x 256 <= kMaxRank
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -71,12 +78,40 @@ class DenseKernel:
         return dense(x, self.w, self.width)
 
 
-class PackedAttention(NamedTuple):
-    """One layer's attention projections for the dense kernel, and the attention kernel
-    between them: the model's `attention.Projections`."""
+class LoRARows(NamedTuple):
+    """A bank of J LoRA adapters on a dense weight [K, N], each row applying its own
+    (`lora_rows`): a [J, K, R], b [J, R, N], each adapter's alpha / r folded into its b."""
 
-    qkv: DenseKernel  # [D] -> q, k and v side by side [(N + 2K) H]
-    o: DenseKernel  # [N H] -> [D]
+    a: jax.Array
+    b: jax.Array
+
+    def __call__(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        return lora_rows(x, ids, self.a, self.b)
+
+
+def _rows_ids(ids: jax.Array | None, rows: int) -> jax.Array:
+    """The rows' adapters of a bank (-1: none); without `ids`, adapter 0 (a model's one
+    adapter, as `backends.cpu.decode` packs it)."""
+    return jnp.zeros(rows, jnp.int32) if ids is None else ids.astype(jnp.int32)
+
+
+class PackedAttention(NamedTuple):
+    """One layer's attention projections for the dense kernel, their LoRA adapters for
+    `lora_rows` if they have any, and the attention kernel between them: the model's
+    `attention.Projections`."""
+
+    qkv_weights: DenseKernel  # [D] -> q, k and v side by side [(N + 2K) H]
+    o_weights: DenseKernel  # [N H] -> [D]
+    # Their adapters (or a bank of them): q's, k's and v's as one, o's; None: none.
+    adapters: tuple[LoRARows | None, LoRARows | None] = (None, None)
+
+    def qkv(self, x: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+        y, bank = self.qkv_weights(x), self.adapters[0]
+        return y if bank is None else y + bank(x, _rows_ids(ids, x.shape[0]))
+
+    def o(self, x: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+        y, bank = self.o_weights(x), self.adapters[1]
+        return y if bank is None else y + bank(x, _rows_ids(ids, x.shape[0]))
 
     def attend(self, q, keys, values, blocks, query_positions, key_positions, window, *scales):
         return attend(q, keys, values, blocks, query_positions, key_positions, window, *scales)
@@ -91,6 +126,24 @@ class PackedExperts(NamedTuple):
 
     def __call__(self, xs: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
         return experts(xs, start, count, self)
+
+
+class PackedExpertsLoRA(NamedTuple):
+    """One layer's packed experts and a bank of adapters on them (`layers.Adapter`): the
+    factors of w1, w3 and w2 as the model holds them, a1, b1, a3, b3, a2, b2
+    ([E, J, D, R], [E, J, R, F], ..., [E, J, F, R], [E, J, R, D]). The model's
+    `moe.ExpertsFn` for experts with a bank, each row applying its own adapter."""
+
+    w13: jax.Array
+    w2: jax.Array
+    factors: tuple[jax.Array, ...]
+
+    def __call__(
+        self, xs: jax.Array, start: jax.Array, count: jax.Array, ids: jax.Array | None = None
+    ) -> jax.Array:
+        """`ids` [n]: the rows' adapters (-1: none); none: every row the base experts'."""
+        ids = jnp.full(len(xs), -1, jnp.int32) if ids is None else ids
+        return experts_lora(xs, start, count, self, ids)
 
 
 def _cpu_signature() -> str:
@@ -171,6 +224,8 @@ def register(library: ctypes.CDLL, variant: str = "") -> None:
     calls below take the same `variant`: the tests run a second build beside the first)."""
     for target, handler in (
         (TARGET, library.MixtralCpuMoE),
+        (LORA_TARGET, library.MixtralCpuMoELoRA),
+        (LORA_ROWS_TARGET, library.MixtralCpuLoRARows),
         (DENSE_TARGET, library.MixtralCpuDense),
         (ATTEND_TARGET, library.MixtralCpuAttend),
         (ATTEND_INT8_TARGET, library.MixtralCpuAttendInt8),
@@ -186,6 +241,35 @@ def experts(
     expert's rows."""
     call = jax.ffi.ffi_call(TARGET + variant, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
     return call(xs, start.astype(jnp.int32), count.astype(jnp.int32), packed.w13, packed.w2)
+
+
+def experts_lora(
+    xs: jax.Array,
+    start: jax.Array,
+    count: jax.Array,
+    packed: PackedExpertsLoRA,
+    ids: jax.Array,
+    *,
+    variant: str = "",
+) -> jax.Array:
+    """`experts` with a bank of adapters: sorted row r also applies adapter ids[r] of its
+    expert (-1: none), from `packed.factors`."""
+    call = jax.ffi.ffi_call(LORA_TARGET + variant, jax.ShapeDtypeStruct(xs.shape, jnp.float32))
+    factors = (f.astype(jnp.float32) for f in packed.factors)
+    i32 = (a.astype(jnp.int32) for a in (start, count))
+    return call(xs, *i32, packed.w13, packed.w2, ids.astype(jnp.int32), *factors)
+
+
+def lora_rows(
+    x: jax.Array, ids: jax.Array, a: jax.Array, b: jax.Array, *, variant: str = ""
+) -> jax.Array:
+    """x [n, K] float32, each row through adapter ids[r] of a bank (-1: none, zeros):
+    (x[r] a[ids[r]]) b[ids[r]] with a [J, K, R], b [J, R, N] -> [n, N]. Each row reads
+    only its own adapter's factors (Punica's BGMV)."""
+    call = jax.ffi.ffi_call(
+        LORA_ROWS_TARGET + variant, jax.ShapeDtypeStruct((x.shape[0], b.shape[-1]), jnp.float32)
+    )
+    return call(x, ids.astype(jnp.int32), a.astype(jnp.float32), b.astype(jnp.float32))
 
 
 def dense(x: jax.Array, packed: jax.Array, width: int, *, variant: str = "") -> jax.Array:
@@ -305,11 +389,12 @@ def available_memory() -> int | None:
 
 
 def packed_experts(
-    config: ModelConfig, w1: jax.Array, w2: jax.Array, w3: jax.Array
+    config: ModelConfig, w1: jax.Array, w2: jax.Array, w3: jax.Array, banked: bool = False
 ) -> tuple[PackedExperts, ...] | None:
     """Every layer's packed experts from the stacked [L, E, ...] weights (made once),
-    if the kernel applies (`supports`), the copy fits and the kernel builds; else None."""
-    if not supports(config, w1):
+    if the kernel applies (`supports`; `banked`: with a bank of adapters, which
+    `PackedExpertsLoRA` adds), the copy fits and the kernel builds; else None."""
+    if not supports(config, w1, beside_adapters=banked):
         return None
     return _packed(
         (w1, w2, w3),

@@ -15,6 +15,16 @@
 // F and D are rounded up to whole panels, the padding zeros: a padded hidden unit is
 // silu(0) * 0 = 0, and a padded output column is not written.
 //
+// With a bank of J LoRA adapters (ExpertsLoRA), row r applies adapter ids[r] (-1: none)
+// of its expert: x w1 + (x A1) B1 and x w3 + (x A3) B3 before the SwiGLU, h w2 + (h A2) B2
+// after it, from the factors as the model holds them (float32, row-major, each adapter's
+// alpha / r folded into its B): a1, a3 [E, J, D, R], b1, b3 [E, J, R, F], a2 [E, J, F, R],
+// b2 [E, J, R, D]. Each row reads only its own adapter's factors, as Punica's BGMV does.
+//
+// A bank of LoRA adapters on a dense weight, each row applying its own (LoRARows):
+//
+//   x [n, K], ids [n], A [J, K, R], B [J, R, N]  ->  y [n, N] = (x A[ids]) B[ids]
+//
 // A dense product (an attention projection, the LM head), in tiles of rows by panels
 // (8 by 3 with AVX-512); a tile's panels stay in L2 while the next rows read them:
 //
@@ -133,17 +143,25 @@ inline vec load_held(const float* p) {
   return v;
 }
 
-// hT[f][r] = silu(x w1) * (x w3) for RT rows from r0 and the P columns of one panel, VP
-// of its V vectors a pass. All of them (VP = V) reads the panel once, as a decode step
+// hT[f][r] = silu(x w1 + add1) * (x w3 + add3) for RT rows from r0 and the P columns of
+// one panel, VP of its V vectors a pass; add (or null: zeros) is [R, 2F], each row's
+// add1 then add3. All of them (VP = V) reads the panel once, as a decode step
 // wants. With 8-float vectors, one a pass (VP = 1) fits twice the rows' sums beside the
 // weights, held in registers, and keeps a prefill's many rows on the FMA units; its
 // second pass reads the panel from L2.
 template <int RT, int VP>
 void GateUpTile(const float* xT, int64_t R, int64_t r0, int64_t D, const float* panel,
-                float* hT, int64_t f0) {
+                float* hT, int64_t f0, const float* add, int64_t F) {
   constexpr bool held = VP < V;
   for (int v0 = 0; v0 < V; v0 += VP) {
     vec gate[RT][VP] = {}, up[RT][VP] = {};
+    if (add != nullptr)
+      for (int r = 0; r < RT; ++r)
+        for (int v = 0; v < VP; ++v) {
+          const float* row = add + (r0 + r) * 2 * F + f0 + (v0 + v) * W;
+          gate[r][v] = load(row);
+          up[r][v] = load(row + F);
+        }
     for (int64_t d = 0; d < D; ++d) {
       const float* w = panel + d * 2 * P + v0 * W;
       vec w1[VP], w3[VP];
@@ -217,7 +235,8 @@ constexpr auto Table(std::integer_sequence<int, I...>, Fn make) {
   return std::array{make(std::integral_constant<int, I + 1>{})...};
 }
 
-using GateUpFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
+using GateUpFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
+                          const float*, int64_t);
 using DownFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
                         int64_t);
 constexpr auto kGateUp = Table(std::make_integer_sequence<int, kGateUpRows>{},
@@ -263,9 +282,87 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
   while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::S32> start,
-                   ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> w13,
-                   ffi::Buffer<ffi::F32> w2, ffi::ResultBuffer<ffi::F32> ys) {
+// The factors of a bank of adapters on the experts (see the top of the file).
+struct ExpertAdapters {
+  const int32_t* ids;  // [n]: each sorted row's adapter, -1 for none
+  const float *a1, *b1, *a3, *b3, *a2, *b2;
+  int64_t J, R, F;  // F: the factors' own (unpadded) hidden size
+};
+
+constexpr int64_t kMaxRank = 1024;  // kernels.MAX_LORA_RANK, for q, k and v side by side
+
+// out[0:N] += (x[0:K] A) B for one row; A [K, R] and B [R, N] row-major, R <= kMaxRank.
+// Each vector of h = x A is summed in registers over K, four rows of A at a time (four
+// chains of FMAs in flight); then a chunk of out stays in registers while B's rows
+// stream through it, so out is read and written once.
+inline void AddLowRank(const float* x, int64_t K, const float* A, const float* B, int64_t R,
+                       int64_t N, float* out) {
+  alignas(64) float h[kMaxRank];
+  int64_t r0 = 0;
+  for (; r0 + W <= R; r0 += W) {
+    vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const float* a = A + k * R + r0;
+      s0 += x[k] * load(a);
+      s1 += x[k + 1] * load(a + R);
+      s2 += x[k + 2] * load(a + 2 * R);
+      s3 += x[k + 3] * load(a + 3 * R);
+    }
+    for (; k < K; ++k) s0 += x[k] * load(A + k * R + r0);
+    store(h + r0, (s0 + s1) + (s2 + s3));
+  }
+  for (; r0 < R; ++r0) {  // a rank that is not a whole number of vectors
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; ++k) sum += x[k] * A[k * R + r0];
+    h[r0] = sum;
+  }
+  constexpr int C = 8;  // vectors of out per chunk
+  int64_t n0 = 0;
+  for (; n0 + C * W <= N; n0 += C * W) {
+    vec acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = load(out + n0 + c * W);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* b = B + r * N + n0;
+      for (int c = 0; c < C; ++c) acc[c] += h[r] * load(b + c * W);
+    }
+    for (int c = 0; c < C; ++c) store(out + n0 + c * W, acc[c]);
+  }
+  for (; n0 + W <= N; n0 += W) {
+    vec acc = load(out + n0);
+    for (int64_t r = 0; r < R; ++r) acc += h[r] * load(B + r * N + n0);
+    store(out + n0, acc);
+  }
+  for (; n0 < N; ++n0) {
+    float acc = out[n0];
+    for (int64_t r = 0; r < R; ++r) acc += h[r] * B[r * N + n0];
+    out[n0] = acc;
+  }
+}
+
+// The LoRA passes' work below which one thread does it: waking the pool costs more than
+// a decode step's few adapted rows take (multiply-adds).
+constexpr int64_t kParallelLoRAWork = 1 << 18;
+
+// fn(begin, end) over [0, n): on the pool when the rows' adapters hold enough work
+// (adapted rows x R (K + N)), else on this thread.
+template <typename Fn>
+void LoRAFor(ffi::ThreadPool& pool, int64_t n, const int32_t* ids, int64_t per_row,
+             const Fn& fn) {
+  int64_t adapted = 0;
+  for (int64_t r = 0; r < n; ++r) adapted += ids[r] >= 0;
+  if (adapted == 0) return;
+  if (adapted * per_row < kParallelLoRAWork) {
+    fn(0, n);
+  } else {
+    ParallelFor(pool, n, fn);
+  }
+}
+
+ffi::Error RunExperts(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs,
+                      ffi::Buffer<ffi::S32>& start, ffi::Buffer<ffi::S32>& count,
+                      ffi::Buffer<ffi::F32>& w13, ffi::Buffer<ffi::F32>& w2,
+                      ffi::ResultBuffer<ffi::F32>& ys, const ExpertAdapters* lora) {
   const auto wd = w13.dimensions(), w2d = w2.dimensions();
   const int64_t n = xs.dimensions()[0], D = xs.dimensions()[1];
   if (wd.size() != 4 || w2d.size() != 4) {
@@ -279,7 +376,32 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   const float* x = xs.typed_data();
   float* y = ys->typed_data();
   std::fill(y, y + n * D, 0.0f);
-  std::vector<float> xT, hT;
+  std::vector<float> xT, hT, add, hs;
+  std::vector<int32_t> expert_of;
+  if (lora != nullptr) {
+    // Every row's (x A1) B1 and (x A3) B3 first, in one pass over the rows (a pass per
+    // expert would wake the thread pool twice as often as the experts' own work does).
+    expert_of.assign(n, -1);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = 0; r < count.typed_data()[e]; ++r) {
+        const int64_t row = start.typed_data()[e] + r;
+        if (row >= 0 && row < n) expert_of[row] = e;
+      }
+    add.assign(n * 2 * F, 0.0f);
+    hs.assign(n * lora->F, 0.0f);
+    const int64_t J = lora->J, Q = lora->R, Fq = lora->F;
+    LoRAFor(pool, n, lora->ids, 2 * Q * (D + Fq), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t j = lora->ids[r], e = expert_of[r];
+        if (j < 0 || j >= J || e < 0) continue;
+        const int64_t ej = e * J + j;
+        AddLowRank(x + r * D, D, lora->a1 + ej * D * Q, lora->b1 + ej * Q * Fq, Q, Fq,
+                   add.data() + r * 2 * F);
+        AddLowRank(x + r * D, D, lora->a3 + ej * D * Q, lora->b3 + ej * Q * Fq, Q, Fq,
+                   add.data() + r * 2 * F + F);
+      }
+    });
+  }
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r_begin = start.typed_data()[e], R = count.typed_data()[e];
     if (R <= 0) continue;  // an expert no row chose is never read
@@ -290,6 +412,7 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     hT.resize(F * R);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t d = 0; d < D; ++d) xT[d * R + r] = x[(r_begin + r) * D + d];
+    const float* adds = lora != nullptr ? add.data() + r_begin * 2 * F : nullptr;
     const float* w13_e = w13.typed_data() + e * F * D * 2;
     const float* w2_e = w2.typed_data() + e * F * D_panels * P;
     const bool split = V > 1 && R >= kSplitFrom;
@@ -299,7 +422,7 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
       for (int64_t j = begin; j < end; ++j)
         for (int64_t r0 = 0; r0 < R; r0 += rows) {
           const int64_t rt = std::min<int64_t>(rows, R - r0);
-          tiles[rt - 1](xT.data(), R, r0, D, w13_e + j * D * 2 * P, hT.data(), j * P);
+          tiles[rt - 1](xT.data(), R, r0, D, w13_e + j * D * 2 * P, hT.data(), j * P, adds, F);
         }
     });
     float* y_e = y + r_begin * D;
@@ -310,7 +433,87 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
           kDown[rt - 1](hT.data(), R, r0, F, w2_e + j * F * P, y_e, D, j * P);
         }
     });
+    if (lora != nullptr)  // the rows' h, for their (h A2) B2
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t f = 0; f < lora->F; ++f) hs[(r_begin + r) * lora->F + f] = hT[f * R + r];
   }
+  if (lora != nullptr) {  // every row's (h A2) B2, in one pass
+    const int64_t J = lora->J, Q = lora->R, Fq = lora->F;
+    LoRAFor(pool, n, lora->ids, Q * (Fq + D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t j = lora->ids[r], e = expert_of[r];
+        if (j < 0 || j >= J || e < 0) continue;
+        const int64_t ej = e * J + j;
+        AddLowRank(hs.data() + r * Fq, Fq, lora->a2 + ej * Fq * Q, lora->b2 + ej * Q * D, Q, D,
+                   y + r * D);
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::S32> start,
+                   ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> w13,
+                   ffi::Buffer<ffi::F32> w2, ffi::ResultBuffer<ffi::F32> ys) {
+  return RunExperts(pool, xs, start, count, w13, w2, ys, nullptr);
+}
+
+ffi::Error ExpertsLoRA(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                       ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> count,
+                       ffi::Buffer<ffi::F32> w13, ffi::Buffer<ffi::F32> w2,
+                       ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> a1,
+                       ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> a3,
+                       ffi::Buffer<ffi::F32> b3, ffi::Buffer<ffi::F32> a2,
+                       ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> ys) {
+  const auto ad = a1.dimensions(), a2d = a2.dimensions();
+  const int64_t n = xs.dimensions()[0], D = xs.dimensions()[1];
+  if (ad.size() != 4 || a2d.size() != 4) {
+    return ffi::Error::InvalidArgument("cpu_moe: the adapters' factors must be 4-D");
+  }
+  const int64_t E = ad[0], J = ad[1], R = ad[3], F = a2d[2];
+  const auto fits = [&](ffi::Buffer<ffi::F32>& b, std::array<int64_t, 4> shape) {
+    const auto d = b.dimensions();
+    return d.size() == 4 && d[0] == shape[0] && d[1] == shape[1] && d[2] == shape[2] &&
+           d[3] == shape[3];
+  };
+  if (ids.element_count() != n || ad[2] != D || R > kMaxRank || F > w13.dimensions()[1] * P ||
+      !fits(a3, {E, J, D, R}) || !fits(b1, {E, J, R, F}) || !fits(b3, {E, J, R, F}) ||
+      !fits(a2, {E, J, F, R}) || !fits(b2, {E, J, R, D})) {
+    return ffi::Error::InvalidArgument("cpu_moe: the adapters' shapes do not fit together");
+  }
+  // No row with an adapter: the plain experts' work, nothing more.
+  const int32_t* row_ids = ids.typed_data();
+  if (std::all_of(row_ids, row_ids + n, [](int32_t j) { return j < 0; })) {
+    return RunExperts(pool, xs, start, count, w13, w2, ys, nullptr);
+  }
+  const ExpertAdapters lora{ids.typed_data(), a1.typed_data(), b1.typed_data(), a3.typed_data(),
+                            b3.typed_data(),  a2.typed_data(), b2.typed_data(), J,
+                            R,                F};
+  return RunExperts(pool, xs, start, count, w13, w2, ys, &lora);
+}
+
+// y [n, N] = (x[r] A[ids[r]]) B[ids[r]] for each row (0 where ids[r] is -1): a bank of
+// LoRA adapters on a dense weight, A [J, K, R] and B [J, R, N] row-major (BGMV).
+ffi::Error LoRARows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::S32> ids,
+                    ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                    ffi::ResultBuffer<ffi::F32> ys) {
+  const auto ad = a.dimensions(), bd = b.dimensions();
+  const int64_t n = xs.dimensions()[0], K = xs.dimensions()[1], N = ys->dimensions()[1];
+  if (ad.size() != 3 || bd.size() != 3 || ad[1] != K || bd[0] != ad[0] || bd[1] != ad[2] ||
+      bd[2] != N || ad[2] > kMaxRank || ids.element_count() != n) {
+    return ffi::Error::InvalidArgument("cpu_moe: LoRA operand shapes do not fit together");
+  }
+  const int64_t J = ad[0], R = ad[2];
+  float* y = ys->typed_data();
+  std::fill(y, y + n * N, 0.0f);
+  LoRAFor(pool, n, ids.typed_data(), R * (K + N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t j = ids.typed_data()[r];
+      if (j < 0 || j >= J) continue;
+      AddLowRank(xs.typed_data() + r * K, K, a.typed_data() + j * K * R,
+                 b.typed_data() + j * R * N, R, N, y + r * N);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -473,6 +676,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoE, Experts,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoELoRA, ExpertsLoRA,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // start
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w13
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a3
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b3
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuLoRARows, LoRARows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
