@@ -13,6 +13,7 @@ from configs import tiny
 from mixtral_jax import Mixtral, ModelConfig
 from mixtral_jax.backends.cpu import kernels
 from mixtral_jax.backends.cpu.decode import per_layer, unstacked
+from mixtral_jax.checkpoints.adapters import load_bank
 from mixtral_jax.model.config import ConfigError
 from mixtral_jax.model.kv_cache import init_cache
 from mixtral_jax.model.layers import Adapter, LoRAParam
@@ -190,7 +191,7 @@ def saved_adapters(base, tmp_path_factory):
 
 def test_a_bank_applies_each_rows_own_adapter(base, saved_adapters):
     dirs, models = saved_adapters
-    bank = lora.load_bank(base, dirs)
+    bank = load_bank(base, dirs)
     c = bank.config
     assert (c.lora_bank, c.lora_rank, set(c.lora_targets)) == (3, 4, set(ALL))
     assert bank.layers.moe.experts.w1_lora.a.shape == (2, 8, 3, 48, 4)  # [L, E, J, D, R]
@@ -233,10 +234,10 @@ def test_a_bank_applies_each_rows_own_adapter(base, saved_adapters):
 def test_bad_banks_are_named(base, saved_adapters, tmp_path):
     dirs, models = saved_adapters
     with pytest.raises(ValueError, match="at least one adapter"):
-        lora.load_bank(base, {})
+        load_bank(base, {})
     with pytest.raises(ValueError, match="holds no adapters"):
-        lora.load_bank(base, {"x": tmp_path})
+        load_bank(base, {"x": tmp_path})
     with pytest.raises(ValueError, match="already has LoRA"):
-        lora.load_bank(models["adapter0"], dirs)
+        load_bank(models["adapter0"], dirs)
     with pytest.raises(ValueError, match="this model has none"):
         base.forward(jnp.zeros((1, 3), jnp.int32), adapter_ids=jnp.zeros((1,), jnp.int32))

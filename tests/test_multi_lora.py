@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax
+from mixtral_jax.checkpoints.adapters import load_bank
 from mixtral_jax.inference.engine import Engine
 from mixtral_jax.inference.generate import generate_tokens
 from mixtral_jax.inference.requests import Request, RequestError
@@ -17,6 +18,7 @@ from mixtral_jax.inference.serve_cli import lora_flags
 from mixtral_jax.inference.server import create_app
 from mixtral_jax.model.layers import LoRAParam
 from mixtral_jax.training import lora
+from tests import run_script
 from tests.serving import NAME, openai_client, running_server
 
 # Adapters of different ranks, alphas and targets, as different fine-tuning runs make.
@@ -60,7 +62,7 @@ def adapters(base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(base, adapters):
-    bank = lora.load_bank(base, adapters[0])
+    bank = load_bank(base, adapters[0])
     # A paged cache with prefix caching: equal prompts under different adapters must not
     # share their blocks.
     engine = Engine(bank, max_batch=4, max_len=128, prefill_chunk=32, block_size=16)
@@ -172,3 +174,56 @@ def test_bad_lora_flags_and_names_are_named(engine, embedded_tokenizer):
     with pytest.raises(ValueError, match="must differ"):
         create_app(engine, embedded_tokenizer, NAME, adapters=["a", "b", "a"])
     np.testing.assert_equal(engine.model.config.lora_bank, 3)
+
+
+MESH_SCRIPT = """
+import json, sys, tempfile
+import jax
+import numpy as np
+from flax import nnx
+from configs import tiny
+from mixtral_jax import Mixtral, ModelConfig
+from mixtral_jax.checkpoints.adapters import load_bank
+from mixtral_jax.inference.engine import Engine
+from mixtral_jax.inference.requests import Request
+from mixtral_jax.model.layers import LoRAParam
+from mixtral_jax.parallel.mesh import make_mesh
+from mixtral_jax.parallel.placement import shard_model
+from mixtral_jax.training import lora
+
+config = ModelConfig.from_dict(tiny.get_config())
+root = tempfile.mkdtemp()
+dirs = {}
+for i in range(2):
+    adapted = lora.add_adapters(Mixtral(config, rngs=nnx.Rngs(4)), rank=4, alpha=8.0,
+                                targets=("q_proj", "v_proj", "w1", "w2", "w3"), seed=i)
+    leaves, tree = jax.tree.flatten(nnx.state(adapted, LoRAParam))
+    keys = jax.random.split(jax.random.key(i), len(leaves))
+    nnx.update(adapted, jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    lora.save_adapters(adapted, f"{root}/{i}")
+    dirs[str(i)] = f"{root}/{i}"
+rs = np.random.RandomState(9)
+prompts = [rs.randint(3, config.vocab_size, rs.randint(1, 40)).tolist() for _ in range(9)]
+prompts[1] = prompts[2] = prompts[0]  # under the base and each adapter
+out = {}
+for name, mesh in (("one", None), ("mesh", make_mesh(data=2, fsdp=1, tensor=2, expert=2))):
+    model = Mixtral(config, rngs=nnx.Rngs(4))
+    bank = load_bank(model, dirs)
+    if mesh is not None:
+        shard_model(bank, mesh)
+    engine = Engine(bank, max_batch=4, max_len=64, prefill_chunk=16, mesh=mesh)
+    tokens = {}
+    for i, p in enumerate(prompts):
+        sink = lambda o, i=i: tokens.setdefault(i, []).extend(o.tokens)
+        engine.submit(Request(p, 10, adapter=(None, 0, 1)[i % 3], on_output=sink))
+    engine.run_until_idle()
+    out[name] = [tokens[i] for i in range(len(prompts))]
+print(json.dumps(out))
+"""
+
+
+def test_a_bank_on_a_mesh_gives_the_unsharded_tokens():
+    out = run_script(MESH_SCRIPT)
+    assert out["mesh"] == out["one"]
+    assert len({tuple(t) for t in out["one"][:3]}) == 3  # base and two adapters differ

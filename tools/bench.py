@@ -684,6 +684,7 @@ def _bench_multi_lora() -> None:
     merged into the base, on the embedded model (float32 weights: the merged model is
     then the bank's adapter 0 exactly, which the tokens check). The adapters are
     configs/finetune_lora.py's: rank 16, alpha 32, on attention and experts."""
+    from mixtral_jax.checkpoints.adapters import load_bank
     from mixtral_jax.checkpoints.load import EMBEDDED, load
     from mixtral_jax.model.layers import LoRAParam
     from mixtral_jax.training import lora
@@ -717,7 +718,7 @@ def _bench_multi_lora() -> None:
             dirs[str(i)] = f"{tmp}/{i}"
             if i == 0:
                 merged = lora.merge(adapted)
-        bank = lora.load_bank(base, dirs)
+        bank = load_bank(base, dirs)
     turns = [i % LORA_ADAPTERS for i in range(len(prompts))]
     for batch in LORA_BATCHES:
         engines = {

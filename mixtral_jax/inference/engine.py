@@ -19,7 +19,10 @@ runs every slot, idle ones masked (never written, never routed). After `warmup`,
 requests coming and going compile nothing. Each request samples with its own
 parameters and its own key (`sampling.sample_rows`), and its greedy tokens are
 those `generate` gives it alone; a request with a `constraint` (a grammar's,
-`grammar.Constraint`) draws, in the same steps, only the tokens it allows. The decode
+`grammar.Constraint`) draws, in the same steps, only the tokens it allows. With a bank of
+LoRA adapters in the model (`checkpoints.adapters.load_bank`), each request applies its own
+(`Request.adapter`) in the same calls as the others, and the prefix cache keeps each
+adapter's blocks apart. The decode
 step runs on the backend `backends.for_decode` chooses, and the prefill reads the
 weights it gives (`Decode.prefill`), as `generate`'s do; the SMoE never drops a token.
 

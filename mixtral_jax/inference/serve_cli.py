@@ -23,10 +23,11 @@ import jax
 
 from mixtral_jax import cli
 from mixtral_jax.backends.cpu.kernels import default_cache_dir
+from mixtral_jax.checkpoints.adapters import load_bank
 from mixtral_jax.checkpoints.load import EMBEDDED, load, load_tokenizer
 from mixtral_jax.inference.engine import KV_DTYPES, PREFILL_CHUNK, PREFILL_ROWS, Engine
 from mixtral_jax.parallel.mesh import make_mesh, parse_mesh
-from mixtral_jax.training.lora import load_bank
+from mixtral_jax.parallel.placement import shard_model
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,6 +180,8 @@ def _serve(args: argparse.Namespace) -> None:
     adapters = lora_flags(args.lora, name)
     if adapters:
         model = load_bank(model, adapters)
+        if mesh is not None:  # the bank's factors where the rules put them
+            shard_model(model, mesh)
     tokenizer = load_tokenizer(args.tokenizer or checkpoint)
     max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
     engine = Engine(

@@ -4,7 +4,7 @@
     GET  /v1/models, /health, /metrics            (metrics: Prometheus text)
 
 `create_app(engine, tokenizer, name)` builds the app; with a bank of LoRA adapters in
-the engine's model (`training.lora.load_bank`), `adapters=` names them, each served as
+the engine's model (`checkpoints.adapters.load_bank`), `adapters=` names them, each served as
 a model of its own (a request's `model` picks it). The engine steps on a thread
 of its own from startup to shutdown. A request becomes one engine request per
 prompt, whose outputs come back through an asyncio queue; text, stop strings and

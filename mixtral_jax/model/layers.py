@@ -68,7 +68,7 @@ class Adapter(nnx.Module):
     a bank axis J after W's shared axes: A [J, D, R], B [J, R, N, H]; the experts'
     A [E, J, D, R], B [E, J, R, F]. Each token then applies its own (`select`: its index,
     or one-hot weights; the adapters' scales are folded into their B when the bank is
-    built: `training.lora.load_bank`): every adapter's
+    built: `checkpoints.adapters.load_bank`): every adapter's
     (x A_j) is computed and all but the token's are multiplied by zero, an extra
     J R (X + Y) of work per token for an [X, Y] weight, small beside X Y while J R is
     small beside X and Y (Punica's and S-LoRA's kernels gather each row's factors

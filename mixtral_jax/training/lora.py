@@ -10,8 +10,8 @@ may be quantized (QLoRA, `config.quantization`): it stays frozen as integers and
 scales while the adapters train in float32, and merges into float weights.
 `save_adapters` writes the adapters alone (megabytes, where a merged export is the
 whole model) and `load_adapters` puts them back on a base of the same architecture.
-`load_bank` puts several side by side on one base, for serving them at once: each row
-of a call then applies its own (`Mixtral.forward`'s `adapter_ids`).
+Their files are read by `checkpoints.adapters`, whose `load_bank` puts several side by
+side on one base, for serving them at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import functools
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -29,7 +29,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mixtral_jax.model.config import ARCHITECTURE_FIELDS, LORA_TARGETS, ModelConfig
+from mixtral_jax.checkpoints.adapters import ADAPTER_CONFIG, ADAPTER_FACTORS, read_adapters
+from mixtral_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
 from mixtral_jax.model.layers import LoRAParam
 from mixtral_jax.model.mixtral import Mixtral, with_config
 from mixtral_jax.params import flat_params, set_params
@@ -101,10 +102,6 @@ def adapter_paths(model: Mixtral) -> list[tuple[str, ...]]:
     return sorted(paths)
 
 
-# What save_adapters writes: the adapters' settings and base, and their factors by path.
-ADAPTER_CONFIG, ADAPTER_FACTORS = "adapter_config.json", "adapters.npz"
-
-
 def save_adapters(model: Mixtral, directory: str | Path) -> None:
     """The model's adapters alone in `directory`: their factors A and B by path, and
     their rank, alpha, targets and base architecture (`load_adapters` checks it). Every
@@ -158,72 +155,3 @@ def load_adapters(model: Mixtral, directory: str | Path) -> Mixtral:
         )
     set_params(adapted, {p: jnp.asarray(v, expected[p].dtype) for p, v in factors.items()})
     return adapted
-
-
-def read_adapters(base: ModelConfig, directory: str | Path) -> tuple[dict, dict]:
-    """The settings and factors (by path) `save_adapters` wrote to `directory`, checked
-    against the `base` they are for: ValueError names what does not fit."""
-    directory = Path(directory)
-    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_FACTORS).is_file():
-        raise ValueError(
-            f"{directory} holds no adapters (it needs {ADAPTER_CONFIG} and "
-            f"{ADAPTER_FACTORS}, as a LoRA run writes to its workdir's adapters/)"
-        )
-    settings = json.loads((directory / ADAPTER_CONFIG).read_text())
-    for name, value in settings["base"].items():
-        if getattr(base, name) != value:
-            raise ValueError(
-                f"the adapters in {directory} were trained on a base with {name}={value}; "
-                f"this model has {getattr(base, name)}: load its own base"
-            )
-    with np.load(directory / ADAPTER_FACTORS) as stored:
-        factors = {tuple(key.split("/")): stored[key] for key in stored.files}
-    return settings, factors
-
-
-def load_bank(model: Mixtral, adapters: Mapping[str, str | Path]) -> Mixtral:
-    """`model` (a base without adapters; its weights shared, not copied) with every
-    adapter of `adapters` (name -> a directory `save_adapters` wrote) side by side in one
-    bank (`config.lora_bank`, in the mapping's order): a call's row applies the adapter
-    `adapter_ids` gives it, as `load_adapters(model, directory)` would compute alone.
-
-    Adapters may differ in rank, alpha and targets: the bank's rank is the largest
-    (smaller ones padded with zeros, which add nothing), its targets all of theirs (an
-    adapter's missing ones zeros), and each adapter's alpha / r is folded into its B."""
-    if model.config.lora_rank:
-        raise ValueError("the model already has LoRA adapters; load a bank on its base")
-    if not adapters:
-        raise ValueError("a bank needs at least one adapter")
-    read = [(d, *read_adapters(model.config, d)) for d in adapters.values()]
-    rank = max(settings["rank"] for _, settings, _ in read)
-    targets = {t for _, settings, _ in read for t in settings["targets"]}
-    config = model.config.replace(
-        lora_rank=rank,
-        lora_targets=tuple(t for t in LORA_TARGETS if t in targets),
-        lora_bank=len(read),
-    )
-    banked = with_config(model, config)
-    bank = {}
-    for path, value in flat_params(nnx.state(banked, LoRAParam)).items():
-        # [L, shared..., J, ...]: the layers axis, the weight's shared axes, the bank's.
-        axis = 1 + functools.reduce(getattr, path[:-1], banked).shared_axes
-        one_shape = value.shape[:axis] + value.shape[axis + 1 :]
-        rank_axis = len(one_shape) - 1 if path[-1] == "a" else axis  # A ends in R; B: [.., R, ..]
-        factors = []
-        for directory, settings, stored in read:
-            one = stored.get(path, np.zeros(one_shape, np.float32))  # zeros: not a target
-            if path[-1] == "b" and path in stored:
-                one = one * (settings["alpha"] / settings["rank"])
-            if one.ndim == len(one_shape) and one.shape[rank_axis] <= rank:
-                padding = [(0, 0)] * one.ndim
-                padding[rank_axis] = (0, rank - one.shape[rank_axis])
-                one = np.pad(one, padding)
-            if one.shape != one_shape:
-                raise ValueError(
-                    f"{directory}/{ADAPTER_FACTORS} holds {'/'.join(path)} of shape "
-                    f"{one.shape}, not the {one_shape} its config names"
-                )
-            factors.append(one)
-        bank[path] = jnp.asarray(np.stack(factors, axis=axis), value.dtype)
-    set_params(banked, bank)
-    return banked
