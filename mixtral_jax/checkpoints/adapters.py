@@ -80,8 +80,10 @@ def load_bank(model: Mixtral, adapters: Mapping[str, str | Path]) -> Mixtral:
         rank_axis = len(one_shape) - 1 if path[-1] == "a" else axis  # A ends in R; B: [.., R, ..]
         factors = []
         for directory, settings, stored in read:
-            one = stored.get(path, np.zeros(one_shape, np.float32))  # zeros: not a target
-            if path[-1] == "b" and path in stored:
+            one = stored.get(path)
+            if one is None:  # a weight this adapter leaves alone
+                one = np.zeros(one_shape, np.float32)
+            elif path[-1] == "b":
                 one = one * (settings["alpha"] / settings["rank"])
             if one.ndim == len(one_shape) and one.shape[rank_axis] <= rank:
                 padding = [(0, 0)] * one.ndim

@@ -91,8 +91,9 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
     # Serving many adapters at once (layers.Adapter): each adapted weight holds a bank of
-    # this many adapters side by side, and every token applies its own (its row's), with
-    # its own scale. 0: one adapter per weight, scaled by lora_alpha / lora_rank.
+    # this many adapters side by side, each with its alpha / r folded into its B, and every
+    # token applies its own (its row's). 0: one adapter per weight, scaled by
+    # lora_alpha / lora_rank.
     lora_bank: int = 0
     # Weight-only quantization of LORA_TARGETS' weights (quantized.py): None, "int8" or
     # "int4"; int4 takes one scale per `quant_group_size` consecutive inputs.

@@ -85,7 +85,7 @@ def with_kernels(model: Mixtral, plain: Unstacked) -> Unstacked:
     """`plain` (`unstacked(model, pack=False)`) with the kernels' packed copies where
     they apply: the experts, the attention projections, the LM head."""
     # Packed in this order, each judged against the memory left by the ones before.
-    experts = _packed_experts(model, plain) or plain.experts
+    experts = _packed_experts(model) or plain.experts
     lm_head = kernels.packed_lm_head(model.config, model.lm_head[...])
     return Unstacked(plain.layers, experts, _packed_attention(model), lm_head)
 
@@ -108,41 +108,31 @@ def per_layer(cache: KVCache) -> KVCache:
     )
 
 
-def _packed_experts(model: Mixtral, plain: Unstacked) -> tuple | None:
+def _packed_experts(model: Mixtral) -> tuple | None:
     """Every layer's experts packed for the experts' kernel where it applies, with their
     bank of adapters where they have one (`kernels.PackedExpertsLoRA`), else None."""
     experts = model.layers.moe.experts
     if not isinstance(experts.w1, nnx.Param):  # quantized
         return None
     weights = experts.w1[...], experts.w2[...], experts.w3[...]
-    bank = _expert_bank(plain) if experts.adapted else None
-    if experts.adapted and (bank is None or model.config.lora_rank > kernels.MAX_LORA_RANK):
+    if not experts.adapted:
+        return kernels.packed_experts(model.config, *weights)
+    # The kernel applies a bank on all of w1, w2 and w3 (a single adapter: XLA's matmuls).
+    adapters = [getattr(experts, f"{name}_lora") for name in ("w1", "w3", "w2")]
+    if not (
+        model.config.lora_bank and all(adapters) and model.config.lora_rank <= kernels.MAX_LORA_RANK
+    ):
         return None
-    packed = kernels.packed_experts(model.config, *weights, banked=bank is not None)
-    if packed is None or bank is None:
-        return packed
+    packed = kernels.packed_experts(model.config, *weights, banked=True)
+    if packed is None:
+        return None
+    # Each layer's a1, b1, a3, b3, a2, b2 [E, J, ...], as the kernel takes them (a copy of
+    # the factors only).
+    factors = [part[...] for adapter in adapters for part in (adapter.a, adapter.b)]
     return tuple(
-        kernels.PackedExpertsLoRA(p.w13, p.w2, f) for p, f in zip(packed, bank, strict=True)
+        kernels.PackedExpertsLoRA(p.w13, p.w2, tuple(f[layer] for f in factors))
+        for layer, p in enumerate(packed)
     )
-
-
-def _expert_bank(plain: Unstacked) -> list[tuple[jax.Array, ...]] | None:
-    """Each layer's experts' bank of adapters as the kernel takes it: a1, b1, a3, b3, a2,
-    b2 [E, J, ...], stacked from the expert buffers' views (a copy of the factors only);
-    None unless w1, w2 and w3 all hold a bank."""
-    layers = []
-    for buffers in plain.experts:
-        w1, w2, w3 = zip(*buffers.experts, strict=True)  # each: one ExpertWeight per expert
-        if any(w.a is None or w.a.ndim != 3 for w in (*w1, *w2, *w3)):
-            return None
-        layers.append(
-            tuple(
-                jnp.stack([getattr(w, part) for w in ws])
-                for ws in (w1, w3, w2)
-                for part in ("a", "b")
-            )
-        )
-    return layers
 
 
 def _packed_attention(model: Mixtral) -> tuple[kernels.PackedAttention, ...] | None:
@@ -174,11 +164,11 @@ def _rows_bank(adapter: layers.Adapter | None, layer: int) -> kernels.LoRARows |
     scale folded into b)."""
     if adapter is None:
         return None
-    a, b = adapter.a[...][layer], adapter.b[...][layer]
+    a, b = (f[...][layer].astype(jnp.float32) for f in (adapter.a, adapter.b))
     if not adapter.bank:
         a, b = a[None], b[None] * adapter.scale
     J, R = a.shape[0], a.shape[-1]
-    return kernels.LoRARows(a.reshape(J, -1, R).astype(jnp.float32), b.reshape(J, R, -1))
+    return kernels.LoRARows(a.reshape(J, -1, R), b.reshape(J, R, -1))
 
 
 def _qkv_bank(adapters: list, widths: list[int], layer: int) -> kernels.LoRARows | None:
@@ -195,7 +185,7 @@ def _qkv_bank(adapters: list, widths: list[int], layer: int) -> kernels.LoRARows
             continue
         a_parts.append(bank.a)
         before, after = sum(widths[:i]), sum(widths[i + 1 :])
-        b_rows.append(jnp.pad(bank.b.astype(jnp.float32), ((0, 0), (0, 0), (before, after))))
+        b_rows.append(jnp.pad(bank.b, ((0, 0), (0, 0), (before, after))))
     return kernels.LoRARows(jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_rows, axis=1))
 
 

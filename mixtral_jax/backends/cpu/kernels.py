@@ -61,9 +61,9 @@ ATTEND_INT8_TARGET = "mixtral_jax_cpu_attend_int8"
 MAX_MEAN_ROWS = 16
 # The packed copy may take at most this fraction of the memory available when made.
 MAX_FREE_FRACTION = 0.5
-# The largest LoRA rank the kernels take (csrc/cpu_moe.cc's kMaxRank, a row's x A on the
-# stack, holds q's, k's and v's side by side).
-MAX_LORA_RANK = 256  # q's, k's and v's side by side: 3 x 256 <= kMaxRank
+# The largest LoRA rank the kernels take: a row's x A lives on the stack, in
+# csrc/cpu_moe.cc's kMaxRank floats, which hold q's, k's and v's side by side (3 x 256).
+MAX_LORA_RANK = 256
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -356,8 +356,9 @@ def supports(
     """Whether the kernels compute with these weights as the model would: float32
     activations, float weights (the model casts bfloat16 ones to float32 before its
     matmuls, and the packing does the same, exactly), and for the weights `names`
-    no quantization, and no adapters unless the model adds their terms `beside_adapters`
-    the kernel's (the attention projections'; the experts' kernel fuses its SwiGLU)."""
+    no quantization, and no adapters unless their terms are added `beside_adapters` the
+    kernel's (the attention projections', by `PackedAttention`; the experts' kernel
+    fuses its SwiGLU, and only `PackedExpertsLoRA` applies a bank inside it)."""
     return (
         config.compute_dtype == jnp.float32
         and isinstance(w, jax.Array)
@@ -421,7 +422,7 @@ def packed_attention(
     o [L, N, H, D] packed for `dense` (made once), if the kernel applies (`supports`),
     the copy fits and the kernel builds; else None."""
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if not supports(config, q, names, beside_adapters=True):  # `Attention` adds them
+    if not supports(config, q, names, beside_adapters=True):  # `PackedAttention.adapters`
         return None
     L, D = q.shape[:2]
     width = qkv_width(q, k, v)
