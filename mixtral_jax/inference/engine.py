@@ -49,7 +49,14 @@ from flax import nnx
 from mixtral_jax import backends
 from mixtral_jax.inference.blocks import BlockPool
 from mixtral_jax.inference.cache import empty_cache
-from mixtral_jax.inference.generate import StaticGraph, merge, mesh_rules_of, rules_context
+from mixtral_jax.inference.generate import (
+    Frozen,
+    Static,
+    merge,
+    mesh_rules_of,
+    rules_context,
+    thaw,
+)
 from mixtral_jax.inference.grammar import fill_masks, free_masks
 from mixtral_jax.inference.requests import (
     MAX_TOP_LOGPROBS,
@@ -151,7 +158,7 @@ def _forward_chunks(
             cache=cache,
             chunk=True,
             logits_at=logits_at,
-            unstacked=unstacked,
+            unstacked=thaw(unstacked),
             adapter_ids=adapter_ids,
         )
 
@@ -230,7 +237,7 @@ def _decode(
             positions[:, None],
             active.astype(jnp.int32)[:, None],
             cache=cache,
-            unstacked=unstacked,
+            unstacked=thaw(unstacked),
             adapter_ids=adapter_ids,
         )
     logits = out.logits[:, 0]
@@ -365,8 +372,9 @@ class Engine:
         elif kv_blocks is not None:
             raise ValueError("kv_blocks sizes a paged cache: give block_size too")
         self.scheduler = Scheduler(max_batch, prefill_chunk, prefill_rows, max_queue, pool)
-        graphdef, self._params = nnx.split(model)
-        self._graphdef = StaticGraph(graphdef)
+        graphdef, params = nnx.split(model)
+        # The weights go to every step unchanged: flattened once (`Frozen`).
+        self._graphdef, self._params = Static.of(graphdef), Frozen.of(params)
         self._mesh_rules = mesh_rules_of(mesh, rules)
         self._backend = backends.for_decode(model, max_batch, mesh)
         self._decode_fn = jitted_decode(self._backend.compiler_options)
@@ -374,7 +382,8 @@ class Engine:
         if speculate_rows is None:
             speculate_rows = SPECULATE_ROWS_CPU if backends.on_cpu(model) else max_batch
         self.speculate_rows = speculate_rows
-        self._prefill_weights = self._backend.prefill()
+        self._prefill_weights = Frozen.of(self._backend.prefill())
+        self._unstacked = Frozen.of(self._backend.unstacked)
         self._new_cache = functools.partial(
             empty_cache, c, max_batch, max_len, mesh, rules, kv_dtype, prefill_chunk, paged
         )
@@ -767,7 +776,7 @@ class Engine:
             self._row_sampling(decoding, self.max_batch),
             self._mesh_rules,
             with_logprobs,
-            self._backend.unstacked,
+            self._unstacked,
             self._adapter_ids(decoding, self.max_batch),
         )
 

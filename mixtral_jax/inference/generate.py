@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -65,28 +66,76 @@ def rules_context(mesh_rules):
 _STATIC = ("graphdef", "sampling", "mesh_rules")
 
 
-class StaticGraph:
-    """A model's graph (nnx.GraphDef) as a jitted step's static argument, hashed once.
-    A jitted call hashes its static arguments, and nnx hashes a GraphDef by walking it:
-    tens of microseconds on every step, a tenth of a small model's decode step on a CPU."""
+class Static:
+    """A jitted step's static argument (a model's nnx.GraphDef, a pytree's structure),
+    hashed once. A jitted call hashes its static arguments, and nnx hashes a GraphDef by
+    walking it: tens of microseconds on every step, a tenth of a small model's decode
+    step on a CPU. Equal values share one Static (`Static.of`): a jitted call that finds
+    an equal value in its cache compares the two, and comparing two GraphDefs walks
+    both, hundreds of microseconds for a model with a bank of adapters."""
 
-    __slots__ = ("graphdef", "_hash")
+    __slots__ = ("value", "_hash", "__weakref__")
+    _interned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
-    def __init__(self, graphdef):
-        self.graphdef, self._hash = graphdef, hash(graphdef)
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    @classmethod
+    def of(cls, value) -> Static:
+        """The Static of `value`, the one already made for an equal value if any."""
+        interned = cls._interned.get(value)
+        if interned is None:
+            interned = cls._interned[value] = cls(value)
+        return interned
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, StaticGraph) and (
-            other.graphdef is self.graphdef or other.graphdef == self.graphdef
+        return isinstance(other, Static) and (
+            other.value is self.value or other.value == self.value
         )
 
 
+@jax.tree_util.register_pytree_node_class
+class Frozen:
+    """A pytree that a jitted step takes on every call unchanged (a model's weights, their
+    per-layer views), flattened once. A jitted call flattens its arguments on every call,
+    and nnx flattens each of its Variables in Python: tens of microseconds a step for a
+    small model, more with a bank of adapters, a good part of a CPU decode step. A Frozen
+    flattens to its leaves, with its structure as a `Static`; `thaw` gives the pytree
+    back."""
+
+    __slots__ = ("leaves", "structure")
+
+    def __init__(self, leaves: tuple, structure: Static):
+        self.leaves, self.structure = leaves, structure
+
+    @classmethod
+    def of(cls, tree) -> Frozen:
+        leaves, treedef = jax.tree.flatten(tree)
+        return cls(tuple(leaves), Static.of(treedef))
+
+    def tree_flatten(self):
+        return self.leaves, self.structure
+
+    @classmethod
+    def tree_unflatten(cls, structure: Static, leaves) -> Frozen:
+        return cls(tuple(leaves), structure)
+
+
+def thaw(tree):
+    """`tree` itself, or the pytree a `Frozen` holds."""
+    return (
+        jax.tree.unflatten(tree.structure.value, tree.leaves) if isinstance(tree, Frozen) else tree
+    )
+
+
 def merge(graphdef, params):
-    """The model from its graph (a GraphDef, or a `StaticGraph` holding one) and state."""
-    return nnx.merge(graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef, params)
+    """The model from its graph (a GraphDef, or a `Static` holding one) and state (or a
+    `Frozen` holding it)."""
+    graphdef = graphdef.value if isinstance(graphdef, Static) else graphdef
+    return nnx.merge(graphdef, thaw(params))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -114,7 +163,7 @@ def prefill_step(
             segment_ids,
             cache=cache,
             logits_at=lengths - 1,
-            unstacked=unstacked,
+            unstacked=thaw(unstacked),
         )
     return sample(out.logits[:, 0], key, sampling), out.cache
 
@@ -134,7 +183,9 @@ def _decode(
     in buffers of their own (a backend's, `backends.for_decode`)."""
     model = merge(graphdef, params)
     with rules_context(mesh_rules):
-        out = model.forward(tokens[:, None], positions[:, None], cache=cache, unstacked=unstacked)
+        out = model.forward(
+            tokens[:, None], positions[:, None], cache=cache, unstacked=thaw(unstacked)
+        )
     return sample(out.logits[:, 0], key, sampling), out.cache
 
 
@@ -195,9 +246,10 @@ def generate_tokens(
         tokens[row, : len(prompt)] = prompt
 
     graphdef, params = nnx.split(model)
-    graphdef = StaticGraph(graphdef)
+    graphdef, params = Static.of(graphdef), Frozen.of(params)
     decode = backends.for_decode(model, B, mesh)
     step_fn = jitted_decode(decode.compiler_options)
+    unstacked = Frozen.of(decode.unstacked)
     cache = empty_cache(c, B, T + max_new_tokens, mesh, rules)
     keys = iter(jax.random.split(jax.random.key(seed), max_new_tokens))
     start = time.perf_counter()
@@ -232,7 +284,7 @@ def generate_tokens(
                 next(keys),
                 sampling,
                 mesh_rules,
-                decode.unstacked,
+                unstacked,
             )
         ids = np.asarray(current)
         marks.append(time.perf_counter())
