@@ -108,6 +108,74 @@ def test_dense_kernel_equals_a_matmul(K, N, variant):
         jax.block_until_ready(dense(x, packed, N + 16))
 
 
+@pytest.mark.parametrize("rows", [7, 300], ids=["one-thread", "thread-pool"])
+def test_lora_rows_kernel_applies_each_rows_adapter_on_its_segments(rows, variant):
+    """A bank of 3 adapters on 3 column segments (q's, k's and v's, with columns between
+    and after them in no segment): each row gets (x A) B of its own adapter in each
+    segment, zeros elsewhere and for rows of no adapter (-1), with rows of one adapter
+    scattered over the batch; 300 rows hold enough work for the thread pool. Segments that
+    do not fit the factors are refused."""
+    rng = np.random.RandomState(0)
+    J, K, R, N = 3, 40, 5, 60
+    columns = ((0, 24), (30, 39), (40, 49))
+    a = rng.randn(J, K, 3 * R).astype(np.float32)
+    b = rng.randn(J, R, 24 + 9 + 9).astype(np.float32)
+    x = rng.randn(rows, K).astype(np.float32)
+    ids = rng.randint(-1, J, rows).astype(np.int32)
+    call = functools.partial(kernels.lora_rows, variant=variant)
+    got = np.asarray(jax.jit(call, static_argnums=(4, 5))(x, ids, a, b, columns, N))
+    want = np.zeros((rows, N))
+    for r, j in enumerate(ids):
+        if j < 0:
+            continue
+        offset = 0
+        for s, (begin, end) in enumerate(columns):
+            h = x[r].astype(np.float64) @ a[j][:, s * R : (s + 1) * R]
+            want[r, begin:end] = h @ b[j][:, offset : offset + end - begin]
+            offset += end - begin
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * abs(want).max())
+    assert np.all(got[ids < 0] == 0) and np.all(got[:, 49:] == 0)
+    with pytest.raises(Exception, match="the LoRA segments' widths are not B's"):
+        jax.block_until_ready(call(x, ids, a, b, ((0, 24), (30, 39), (40, 48)), N))
+
+
+def test_experts_lora_kernel_applies_each_rows_adapter_of_its_expert(variant):
+    """300 rows over 4 experts and a bank of 3 adapters (and none), rows of one (expert,
+    adapter) scattered among an expert's rows, enough work for the thread pool: each row
+    goes through its expert with its own adapter on w1, w3 and w2, as the merged weights
+    would compute it; rows of no expert come out 0."""
+    rng = np.random.RandomState(1)
+    E, J, D, F, R = 4, 3, 48, 40, 4
+    w1, w3 = rng.randn(2, 1, E, D, F).astype(np.float32) * 0.3
+    w2 = rng.randn(1, E, F, D).astype(np.float32) * 0.3
+    a1, a3 = rng.randn(2, E, J, D, R).astype(np.float32) * 0.3
+    b1, b3 = rng.randn(2, E, J, R, F).astype(np.float32) * 0.3
+    a2 = rng.randn(E, J, F, R).astype(np.float32) * 0.3
+    b2 = rng.randn(E, J, R, D).astype(np.float32) * 0.3
+    count = np.array([90, 0, 130, 76], np.int32)
+    start = (np.cumsum(count) - count).astype(np.int32)
+    n = int(count.sum()) + 4
+    xs = rng.randn(n, D).astype(np.float32)
+    ids = rng.randint(-1, J, n).astype(np.int32)
+    packed = kernels.pack(w1, w2, w3, jnp.int32(0))
+    bank = kernels.PackedExpertsLoRA(packed.w13, packed.w2, (a1, b1, a3, b3, a2, b2))
+    call = jax.jit(functools.partial(kernels.experts_lora, variant=variant))
+    ys = np.asarray(call(xs, start, count, bank, ids))
+    want = np.zeros_like(ys)
+    for e in range(E):
+        for r in range(start[e], start[e] + count[e]):
+            j = ids[r]
+            merged = [w[0][e].astype(np.float64) for w in (w1, w3, w2)]
+            if j >= 0:
+                for i, (a, b) in enumerate(((a1, b1), (a3, b3), (a2, b2))):
+                    merged[i] = merged[i] + a[e, j].astype(np.float64) @ b[e, j]
+            x = xs[r].astype(np.float64)
+            gate, up = x @ merged[0], x @ merged[1]
+            want[r] = (gate / (1 + np.exp(-gate)) * up) @ merged[2]
+    np.testing.assert_allclose(ys, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    assert np.all(ys[count.sum() :] == 0)
+
+
 @pytest.mark.parametrize("stored", ["float32", "int8"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("H, window", [(128, None), (40, 5)], ids=["causal", "window-tail"])

@@ -168,25 +168,22 @@ def _rows_bank(adapter: layers.Adapter | None, layer: int) -> kernels.LoRARows |
     if not adapter.bank:
         a, b = a[None], b[None] * adapter.scale
     J, R = a.shape[0], a.shape[-1]
-    return kernels.LoRARows(a.reshape(J, -1, R), b.reshape(J, R, -1))
+    b = b.reshape(J, R, -1)
+    return kernels.LoRARows(a.reshape(J, -1, R), b, ((0, b.shape[-1]),), b.shape[-1])
 
 
 def _qkv_bank(adapters: list, widths: list[int], layer: int) -> kernels.LoRARows | None:
-    """q's, k's and v's adapters as one bank on their side-by-side weight [D, (N + 2K) H]:
-    their A side by side [J, D, 3R], their B block-diagonal [J, 3R, (N + 2K) H] (zeros
-    where an adapter meets another projection's outputs, or for a projection without
-    one). One call then serves all three."""
+    """q's, k's and v's adapters as one bank on their side-by-side weight [D, (N + 2K) H],
+    a segment of its columns each: their A and their B side by side. One call then
+    serves all three; a projection without an adapter has no segment."""
     banks = [_rows_bank(a, layer) for a in adapters]
-    if not any(banks):
+    present = [i for i, bank in enumerate(banks) if bank is not None]
+    if not present:
         return None
-    a_parts, b_rows = [], []
-    for i, bank in enumerate(banks):
-        if bank is None:
-            continue
-        a_parts.append(bank.a)
-        before, after = sum(widths[:i]), sum(widths[i + 1 :])
-        b_rows.append(jnp.pad(bank.b, ((0, 0), (0, 0), (before, after))))
-    return kernels.LoRARows(jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_rows, axis=1))
+    columns = tuple((sum(widths[:i]), sum(widths[: i + 1])) for i in present)
+    a = jnp.concatenate([banks[i].a for i in present], axis=-1)
+    b = jnp.concatenate([banks[i].b for i in present], axis=-1)
+    return kernels.LoRARows(a, b, columns, sum(widths))
 
 
 def _host_view(a: jax.Array) -> np.ndarray | None:

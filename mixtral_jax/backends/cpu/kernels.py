@@ -39,11 +39,13 @@ import subprocess
 import tempfile
 import warnings
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from mixtral_jax.model.config import ModelConfig
@@ -78,15 +80,21 @@ class DenseKernel:
         return dense(x, self.w, self.width)
 
 
-class LoRARows(NamedTuple):
-    """A bank of J LoRA adapters on a dense weight [K, N], each row applying its own
-    (`lora_rows`): a [J, K, R], b [J, R, N], each adapter's alpha / r folded into its b."""
+@struct.dataclass
+class LoRARows:
+    """A bank of J LoRA adapters on a dense weight [K, width], each row applying its own
+    (`lora_rows`), on S segments of the weight's columns (q's, k's and v's adapters on
+    their projections side by side; one segment for one weight): a [J, K, S R] and
+    b [J, R, M], the segments' factors side by side, each adapter's alpha / r folded into
+    its b; `columns` the segments' (begin, end) in the output, M wide in all."""
 
     a: jax.Array
     b: jax.Array
+    columns: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
+    width: int = struct.field(pytree_node=False)
 
     def __call__(self, x: jax.Array, ids: jax.Array) -> jax.Array:
-        return lora_rows(x, ids, self.a, self.b)
+        return lora_rows(x, ids, self.a, self.b, self.columns, self.width)
 
 
 def _rows_ids(ids: jax.Array | None, rows: int) -> jax.Array:
@@ -261,15 +269,28 @@ def experts_lora(
 
 
 def lora_rows(
-    x: jax.Array, ids: jax.Array, a: jax.Array, b: jax.Array, *, variant: str = ""
+    x: jax.Array,
+    ids: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    columns: Sequence[tuple[int, int]] | None = None,
+    width: int | None = None,
+    *,
+    variant: str = "",
 ) -> jax.Array:
-    """x [n, K] float32, each row through adapter ids[r] of a bank (-1: none, zeros):
-    (x[r] a[ids[r]]) b[ids[r]] with a [J, K, R], b [J, R, N] -> [n, N]. Each row reads
-    only its own adapter's factors (Punica's BGMV)."""
+    """x [n, K] float32, each row through adapter ids[r] of a bank (-1: none, zeros) ->
+    [n, width]. Segment s of `columns` (default: one, all of b's columns) gets
+    (x[r] a[ids[r]][:, s R : (s + 1) R]) b[ids[r]][:, its columns] with a [J, K, S R] and
+    b [J, R, M], the segments' columns side by side in b; columns in no segment are 0.
+    Each row reads only its own adapter's factors (Punica's BGMV)."""
+    columns = ((0, b.shape[-1]),) if columns is None else tuple(columns)
+    width = columns[-1][1] if width is None else width
     call = jax.ffi.ffi_call(
-        LORA_ROWS_TARGET + variant, jax.ShapeDtypeStruct((x.shape[0], b.shape[-1]), jnp.float32)
+        LORA_ROWS_TARGET + variant, jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32)
     )
-    return call(x, ids.astype(jnp.int32), a.astype(jnp.float32), b.astype(jnp.float32))
+    bounds = np.array([c for segment in columns for c in segment], np.int64)
+    f32 = (t.astype(jnp.float32) for t in (a, b))
+    return call(x, ids.astype(jnp.int32), *f32, columns=bounds)
 
 
 def dense(x: jax.Array, packed: jax.Array, width: int, *, variant: str = "") -> jax.Array:

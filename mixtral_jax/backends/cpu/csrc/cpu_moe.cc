@@ -21,9 +21,15 @@
 // alpha / r folded into its B): a1, a3 [E, J, D, R], b1, b3 [E, J, R, F], a2 [E, J, F, R],
 // b2 [E, J, R, D]. Each row reads only its own adapter's factors, as Punica's BGMV does.
 //
-// A bank of LoRA adapters on a dense weight, each row applying its own (LoRARows):
+// A bank of LoRA adapters on a dense weight, each row applying its own (LoRARows), on S
+// segments of the weight's columns side by side (q's, k's and v's adapters on their
+// concatenated projections, without the zeros of one block-diagonal B; S = 1 for one
+// weight):
 //
-//   x [n, K], ids [n], A [J, K, R], B [J, R, N]  ->  y [n, N] = (x A[ids]) B[ids]
+//   x [n, K], ids [n], A [J, K, S R] (the segments' A side by side), B [J, R, M] (their
+//   B side by side), columns [2 S] (segment s: y's columns columns[2s]..columns[2s + 1],
+//   M wide in all)  ->  y [n, N], y[r, segment s] = (x[r] A[ids[r]][:, s]) B[ids[r]][:, s],
+//   0 in no segment's columns and where ids[r] is -1
 //
 // A dense product (an attention projection, the LM head), in tiles of rows by panels
 // (8 by 3 with AVX-512); a tile's panels stay in L2 while the next rows read them:
@@ -291,13 +297,9 @@ struct ExpertAdapters {
 
 constexpr int64_t kMaxRank = 1024;  // kernels.MAX_LORA_RANK, for q, k and v side by side
 
-// out[0:N] += (x[0:K] A) B for one row; A [K, R] and B [R, N] row-major, R <= kMaxRank.
-// Each vector of h = x A is summed in registers over K, four rows of A at a time (four
-// chains of FMAs in flight); then a chunk of out stays in registers while B's rows
-// stream through it, so out is read and written once.
-inline void AddLowRank(const float* x, int64_t K, const float* A, const float* B, int64_t R,
-                       int64_t N, float* out) {
-  alignas(64) float h[kMaxRank];
+// h[0:R] = x[0:K] A for one row, A [K, R] row-major, R <= kMaxRank: each vector of h
+// summed in registers over K, four rows of A at a time (four chains of FMAs in flight).
+inline void LowRankIn(const float* x, int64_t K, const float* A, int64_t R, float* h) {
   int64_t r0 = 0;
   for (; r0 + W <= R; r0 += W) {
     vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
@@ -317,45 +319,77 @@ inline void AddLowRank(const float* x, int64_t K, const float* A, const float* B
     for (int64_t k = 0; k < K; ++k) sum += x[k] * A[k * R + r0];
     h[r0] = sum;
   }
+}
+
+// out[0:N] += h[0:R] B for one row, B's rows `ldb` floats apart: a chunk of out stays in
+// registers while B's rows stream through it, so out is read and written once.
+inline void LowRankOut(const float* h, const float* B, int64_t R, int64_t N, int64_t ldb,
+                       float* out) {
   constexpr int C = 8;  // vectors of out per chunk
   int64_t n0 = 0;
   for (; n0 + C * W <= N; n0 += C * W) {
     vec acc[C];
     for (int c = 0; c < C; ++c) acc[c] = load(out + n0 + c * W);
     for (int64_t r = 0; r < R; ++r) {
-      const float* b = B + r * N + n0;
+      const float* b = B + r * ldb + n0;
       for (int c = 0; c < C; ++c) acc[c] += h[r] * load(b + c * W);
     }
     for (int c = 0; c < C; ++c) store(out + n0 + c * W, acc[c]);
   }
   for (; n0 + W <= N; n0 += W) {
     vec acc = load(out + n0);
-    for (int64_t r = 0; r < R; ++r) acc += h[r] * load(B + r * N + n0);
+    for (int64_t r = 0; r < R; ++r) acc += h[r] * load(B + r * ldb + n0);
     store(out + n0, acc);
   }
   for (; n0 < N; ++n0) {
     float acc = out[n0];
-    for (int64_t r = 0; r < R; ++r) acc += h[r] * B[r * N + n0];
+    for (int64_t r = 0; r < R; ++r) acc += h[r] * B[r * ldb + n0];
     out[n0] = acc;
   }
 }
 
-// The LoRA passes' work below which one thread does it: waking the pool costs more than
-// a decode step's few adapted rows take (multiply-adds).
-constexpr int64_t kParallelLoRAWork = 1 << 18;
+// out[0:N] += (x[0:K] A) B for one row; A [K, R] and B [R, N] row-major.
+inline void AddLowRank(const float* x, int64_t K, const float* A, const float* B, int64_t R,
+                       int64_t N, float* out) {
+  alignas(64) float h[kMaxRank];
+  LowRankIn(x, K, A, R, h);
+  LowRankOut(h, B, R, N, N, out);
+}
 
-// fn(begin, end) over [0, n): on the pool when the rows' adapters hold enough work
-// (adapted rows x R (K + N)), else on this thread.
+// The rows r of [0, n) with 0 <= key[r] < keys, ordered by key (stably). A LoRA pass
+// takes its rows in this order, keyed by the factors they read: rows sharing an
+// adapter's factors then run one after another, on one thread, which reads the factors
+// from memory once and from its cache after (rows that share factors rarely lie side by
+// side in a batch).
+std::vector<int32_t> RowsByKey(const int32_t* key, int64_t n, int64_t keys) {
+  std::vector<int32_t> first(keys + 1, 0), order;
+  for (int64_t r = 0; r < n; ++r)
+    if (key[r] >= 0 && key[r] < keys) ++first[key[r] + 1];
+  for (int64_t k = 0; k < keys; ++k) first[k + 1] += first[k];
+  order.resize(first[keys]);
+  for (int64_t r = 0; r < n; ++r)
+    if (key[r] >= 0 && key[r] < keys) order[first[key[r]]++] = static_cast<int32_t>(r);
+  return order;
+}
+
+// The LoRA passes' work (multiply-adds) below which one thread does it: waking the pool
+// costs more than one row's adapter takes. Above it two threads read the rows' factors,
+// which come from memory (a decode step rarely finds them in cache), faster than one.
+constexpr int64_t kParallelLoRAWork = 1 << 14;
+
+// fn(row) for each row of `order`, in that order: on the pool when the rows hold enough
+// work (rows x per_row multiply-adds), else on this thread.
 template <typename Fn>
-void LoRAFor(ffi::ThreadPool& pool, int64_t n, const int32_t* ids, int64_t per_row,
+void LoRAFor(ffi::ThreadPool& pool, const std::vector<int32_t>& order, int64_t per_row,
              const Fn& fn) {
-  int64_t adapted = 0;
-  for (int64_t r = 0; r < n; ++r) adapted += ids[r] >= 0;
-  if (adapted == 0) return;
-  if (adapted * per_row < kParallelLoRAWork) {
-    fn(0, n);
+  const int64_t n = static_cast<int64_t>(order.size());
+  const auto rows = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(order[i]);
+  };
+  if (n * per_row < kParallelLoRAWork) {
+    rows(0, n);
   } else {
-    ParallelFor(pool, n, fn);
+    ParallelFor(pool, n, rows);
   }
 }
 
@@ -377,29 +411,27 @@ ffi::Error RunExperts(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs,
   float* y = ys->typed_data();
   std::fill(y, y + n * D, 0.0f);
   std::vector<float> xT, hT, add, hs;
-  std::vector<int32_t> expert_of;
+  std::vector<int32_t> factors_of, order;  // each row's (expert, adapter) e J + j, or -1
   if (lora != nullptr) {
-    // Every row's (x A1) B1 and (x A3) B3 first, in one pass over the rows (a pass per
-    // expert would wake the thread pool twice as often as the experts' own work does).
-    expert_of.assign(n, -1);
+    const int64_t J = lora->J, Q = lora->R, Fq = lora->F;
+    factors_of.assign(n, -1);
     for (int64_t e = 0; e < E; ++e)
       for (int64_t r = 0; r < count.typed_data()[e]; ++r) {
         const int64_t row = start.typed_data()[e] + r;
-        if (row >= 0 && row < n) expert_of[row] = e;
+        if (row >= 0 && row < n && lora->ids[row] >= 0 && lora->ids[row] < J)
+          factors_of[row] = static_cast<int32_t>(e * J + lora->ids[row]);
       }
+    order = RowsByKey(factors_of.data(), n, E * J);
+    // Every row's (x A1) B1 and (x A3) B3 first, in one pass over the rows (a pass per
+    // expert would wake the thread pool twice as often as the experts' own work does).
     add.assign(n * 2 * F, 0.0f);
-    hs.assign(n * lora->F, 0.0f);
-    const int64_t J = lora->J, Q = lora->R, Fq = lora->F;
-    LoRAFor(pool, n, lora->ids, 2 * Q * (D + Fq), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t j = lora->ids[r], e = expert_of[r];
-        if (j < 0 || j >= J || e < 0) continue;
-        const int64_t ej = e * J + j;
-        AddLowRank(x + r * D, D, lora->a1 + ej * D * Q, lora->b1 + ej * Q * Fq, Q, Fq,
-                   add.data() + r * 2 * F);
-        AddLowRank(x + r * D, D, lora->a3 + ej * D * Q, lora->b3 + ej * Q * Fq, Q, Fq,
-                   add.data() + r * 2 * F + F);
-      }
+    hs.assign(n * Fq, 0.0f);
+    LoRAFor(pool, order, 2 * Q * (D + Fq), [&](int64_t r) {
+      const int64_t ej = factors_of[r];
+      AddLowRank(x + r * D, D, lora->a1 + ej * D * Q, lora->b1 + ej * Q * Fq, Q, Fq,
+                 add.data() + r * 2 * F);
+      AddLowRank(x + r * D, D, lora->a3 + ej * D * Q, lora->b3 + ej * Q * Fq, Q, Fq,
+                 add.data() + r * 2 * F + F);
     });
   }
   for (int64_t e = 0; e < E; ++e) {
@@ -438,15 +470,11 @@ ffi::Error RunExperts(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs,
         for (int64_t f = 0; f < lora->F; ++f) hs[(r_begin + r) * lora->F + f] = hT[f * R + r];
   }
   if (lora != nullptr) {  // every row's (h A2) B2, in one pass
-    const int64_t J = lora->J, Q = lora->R, Fq = lora->F;
-    LoRAFor(pool, n, lora->ids, Q * (Fq + D), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t j = lora->ids[r], e = expert_of[r];
-        if (j < 0 || j >= J || e < 0) continue;
-        const int64_t ej = e * J + j;
-        AddLowRank(hs.data() + r * Fq, Fq, lora->a2 + ej * Fq * Q, lora->b2 + ej * Q * D, Q, D,
-                   y + r * D);
-      }
+    const int64_t Q = lora->R, Fq = lora->F;
+    LoRAFor(pool, order, Q * (Fq + D), [&](int64_t r) {
+      const int64_t ej = factors_of[r];
+      AddLowRank(hs.data() + r * Fq, Fq, lora->a2 + ej * Fq * Q, lora->b2 + ej * Q * D, Q, D,
+                 y + r * D);
     });
   }
   return ffi::Error::Success();
@@ -492,26 +520,41 @@ ffi::Error ExpertsLoRA(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   return RunExperts(pool, xs, start, count, w13, w2, ys, &lora);
 }
 
-// y [n, N] = (x[r] A[ids[r]]) B[ids[r]] for each row (0 where ids[r] is -1): a bank of
-// LoRA adapters on a dense weight, A [J, K, R] and B [J, R, N] row-major (BGMV).
+// A bank of LoRA adapters on S column segments of y (see the top of the file), each row
+// applying its own (BGMV). The rows run in order of their adapters.
 ffi::Error LoRARows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::S32> ids,
                     ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                    ffi::ResultBuffer<ffi::F32> ys) {
+                    ffi::Span<const int64_t> columns, ffi::ResultBuffer<ffi::F32> ys) {
   const auto ad = a.dimensions(), bd = b.dimensions();
   const int64_t n = xs.dimensions()[0], K = xs.dimensions()[1], N = ys->dimensions()[1];
-  if (ad.size() != 3 || bd.size() != 3 || ad[1] != K || bd[0] != ad[0] || bd[1] != ad[2] ||
-      bd[2] != N || ad[2] > kMaxRank || ids.element_count() != n) {
+  const int64_t S = static_cast<int64_t>(columns.size()) / 2;
+  if (ad.size() != 3 || bd.size() != 3 || S < 1 || ad[1] != K || bd[0] != ad[0] ||
+      ad[2] != S * bd[1] || ad[2] > kMaxRank || ids.element_count() != n) {
     return ffi::Error::InvalidArgument("cpu_moe: LoRA operand shapes do not fit together");
   }
-  const int64_t J = ad[0], R = ad[2];
+  const int64_t J = ad[0], R = bd[1], M = bd[2];
+  int64_t width = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (columns[2 * s] < 0 || columns[2 * s + 1] > N || columns[2 * s] > columns[2 * s + 1]) {
+      return ffi::Error::InvalidArgument("cpu_moe: a LoRA segment lies outside the output");
+    }
+    width += columns[2 * s + 1] - columns[2 * s];
+  }
+  if (width != M) {
+    return ffi::Error::InvalidArgument("cpu_moe: the LoRA segments' widths are not B's");
+  }
   float* y = ys->typed_data();
   std::fill(y, y + n * N, 0.0f);
-  LoRAFor(pool, n, ids.typed_data(), R * (K + N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t j = ids.typed_data()[r];
-      if (j < 0 || j >= J) continue;
-      AddLowRank(xs.typed_data() + r * K, K, a.typed_data() + j * K * R,
-                 b.typed_data() + j * R * N, R, N, y + r * N);
+  const std::vector<int32_t> order = RowsByKey(ids.typed_data(), n, J);
+  LoRAFor(pool, order, S * R * K + R * M, [&](int64_t r) {
+    const int64_t j = ids.typed_data()[r];
+    alignas(64) float h[kMaxRank];
+    LowRankIn(xs.typed_data() + r * K, K, a.typed_data() + j * K * S * R, S * R, h);
+    const float* b_j = b.typed_data() + j * R * M;
+    for (int64_t s = 0, offset = 0; s < S; ++s) {
+      const int64_t begin = columns[2 * s], w = columns[2 * s + 1] - begin;
+      LowRankOut(h + s * R, b_j + offset, R, w, M, y + r * N + begin);
+      offset += w;
     }
   });
   return ffi::Error::Success();
@@ -701,10 +744,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuMoELoRA, ExpertsLoRA,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuLoRARows, LoRARows,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Attr<ffi::Span<const int64_t>>("columns")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralCpuDense, Dense,
