@@ -413,7 +413,7 @@ ffi::Error RunExperts(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs,
   std::vector<float> xT, hT, add, hs;
   std::vector<int32_t> factors_of, order;  // each row's (expert, adapter) e J + j, or -1
   if (lora != nullptr) {
-    const int64_t J = lora->J, Q = lora->R, Fq = lora->F;
+    const int64_t J = lora->J;
     factors_of.assign(n, -1);
     for (int64_t e = 0; e < E; ++e)
       for (int64_t r = 0; r < count.typed_data()[e]; ++r) {
@@ -422,6 +422,10 @@ ffi::Error RunExperts(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs,
           factors_of[row] = static_cast<int32_t>(e * J + lora->ids[row]);
       }
     order = RowsByKey(factors_of.data(), n, E * J);
+    if (order.empty()) lora = nullptr;  // no row applies an adapter: the plain experts' work
+  }
+  if (lora != nullptr) {
+    const int64_t Q = lora->R, Fq = lora->F;
     // Every row's (x A1) B1 and (x A3) B3 first, in one pass over the rows (a pass per
     // expert would wake the thread pool twice as often as the experts' own work does).
     add.assign(n * 2 * F, 0.0f);
@@ -508,11 +512,6 @@ ffi::Error ExpertsLoRA(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
       !fits(a3, {E, J, D, R}) || !fits(b1, {E, J, R, F}) || !fits(b3, {E, J, R, F}) ||
       !fits(a2, {E, J, F, R}) || !fits(b2, {E, J, R, D})) {
     return ffi::Error::InvalidArgument("cpu_moe: the adapters' shapes do not fit together");
-  }
-  // No row with an adapter: the plain experts' work, nothing more.
-  const int32_t* row_ids = ids.typed_data();
-  if (std::all_of(row_ids, row_ids + n, [](int32_t j) { return j < 0; })) {
-    return RunExperts(pool, xs, start, count, w13, w2, ys, nullptr);
   }
   const ExpertAdapters lora{ids.typed_data(), a1.typed_data(), b1.typed_data(), a3.typed_data(),
                             b3.typed_data(),  a2.typed_data(), b2.typed_data(), J,
