@@ -29,6 +29,7 @@ from mixtral_jax.inference.requests import Request
 from mixtral_jax.inference.sampling import constrain
 from mixtral_jax.model.tokenizer import Tokenizer, has_mistral_common
 from tests.serving import NAME, openai_client, running_server
+from tests.test_engine import CompileCount
 from tests.test_server import log_softmax
 
 # Schemas whose every string, number and array is bounded: a document always ends.
@@ -127,6 +128,12 @@ def test_constrain_masks_exactly_the_tokens_not_allowed():
     # Over a verify call's positions [B, T, V], each row's mask at every position.
     stacked = np.asarray(constrain(jnp.asarray(np.stack([logits] * 2, 1)), allowed))
     np.testing.assert_array_equal(stacked, np.stack([expected] * 2, 1))
+    # Or a mask a position [B, T, W], as along a grammar's draft.
+    by_place = np.stack([allowed, allowed[::-1]], 1)
+    placed = np.asarray(constrain(jnp.asarray(np.stack([logits] * 2, 1)), by_place))
+    reversed_ = logits.copy()
+    llguidance.numpy.apply_token_bitmask_inplace(reversed_, allowed[::-1].copy())
+    np.testing.assert_array_equal(placed, np.stack([expected, reversed_], 1))
     free = free_masks(B, V)
     np.testing.assert_array_equal(np.asarray(constrain(jnp.asarray(logits), free)), logits)
 
@@ -153,6 +160,49 @@ def test_every_token_a_mask_allows_is_accepted_with_mixtrals_tokenizers(name):
             assert constraint.advance(token), constraint.error
             tokens.append(token)
         validated(tokenizer.decode(tokens), SCHEMAS["code"])
+
+
+@pytest.mark.parametrize("name", ["embedded", "mistral-v3"])
+def test_a_draft_is_what_the_grammar_forces_with_the_mask_of_each_place(name, embedded_tokenizer):
+    """Random walks: where the grammar forces text, `draft` gives tokens each allowed at
+    its place, the masks there and after them as stepping gives them, and leaves the
+    parser where it was; keys and punctuation make drafts of several tokens."""
+    if name == "embedded":
+        tokenizer = embedded_tokenizer
+    elif has_mistral_common():
+        tokenizer = Tokenizer.official(name)
+    else:
+        pytest.skip("the official tokenizers ship with mistral-common")
+    V = tokenizer.vocab_size
+    make = Grammars(tokenizer, V).json(SCHEMAS["nested"])
+    rng = np.random.default_rng(0)
+    mask, lengths = free_masks(1, V), []
+    for _ in range(5):
+        constraint = make()
+        while not constraint.finished:
+            draft, masks = constraint.draft(6, V)
+            fill_masks([(constraint, 0)], mask)
+            if draft:
+                lengths.append(len(draft))
+                assert len(draft) <= 6 and masks.shape == (len(draft) + 1, mask.shape[1])
+                assert constraint.draft(2, V)[0] == draft[:2]
+                assert constraint.draft(0, V) == ([], None)
+            bits = (mask[0][:, None] >> np.arange(32)) & 1
+            allowed = np.flatnonzero(bits.reshape(-1)[:V])
+            for j, token in enumerate(draft):  # the first: the state is as it was
+                fill_masks([(constraint, 0)], mask)
+                np.testing.assert_array_equal(masks[j], mask[0])
+                assert (mask[0][token // 32] >> (token % 32)) & 1, "a forced token not allowed"
+                assert constraint.advance(token), constraint.error
+            if draft:
+                fill_masks([(constraint, 0)], mask)
+                np.testing.assert_array_equal(masks[-1], mask[0])
+                continue
+            token = int(rng.choice(allowed))
+            if token == tokenizer.eos_id:
+                break
+            assert constraint.advance(token), constraint.error
+    assert lengths and max(lengths) > 1
 
 
 def test_schemas_that_cannot_be_enforced_are_named(embedded_tokenizer):
@@ -202,6 +252,49 @@ def test_random_models_write_valid_documents(sp_model, seed):
         validated(tokenizer.decode(tokens), schema)
 
 
+def test_jump_forward_gives_the_plain_tokens_in_fewer_steps(embedded_tokenizer):
+    """Greedy requests under the schemas through an engine that verifies what the
+    grammar forces (jump_forward) and one that does not: the same tokens, in fewer
+    steps, each token drawn under its own place's mask; sampled requests stay valid;
+    nothing compiles after warm-up."""
+    tokenizer = embedded_tokenizer
+    config = ModelConfig.from_dict(tiny.get_config()).replace(vocab_size=tokenizer.vocab_size)
+    model = Mixtral(config, rngs=nnx.Rngs(3))
+    grammars = Grammars(tokenizer, config.vocab_size)
+    options = dict(max_batch=4, max_len=128, prefill_chunk=32, speculate_rows=4)
+    plain, jumping = Engine(model, **options), Engine(model, jump_forward=6, **options)
+    jumping.warmup()
+
+    def run(engine, temperature):
+        outputs: dict[str, list[int]] = {}
+        requests = []
+        # (Not "code": a random model's two strings of 30 can outrun 100 tokens.)
+        for i, (name, schema) in enumerate(s for s in SCHEMAS.items() if s[0] != "code"):
+            request = Request(
+                tokenizer.encode(f"{name} {i}"),
+                100,
+                temperature=temperature,
+                seed=i,
+                stop_ids=frozenset({tokenizer.eos_id}),
+                constraint=grammars.json(schema)(),
+                on_output=lambda o: outputs.setdefault(o.request_id, []).extend(o.tokens),
+            )
+            requests.append((request, schema))
+            engine.submit(request)
+        engine.run_until_idle()
+        return [(outputs[r.id], schema) for r, schema in requests]
+
+    with CompileCount() as counted:
+        jumped = run(jumping, 0.0)
+        sampled = run(jumping, 1.0)
+    assert counted.compiles == []
+    assert [tokens for tokens, _ in jumped] == [tokens for tokens, _ in run(plain, 0.0)]
+    for tokens, schema in jumped + sampled:
+        validated(tokenizer.decode(tokens), schema)
+    assert jumping.accepted_tokens > jumping.verify_steps > 0
+    assert sum(jumping.decode_steps) < sum(plain.decode_steps)
+
+
 # ---- the embedded model, through the server ----
 
 
@@ -217,10 +310,12 @@ def tokenizer(embedded_tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(model):
-    # Speculating on every row: constrained rows (no drafts) share verify steps.
+    # Speculating on every row: free rows draft from their context, constrained ones
+    # what their grammar forces, in the same verify steps.
     engine = Engine(
-        model, max_batch=4, max_len=MAX_LEN, prefill_chunk=64, speculate="ngram:4", speculate_rows=4
-    )
+        model, max_batch=4, max_len=MAX_LEN, prefill_chunk=64, speculate="ngram:4",
+        speculate_rows=4, jump_forward=4,
+    )  # fmt: skip
     engine.warmup()
     return engine
 
@@ -289,8 +384,9 @@ def test_answers_validate_and_free_requests_sharing_their_steps_are_untouched(
 
 def test_each_greedy_token_is_the_best_the_grammar_allows(engine, model, tokenizer):
     """Replays the grammar over greedy answers (submitted to the serving engine as the
-    server does): every token is the argmax of the model's logits over the tokens
-    allowed at its place (to bfloat16 rounding: chunked prefill rounds differently)."""
+    server does, forced text verified as drafts): every token is the argmax of the
+    model's logits over the tokens allowed at its place (to bfloat16 rounding: chunked
+    prefill rounds differently)."""
     grammars = Grammars(tokenizer, model.config.vocab_size)
     for name in ("person", "nested", "code"):
         prompt = tokenizer.encode(f"{name} = ")
@@ -317,6 +413,7 @@ def test_each_greedy_token_is_the_best_the_grammar_allows(engine, model, tokeniz
             assert row[0, token] >= row.max() - 2e-2, (name, i)
             assert matcher.consume_token(token)
         assert matcher.is_stopped()
+    assert engine.accepted_tokens > 0  # drafts of forced text were verified and kept
 
 
 def test_streamed_answers_equal_whole_ones_and_json_object_gives_an_object(client):

@@ -240,6 +240,11 @@ def test_bad_speculation_settings_are_named():
         engine_with(model, speculate="medusa")
     with pytest.raises(ValueError, match="prefill_chunk above it"):
         engine_with(model, speculate="ngram:16")
+    for bad, message in ((-1, "0 to 16 forced"), (17, "0 to 16 forced"), (True, "an integer")):
+        with pytest.raises(ValueError, match=message):
+            engine_with(model, jump_forward=bad)
+    with pytest.raises(ValueError, match="jump_forward drafts 16 tokens a step"):
+        engine_with(model, jump_forward=16)
 
 
 # ---- the server ----

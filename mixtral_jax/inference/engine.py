@@ -31,6 +31,10 @@ context (`speculate.Ngram`) verifies the drafts instead, every slot's newest tok
 draft in one call as wide as the longest draft needs (`verify_drafts`): each row gets
 its kept drafts and one token more (`speculate.accept`), the tokens plain decoding
 gives a greedy row, and a sampling row's tokens as plain sampling would draw them.
+With `jump_forward=K`, a constrained row drafts the tokens its grammar forces next
+(up to K: a schema's keys, quotes, brackets) and verifies them so, each position under
+the grammar's mask there, in the steps that may speculate: the tokens a step gives are
+still those plain steps would.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from mixtral_jax.inference.requests import (
 )
 from mixtral_jax.inference.sampling import Logprobs, RowSampling, logprobs, sample_rows
 from mixtral_jax.inference.scheduler import Chunk, Scheduler, Sequence
-from mixtral_jax.inference.speculate import Ngram, accept
+from mixtral_jax.inference.speculate import MAX_DRAFT, Ngram, accept, widths
 from mixtral_jax.model.kv_cache import KVCache, blocks_per_row, row_length
 from mixtral_jax.model.mixtral import Mixtral, Unstacked
 from mixtral_jax.parallel.rules import DEFAULT_RULES, Rules
@@ -302,6 +306,9 @@ class Engine:
     speculate: "ngram:K" (or a `speculate.Ngram`): each decode step of at most
     `speculate_rows` rows (default: SPECULATE_ROWS_CPU on a CPU, every row elsewhere)
     drafts K tokens a row from its context and verifies them in one call.
+    jump_forward: a constrained row's step, where steps speculate (`speculate_rows`),
+    verifies up to this many tokens its grammar forces (0: none); with or without
+    `speculate` for the free rows.
     """
 
     def __init__(
@@ -321,6 +328,7 @@ class Engine:
         kv_dtype: str | None = None,
         speculate: str | Ngram | None = None,
         speculate_rows: int | None = None,
+        jump_forward: int = 0,
     ):
         c = model.config
         optional = dict(block_size=block_size, kv_blocks=kv_blocks, speculate_rows=speculate_rows)
@@ -349,13 +357,31 @@ class Engine:
         self.max_batch, self.max_len = max_batch, max_len
         prefill_chunk = min(prefill_chunk, max_len)
         self.drafter = Ngram.parse(speculate) if isinstance(speculate, str) else speculate
-        if self.drafter is not None and self.drafter.k >= prefill_chunk:
-            # A sliding window's rolling buffer holds prefill_chunk - 1 tokens past the
-            # window: a step may write no more than that.
+        if isinstance(jump_forward, bool) or not isinstance(jump_forward, int):
+            raise ValueError(f"jump_forward must be an integer, got {jump_forward!r}")
+        if not 0 <= jump_forward <= MAX_DRAFT:
             raise ValueError(
-                f"speculate drafts {self.drafter.k} tokens a step, which needs a "
-                f"prefill_chunk above it (got {prefill_chunk}); draft fewer"
+                f"jump_forward verifies 0 to {MAX_DRAFT} forced tokens a step, not {jump_forward}"
             )
+        for what, k in (
+            ("speculate", self.drafter and self.drafter.k),
+            ("jump_forward", jump_forward),
+        ):
+            if k and k >= prefill_chunk:
+                # A sliding window's rolling buffer holds prefill_chunk - 1 tokens past
+                # the window: a step may write no more than that.
+                raise ValueError(
+                    f"{what} drafts {k} tokens a step, which needs a prefill_chunk above "
+                    f"it (got {prefill_chunk}); draft fewer"
+                )
+        self.jump_forward = jump_forward
+        # The widths verify calls compile for: both kinds of drafts'.
+        self._widths = tuple(
+            sorted(
+                set(self.drafter.widths() if self.drafter else ())
+                | set(widths(jump_forward) if jump_forward else ())
+            )
+        )
         pool, paged = None, None
         if block_size is not None:
             per_row = blocks_per_row(c, max_len, block_size, prefill_chunk)
@@ -504,12 +530,11 @@ class Engine:
             chunks = [Chunk(Sequence(Request([0] * n, 1), 0, i), 0, n) for i in range(rows)]
             programs += [(prefill_chunks, self._prefill_args(chunks, p)) for p in (0, 1)]
         programs += [(self._decode_fn, self._decode_args([], p)) for p in (False, True)]
-        if self.drafter is not None:
-            programs += [
-                (self._verify_fn, self._verify_args([], {}, p, width))
-                for width in self.drafter.widths()
-                for p in (False, True)
-            ]
+        programs += [
+            (self._verify_fn, self._verify_args([], {}, {}, p, width))
+            for width in self._widths
+            for p in (False, True)
+        ]
         for jitted, args in programs:
             jitted.lower(*args).compile()  # cached for the calls to come
 
@@ -690,9 +715,9 @@ class Engine:
 
     def _decode(self, decoding: list[Sequence], news: dict) -> None:
         with_logprobs = any(s.request.logprobs is not None for s in decoding)
-        drafts = self._drafts(decoding)
+        drafts, masks = self._drafts(decoding)
         if any(drafts.values()):
-            self._verify(decoding, drafts, with_logprobs, news)
+            self._verify(decoding, drafts, masks, with_logprobs, news)
             return
         tokens, drawn = self._run_decode(decoding, with_logprobs)
         tokens = np.asarray(tokens)
@@ -705,28 +730,35 @@ class Engine:
         token, drawn, self.cache = self._decode_fn(*self._decode_args(decoding, with_logprobs))
         return token, drawn
 
-    def _drafts(self, decoding: list[Sequence]) -> dict[Sequence, list[int]]:
+    def _drafts(self, decoding: list[Sequence]) -> tuple[dict, dict]:
         """Each row's draft (none in a step of more than `speculate_rows` rows), short
         enough that the row's longest run (draft and one token) stays within max_tokens:
-        its positions then stay within the cache."""
-        if self.drafter is None or len(decoding) > self.speculate_rows:
-            return {}
-        return {
-            s: self.drafter.propose(
-                [*s.request.prompt, *s.generated], s.request.max_tokens - len(s.generated) - 1
-            )
-            if s.request.constraint is None  # its mask is for the next token only
-            else []
-            for s in decoding
-        }
+        its positions then stay within the cache. A constrained row's is what its
+        grammar forces, with its masks along it ([n + 1, W], by row)."""
+        drafts: dict[Sequence, list[int]] = {}
+        masks: dict[Sequence, np.ndarray] = {}
+        if not self._widths or len(decoding) > self.speculate_rows:
+            return drafts, masks
+        vocab_size = self.model.config.vocab_size
+        for s in decoding:
+            r, limit = s.request, s.request.max_tokens - len(s.generated) - 1
+            if r.constraint is not None:
+                drafts[s], mask = r.constraint.draft(min(self.jump_forward, limit), vocab_size)
+                if mask is not None:
+                    masks[s] = mask
+            elif self.drafter is not None:
+                drafts[s] = self.drafter.propose([*r.prompt, *s.generated], limit)
+            else:
+                drafts[s] = []
+        return drafts, masks
 
     def _verify(
-        self, decoding: list[Sequence], drafts: dict, with_logprobs: bool, news: dict
+        self, decoding: list[Sequence], drafts: dict, masks: dict, with_logprobs: bool, news: dict
     ) -> None:
         # The call is as wide as the longest draft needs (a few widths compile).
         longest = max(map(len, drafts.values()))
-        width = next(w for w in self.drafter.widths() if w > longest)
-        args = self._verify_args(decoding, drafts, with_logprobs, width)
+        width = next(w for w in self._widths if w > longest)
+        args = self._verify_args(decoding, drafts, masks, with_logprobs, width)
         emitted, count, drawn, self.cache = self._verify_fn(*args)
         emitted, count = np.asarray(emitted), np.asarray(count)
         self.verify_steps += 1
@@ -742,10 +774,10 @@ class Engine:
                     self._accept(sequence, int(token), logprob, news)
 
     def _verify_args(
-        self, decoding: list[Sequence], drafts: dict, with_logprobs: bool, width: int
+        self, decoding: list[Sequence], drafts: dict, masks: dict, with_logprobs: bool, width: int
     ) -> tuple:
         """The arrays of a verify call of `width` tokens a row (a draft and its row's
-        newest token)."""
+        newest token), each row's masks one a position."""
         B, T = self.max_batch, width
         tokens, positions = np.zeros((B, T), np.int32), np.zeros(B, np.int32)
         lengths = np.zeros(B, np.int32)
@@ -754,7 +786,16 @@ class Engine:
             tokens[slot, 0] = sequence.generated[-1]
             tokens[slot, 1 : 1 + len(draft)] = draft
             positions[slot], lengths[slot] = sequence.position, 1 + len(draft)
-        return self._step_args(decoding, with_logprobs, tokens, positions, lengths)
+        sampling = self._row_sampling(decoding, B, masked=masks)
+        # Each position's mask: a row's own (all ones if free, its next token's if it
+        # has no draft), or along its grammar's draft.
+        allowed = np.repeat(sampling.allowed[:, None], T, axis=1)
+        for sequence, mask in masks.items():
+            allowed[sequence.slot, : len(mask)] = mask
+        sampling = sampling._replace(allowed=allowed)
+        return self._step_args(
+            decoding, with_logprobs, tokens, positions, lengths, sampling=sampling
+        )
 
     def _decode_args(self, decoding: list[Sequence], with_logprobs: bool) -> tuple:
         B = self.max_batch
@@ -764,16 +805,21 @@ class Engine:
             tokens[sequence.slot] = sequence.generated[-1]
             positions[sequence.slot] = sequence.position
             active[sequence.slot] = True
-        return self._step_args(decoding, with_logprobs, tokens, positions, active)
+        sampling = self._row_sampling(decoding, B)
+        return self._step_args(
+            decoding, with_logprobs, tokens, positions, active, sampling=sampling
+        )
 
-    def _step_args(self, decoding: list[Sequence], with_logprobs: bool, *arrays) -> tuple:
+    def _step_args(
+        self, decoding: list[Sequence], with_logprobs: bool, *arrays, sampling: RowSampling
+    ) -> tuple:
         """A decode (or verify) step's arguments around its `arrays`, a row per slot."""
         return (
             self._graphdef,
             self._params,
             self.cache,
             *arrays,
-            self._row_sampling(decoding, self.max_batch),
+            sampling,
             self._mesh_rules,
             with_logprobs,
             self._unstacked,
@@ -794,10 +840,11 @@ class Engine:
         return ids
 
     def _row_sampling(
-        self, sequences: list[Sequence], rows: int, by_slot: bool = True
+        self, sequences: list[Sequence], rows: int, by_slot: bool = True, masked=()
     ) -> RowSampling:
         """Each sequence's sampling, at its slot's row (or in the order given), with its
-        constraint's mask of the tokens it may draw next."""
+        constraint's mask of the tokens it may draw next (but for those `masked`
+        already: all ones)."""
         temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
         top_p, seed = np.ones(rows, np.float32), np.zeros(rows, np.uint32)
         step = np.zeros(rows, np.int32)
@@ -807,7 +854,7 @@ class Engine:
             r = sequence.request
             temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
             seed[i], step[i] = sequence.seed, len(sequence.generated)
-            if r.constraint is not None:
+            if r.constraint is not None and sequence not in masked:
                 constrained.append((r.constraint, i))
         fill_masks(constrained, allowed)
         return RowSampling(temperature, top_k, top_p, seed, step, allowed)

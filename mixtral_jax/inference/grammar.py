@@ -7,6 +7,7 @@ calls of given tools in Mistral's format.
     constraint = make()                              # one per request: its parser state
     fill_masks([(constraint, row)], masks)           # before a step: the tokens allowed
     constraint.advance(token)                        # after it: the token drawn
+    draft, masks = constraint.draft(8, vocab_size)   # or: the tokens it forces, to verify
 
 The grammar engine is llguidance (the Rust parser behind Microsoft's guidance). For
 each step it gives a bitmask of the tokens that keep the output a prefix of some valid
@@ -112,6 +113,27 @@ class Constraint:
     def advance(self, token: int) -> bool:
         """Takes the token drawn; False if the grammar refuses it (see `error`)."""
         return self.matcher.consume_token(int(token))
+
+    def draft(self, limit: int, vocab_size: int) -> tuple[list[int], np.ndarray | None]:
+        """Up to `limit` tokens the grammar forces next (llguidance's fast-forward
+        tokens: the forced text as the tokenizer writes it) and the masks [n + 1, W] of
+        the tokens allowed at each of their places and after them, to verify as a
+        speculative draft (the model may spell the same text in other tokens, or stop
+        where a longer token could follow); ([], None) when nothing is forced. The
+        state is left as it was."""
+        forced = self.matcher.compute_ff_tokens()[:limit] if limit > 0 else []
+        forced = forced[: self.matcher.validate_tokens(forced)] if forced else []
+        if not forced:
+            return [], None
+        import llguidance.numpy as lln
+
+        masks = free_masks(len(forced) + 1, vocab_size)
+        for j, token in enumerate(forced):
+            lln.fill_next_token_bitmask(self.matcher, masks, j)
+            self.matcher.consume_token(token)
+        lln.fill_next_token_bitmask(self.matcher, masks, len(forced))
+        self.matcher.rollback(len(forced))
+        return forced, masks
 
     @property
     def finished(self) -> bool:

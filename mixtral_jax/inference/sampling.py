@@ -96,7 +96,8 @@ class RowSampling(NamedTuple):
     A row draws with the key `fold_in(key(seed), step)`, `step` being how many tokens
     its request has drawn, so a seeded request gets the same tokens whatever shares
     its batch. `allowed` [B, ceil(V / 32)] is a bitmask of the tokens a row may draw
-    (`constrain`; a grammar's, `grammar.fill_masks`); None or all ones: any."""
+    (`constrain`; a grammar's, `grammar.fill_masks`); None or all ones: any. A verify
+    step's is [B, T, ceil(V / 32)], a mask for each position of a row's draft."""
 
     temperature: jax.Array  # float32; 0: greedy
     top_k: jax.Array  # int32; 0: no cut
@@ -108,15 +109,16 @@ class RowSampling(NamedTuple):
 
 def constrain(logits: jax.Array, allowed: jax.Array | None) -> jax.Array:
     """logits [B, ..., V] with the tokens not set in `allowed` [B, W] (bit t % 32 of
-    word t // 32) at -inf. A batch without a constrained row is left as it is."""
+    word t // 32), or one mask a position [B, T, W] for logits [B, T, V], at -inf. A
+    batch without a constrained row is left as it is."""
     if allowed is None:
         return logits
-    B, V = logits.shape[0], logits.shape[-1]
+    V = logits.shape[-1]
 
     def mask(logits):
-        bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
-        ok = bits.reshape(B, -1)[:, :V].astype(bool)
-        ok = ok.reshape((B,) + (1,) * (logits.ndim - 2) + (V,))
+        bits = (allowed[..., None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [.., W, 32]
+        ok = bits.reshape(allowed.shape[:-1] + (-1,))[..., :V].astype(bool)
+        ok = ok.reshape(allowed.shape[:-1] + (1,) * (logits.ndim - allowed.ndim) + (V,))
         return jnp.where(ok, logits, -jnp.inf)
 
     return jax.lax.cond(jnp.any(allowed != -1), mask, lambda logits: logits, logits)

@@ -119,6 +119,16 @@ def parser() -> argparse.ArgumentParser:
         "(default: 2 on a CPU, whose larger steps are bound by compute; all elsewhere)",
     )
     p.add_argument(
+        "--jump_forward",
+        type=int,
+        default=0,
+        metavar="K",
+        help="structured output (response_format, tools): verify up to K tokens the "
+        "grammar forces (keys, quotes, brackets) in one step instead of one a step; the "
+        "same tokens, in the steps --speculate_rows allows. 8 suits JSON; 0: off "
+        "(warm-up then compiles no verify steps)",
+    )
+    p.add_argument(
         "--shutdown_timeout",
         type=float,
         default=30.0,
@@ -198,6 +208,7 @@ def _serve(args: argparse.Namespace) -> None:
         kv_dtype=args.kv_dtype,
         speculate=args.speculate,
         speculate_rows=args.speculate_rows,
+        jump_forward=args.jump_forward,
     )
     if not args.no_warmup:
         engine.warmup()
@@ -208,6 +219,8 @@ def _serve(args: argparse.Namespace) -> None:
         cache += ", prefix caching" if pool.prefix_caching else ""
     if engine.drafter is not None:
         cache += f", speculating {engine.drafter.k} tokens a step (n-gram)"
+    if engine.jump_forward:
+        cache += f", jumping forward up to {engine.jump_forward} forced tokens a step"
     if adapters:
         cache += f", LoRA adapters {', '.join(adapters)}"
     print(

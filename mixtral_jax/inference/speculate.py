@@ -10,7 +10,10 @@ the drafter finds the context's newest earlier occurrence of its last n tokens a
 proposes the tokens that followed it. The engine feeds the last token and the draft
 [d1..dk] in one call (k + 1 positions, each attending over the cache and those before
 it) and `accept` keeps the longest run the model agrees with, plus one token of its
-own: a step gives 1 to k + 1 tokens for about the cost of one.
+own: a step gives 1 to k + 1 tokens for about the cost of one. A request under a
+grammar drafts what the grammar forces next instead (`grammar.Constraint.draft`: the
+keys, quotes and brackets a schema fixes), each position checked under the grammar's
+mask there: jump-forward decoding that keeps the model's own tokens.
 
 Acceptance is exact rejection sampling (Leviathan et al. 2023, Chen et al. 2023) with a
 draft that is one token for sure (q = 1 on it): draft d at position j is kept with
@@ -53,13 +56,8 @@ class Ngram:
             raise ValueError(f"ngram needs 1 <= min_n <= max_n, got {self.min_n}, {self.max_n}")
 
     def widths(self) -> tuple[int, ...]:
-        """The widths a verify call compiles for, tokens a row (a draft and the token
-        before it): 2, 3, 5, 9, .. up to k + 1. A short draft's call costs less."""
-        widths, w = {self.k + 1}, 2
-        while w < self.k + 1:
-            widths.add(w)
-            w = 2 * w - 1
-        return tuple(sorted(widths))
+        """The widths a verify call compiles for (`widths`)."""
+        return widths(self.k)
 
     @classmethod
     def parse(cls, spec: str) -> Ngram:
@@ -93,6 +91,17 @@ class Ngram:
         return []
 
 
+def widths(k: int) -> tuple[int, ...]:
+    """The widths a verify call of drafts up to `k` tokens compiles for, tokens a row (a
+    draft and the token before it): 2, 3, 5, 9, .. up to k + 1. A short draft's call
+    costs less."""
+    widths, w = {k + 1}, 2
+    while w < k + 1:
+        widths.add(w)
+        w = 2 * w - 1
+    return tuple(sorted(widths))
+
+
 def accept(
     logits: jax.Array, drafts: jax.Array, lengths: jax.Array, rows: RowSampling
 ) -> tuple[jax.Array, jax.Array]:
@@ -100,12 +109,12 @@ def accept(
 
     logits [B, T, V]: position j's logits predict the token after input j (input 0 is
     the row's last token, inputs 1..T-1 its draft). drafts [B, T - 1], lengths [B]: the
-    first lengths[b] are real. rows: each row's sampling, `step` the tokens it has drawn.
+    first lengths[b] are real. rows: each row's sampling, `step` the tokens it has drawn,
+    `allowed` one mask a position [B, T, W] (a grammar's along its draft) or a row [B, W].
     Returns tokens [B, T] and count [B]: the row emits tokens[b, :count[b]], its kept
     drafts and one token drawn by the model (1 <= count <= lengths + 1).
     """
     B, T, V = logits.shape
-    # A constrained row has no draft: its mask holds for its one position.
     logits = constrain(logits.astype(jnp.float32), rows.allowed)
     greedy = argmax(logits.reshape(B * T, V)).reshape(B, T)
     index = jnp.arange(T - 1)
