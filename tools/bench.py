@@ -538,7 +538,7 @@ def bench_serve(args, config: ModelConfig, peak: float):
     if "speculate" in contenders:
         _bench_speculation()
     if "lora" in contenders:
-        _bench_multi_lora()
+        _bench_multi_lora(config)
     if "constrained" in contenders:
         _bench_constrained()
 
@@ -705,34 +705,53 @@ def _overhead(free: list[float], other: list[float]) -> float:
     return statistics.median(f / o - 1 for f, o in zip(free[1:], other[1:], strict=True))
 
 
-def _bench_multi_lora() -> None:
+def _bench_multi_lora(config: ModelConfig) -> None:
     """Four LoRA adapters served at once, mixed in every batch, against one adapter
-    merged into the base, on the embedded model (float32 weights: the merged model is
-    then the bank's adapter 0 exactly, which the tokens check). The adapters are
-    configs/finetune_lora.py's: rank 16, alpha 32, on attention and experts."""
-    from mixtral_jax.checkpoints.adapters import load_bank
+    merged into the base: on the embedded model, and on `config`'s shapes (the bench
+    model, random weights), whose factors are as small a share of the weights as on
+    8x7B. Float32 weights: the merged model is then the bank's adapter 0 exactly, which
+    the tokens check. The adapters are configs/finetune_lora.py's: rank 16, alpha 32, on
+    attention and experts."""
     from mixtral_jax.checkpoints.load import EMBEDDED, load
-    from mixtral_jax.model.layers import LoRAParam
-    from mixtral_jax.training import lora
 
-    base = load(EMBEDDED, dtype="float32")
     settings = load_config_file(Path(__file__).parents[1] / "configs" / "finetune_lora.py").lora
     targets = tuple(t.strip() for t in settings.targets.split(","))
     prompts = code_prompts(LORA_REQUESTS, LORA_PROMPT_TOKENS)
     print(
-        f"\n  Multi-LoRA on the embedded model: {LORA_ADAPTERS} adapters (rank {settings.rank} "
-        f"on {', '.join(targets)}) in one bank, the {len(prompts)} requests' adapters taking "
+        f"\n  Multi-LoRA: {LORA_ADAPTERS} adapters (rank {settings.rank} on "
+        f"{', '.join(targets)}) in one bank, the {len(prompts)} requests' adapters taking "
         f"turns, against adapter 0 merged into the base; prompts of {LORA_PROMPT_TOKENS} "
-        f"tokens, {LORA_ANSWER_TOKENS} new, greedy; {LORA_ROUNDS} alternated rounds, the "
-        "first compiling"
+        f"tokens, {LORA_ANSWER_TOKENS} new, greedy; alternated rounds, the first compiling"
     )
+    embedded = load(EMBEDDED, dtype="float32")
+    shaped = Mixtral(config.replace(dtype="float32", param_dtype="float32"), rngs=nnx.Rngs(0))
+    for label, base, batches, rounds in (
+        ("the embedded model", embedded, LORA_BATCHES, LORA_ROUNDS),
+        (f"{config.hidden_size} wide, random weights", shaped, (16,), LORA_WIDE_ROUNDS),
+    ):
+        merged, bank = _adapter_bank(base, settings, targets)
+        share = _factor_share(bank)
+        print(
+            f"    {label} ({rounds} rounds; the adapters' factors {100 * share:.1f}% of an "
+            "expert's weights each):"
+        )
+        for batch in batches:
+            _multi_lora_rounds(merged, bank, prompts, batch, rounds)
+
+
+def _adapter_bank(base: Mixtral, settings, targets: tuple[str, ...]):
+    """LORA_ADAPTERS random adapters (B no longer zero, as trained ones) saved and loaded
+    into a bank on `base`; also adapter 0 merged into it."""
+    from mixtral_jax.checkpoints.adapters import load_bank
+    from mixtral_jax.model.layers import LoRAParam
+    from mixtral_jax.training import lora
+
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for i in range(LORA_ADAPTERS):
             adapted = lora.add_adapters(
                 base, rank=settings.rank, alpha=settings.alpha, targets=targets, seed=i
             )
-            # As trained adapters are: B no longer zero.
             state = nnx.state(adapted, LoRAParam)
             leaves, tree = jax.tree.flatten(state)
             keys = jax.random.split(jax.random.key(i), len(leaves))
@@ -744,32 +763,41 @@ def _bench_multi_lora() -> None:
             dirs[str(i)] = f"{tmp}/{i}"
             if i == 0:
                 merged = lora.merge(adapted)
-        bank = load_bank(base, dirs)
+        return merged, load_bank(base, dirs)
+
+
+def _factor_share(bank: Mixtral) -> float:
+    """One adapter's factors of one expert (w1, w2, w3), as a share of its weights."""
+    c = bank.config
+    weights = 3 * c.hidden_size * c.intermediate_size
+    return 3 * c.lora_rank * (c.hidden_size + c.intermediate_size) / weights
+
+
+def _multi_lora_rounds(merged: Mixtral, bank: Mixtral, prompts, batch: int, rounds: int) -> None:
     turns = [i % LORA_ADAPTERS for i in range(len(prompts))]
-    for batch in LORA_BATCHES:
-        engines = {
-            "merged": (Engine(merged, max_batch=batch, max_len=1024), None),
-            "bank": (Engine(bank, max_batch=batch, max_len=1024), turns),
-        }
-        rates: dict[str, list[float]] = {name: [] for name in engines}
-        tokens = {}
-        for _ in range(LORA_ROUNDS):
-            for name, (engine, adapters) in engines.items():
-                got, rate, _ = _decode_rate(
-                    engine, prompts, batch, LORA_ANSWER_TOKENS, adapters=adapters
-                )
-                tokens[name] = got
-                rates[name].append(rate)
-        one, mixed = (statistics.median(r[1:]) for r in rates.values())
-        ratio = statistics.median(
-            b / m for m, b in zip(rates["merged"][1:], rates["bank"][1:], strict=True)
-        )
-        same = all(tokens["bank"][i] == tokens["merged"][i] for i, a in enumerate(turns) if a == 0)
-        print(
-            f"    batch {batch:>2}: one merged {one:6.0f} tokens/s, {LORA_ADAPTERS} mixed "
-            f"{mixed:6.0f} ({100 * ratio:.0f}% of merged, goal >= 80%); adapter 0's tokens "
-            f"as merged: {'yes' if same else 'NO'}"
-        )
+    engines = {
+        "merged": (Engine(merged, max_batch=batch, max_len=1024), None),
+        "bank": (Engine(bank, max_batch=batch, max_len=1024), turns),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    tokens = {}
+    for _ in range(rounds):
+        for name, (engine, adapters) in engines.items():
+            got, rate, _ = _decode_rate(
+                engine, prompts, batch, LORA_ANSWER_TOKENS, adapters=adapters
+            )
+            tokens[name] = got
+            rates[name].append(rate)
+    one, mixed = (statistics.median(r[1:]) for r in rates.values())
+    ratio = statistics.median(
+        b / m for m, b in zip(rates["merged"][1:], rates["bank"][1:], strict=True)
+    )
+    same = all(tokens["bank"][i] == tokens["merged"][i] for i, a in enumerate(turns) if a == 0)
+    print(
+        f"      batch {batch:>2}: one merged {one:6.0f} tokens/s, {LORA_ADAPTERS} mixed "
+        f"{mixed:6.0f} ({100 * ratio:.0f}% of merged, goal >= 80%); adapter 0's tokens "
+        f"as merged: {'yes' if same else 'NO'}"
+    )
 
 
 def _decode_rate(
@@ -865,6 +893,7 @@ CONSTRAINED_ROUNDS = 9
 CONSTRAINED_JUMP = 8
 LORA_ADAPTERS, LORA_REQUESTS, LORA_PROMPT_TOKENS, LORA_ANSWER_TOKENS = 4, 32, 64, 128
 LORA_ROUNDS, LORA_BATCHES = 7, (1, 16)
+LORA_WIDE_ROUNDS = 5
 CONSTRAINED_SCHEMA = {
     "type": "array",
     "items": {
