@@ -125,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="K",
         help="structured output (response_format, tools): verify up to K tokens the "
         "grammar forces (keys, quotes, brackets) in one step instead of one a step; the "
-        "same tokens, in the steps --speculate_rows allows. 8 suits JSON; 0: off "
-        "(warm-up then compiles no verify steps)",
+        "same tokens, in the steps --speculate_rows allows. 8 suits JSON; 0 (default): "
+        "off. On, warm-up also compiles the verify steps",
     )
     p.add_argument(
         "--shutdown_timeout",
